@@ -133,3 +133,44 @@ class DlibReader:
     def expect_end(self) -> None:
         if not self.at_end():
             raise DlibFormatError(f"{len(self.data) - self.offset} trailing bytes at offset {self.offset}")
+
+    # -- runs (fast paths for long sequences of scalars) ------------------------------------
+    def read_int_run(self, count: int) -> np.ndarray:
+        """``count`` consecutive packed integers as an ``(count,)`` int64 array.
+
+        Same encoding as :meth:`read_int`, decoded in one tight loop (about 10x faster than
+        ``count`` calls); used for the ~3 million packed integers of a shape predictor file.
+        """
+        data = self.data.obj if isinstance(self.data.obj, bytes) else bytes(self.data)
+        end = len(self.data)
+        offset = self.offset
+        out = [0] * count
+        from_bytes = int.from_bytes
+        for i in range(count):
+            if offset >= end:
+                raise DlibFormatError(f"unexpected end of file at offset {offset} (integer {i} of {count})")
+            control = data[offset]
+            n = control & 0x0F
+            if control & 0x70 or n == 0 or n > 8 or offset + 1 + n > end:
+                raise DlibFormatError(f"bad integer control byte 0x{control:02x} at offset {offset}")
+            value = data[offset + 1] if n == 1 else from_bytes(data[offset + 1:offset + 1 + n], "little")
+            out[i] = -value if control & 0x80 else value
+            offset += 1 + n
+        self.offset = offset
+        return np.asarray(out, dtype=np.int64)
+
+    def read_float_run(self, count: int) -> np.ndarray:
+        """``count`` consecutive float_details values as a ``(count,)`` float64 array.
+
+        Each value is a packed mantissa then a packed exponent (see :meth:`read_float`); the
+        inf/NaN exponent codes are honoured. float32 fields convert to float32 without loss.
+        """
+        pairs = self.read_int_run(2 * count).reshape(count, 2)
+        mantissa, exponent = pairs[:, 0], pairs[:, 1]
+        special = exponent >= _INF
+        values = np.ldexp(mantissa.astype(np.float64), np.where(special, 0, exponent).astype(np.int32))
+        if special.any():
+            values[exponent == _INF] = math.inf
+            values[exponent == _NINF] = -math.inf
+            values[exponent == _NAN] = math.nan
+        return values

@@ -22,3 +22,31 @@ def golden(shared_dir: Path) -> list[dict]:
     """dlib 20.0.1's own outputs, one dict per image (see ../shared/README.md)."""
     lines = (shared_dir / "golden_dlib" / "golden.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def _converter_fingerprint() -> str:
+    """Hash of the conversion code, so a cached test model is rebuilt when the converter changes."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted((root / "export").glob("dlib_*.py")) + sorted((root / "export").glob("onnx_*.py")) + [root / "export" / "convert_dlib.py"]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default dlib model, converted once and cached under tests/.model-cache (git-ignored)."""
+    from facegallery.server.model import ensure_default_model
+
+    cache = Path(__file__).resolve().parent / ".model-cache" / f"dlib_resnet_v1-{_converter_fingerprint()}"
+    return ensure_default_model(cache)
+
+
+@pytest.fixture(scope="session")
+def pipeline(model_dir: Path):
+    """A FacePipeline on the default model with default settings."""
+    from facegallery.server.pipeline import FacePipeline
+
+    return FacePipeline.from_model_dir(model_dir)

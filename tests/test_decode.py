@@ -1,0 +1,141 @@
+"""decode.py: formats, modes, EXIF orientation, limits and bad input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facegallery.server.decode import DecodeLimits, decode_image
+from facegallery.server.errors import ImageDecodeError, ImageTooLargeError, InvalidInput
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo(shared_dir) -> np.ndarray:
+    """A real face photo, 320x240 RGB."""
+    return np.asarray(Image.open(shared_dir / "faces/face_recognition/barack_obama/obama_small.jpg").convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_round_trip(photo, fmt):
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    out = decode_image(_encode(Image.fromarray(photo), fmt, **kw))
+    assert out.dtype == np.uint8 and out.shape == photo.shape
+    assert np.array_equal(out, photo)
+
+
+def test_real_webp_with_jpg_name(shared_dir):
+    data = (shared_dir / "faces/deepface/scarlett_johansson/img47.jpg").read_bytes()
+    assert data[8:12] == b"WEBP"
+    out = decode_image(data)
+    assert out.ndim == 3 and out.shape[2] == 3 and min(out.shape[:2]) > 100
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (40, 30), c) for c in [(200, 10, 10), (10, 200, 10)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue())
+    assert out.shape == (30, 40, 3)
+    assert out[15, 20, 0] > 150 and out[15, 20, 1] < 60
+
+
+@pytest.mark.parametrize("orientation,transform", [
+    (3, lambda a: np.rot90(a, 2)),
+    (6, lambda a: np.rot90(a, 1)),   # stored rotated 90° clockwise-needed: pixels are the CCW view
+    (8, lambda a: np.rot90(a, -1)),
+    (2, lambda a: a[:, ::-1]),
+])
+def test_exif_orientation_restores_upright_pixels(photo, orientation, transform):
+    """A camera stores pixels sideways plus an Orientation tag; decoding must undo it."""
+    stored = np.ascontiguousarray(transform(photo))
+    img = Image.fromarray(stored)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = decode_image(_encode(img, "PNG", exif=exif.tobytes()))
+    assert out.shape == photo.shape
+    assert np.array_equal(out, photo)
+
+
+def test_modes_convert_to_rgb(photo):
+    grey = Image.fromarray(photo).convert("L")
+    for img in [grey, grey.convert("LA"), Image.fromarray(photo).convert("P"), Image.fromarray(photo).convert("CMYK")]:
+        fmt = "JPEG" if img.mode == "CMYK" else "PNG"
+        out = decode_image(_encode(img, fmt))
+        assert out.shape == photo.shape and out.dtype == np.uint8
+    out = decode_image(_encode(grey, "PNG"))
+    assert np.array_equal(out[:, :, 0], np.asarray(grey)) and np.array_equal(out[:, :, 0], out[:, :, 2])
+
+
+def test_16bit_grey_keeps_top_byte():
+    values = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    img = Image.fromarray(values)  # mode I;16
+    assert img.mode == "I;16"
+    out = decode_image(_encode(img, "PNG"))
+    assert np.array_equal(out[:, :, 1], (values >> 8).astype(np.uint8))
+
+
+def test_transparent_pixels_become_white():
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:10, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    out = decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert out[5, 5].tolist() == [255, 0, 0]
+    assert out[15, 5].tolist() == [255, 255, 255]
+
+
+def test_arrays_and_pil_inputs(photo):
+    assert np.array_equal(decode_image(photo), photo)
+    assert np.array_equal(decode_image(Image.fromarray(photo)), photo)
+    grey = photo[:, :, 1].copy()
+    assert np.array_equal(decode_image(grey)[:, :, 2], grey)
+    with pytest.raises(InvalidInput):
+        decode_image(photo.astype(np.float32))
+    with pytest.raises(InvalidInput):
+        decode_image(np.zeros((4, 4, 2), np.uint8))
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 10, bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))])
+def test_garbage_is_a_decode_error(data):
+    with pytest.raises(ImageDecodeError):
+        decode_image(data)
+
+
+def test_truncated_jpeg_is_a_decode_error(shared_dir):
+    data = (shared_dir / "faces/face_recognition/barack_obama/obama.jpg").read_bytes()
+    with pytest.raises(ImageDecodeError):
+        decode_image(data[: len(data) // 2])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height whose pixel data is a few bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_huge_png_header_is_rejected_before_decoding():
+    with pytest.raises(ImageTooLargeError, match="900000000 pixels"):
+        decode_image(_png_header_only(30000, 30000))
+
+
+def test_byte_and_pixel_limits(photo):
+    data = _encode(Image.fromarray(photo), "PNG")
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, DecodeLimits(max_bytes=len(data) - 1))
+    with pytest.raises(ImageTooLargeError):
+        decode_image(data, DecodeLimits(max_pixels=320 * 240 - 1))
+    assert decode_image(data, DecodeLimits(max_bytes=len(data), max_pixels=320 * 240)).shape == photo.shape
