@@ -1,0 +1,343 @@
+"""Translation between the generated protobuf messages and the client's dataclasses.
+
+The only client module besides ``_client.py`` that touches ``gallery_service_pb2``; users never
+see a protobuf.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from facegallery.v1 import gallery_service_pb2 as pb
+
+from ._models import (
+    BulkEnrollItem,
+    CompareResult,
+    EmbeddedFace,
+    EnrollItem,
+    EnrollResult,
+    ExportedTemplate,
+    Face,
+    FaceIdentification,
+    FacePolicy,
+    Gallery,
+    Identity,
+    ImageKind,
+    Match,
+    ModelInfo,
+    ServerInfo,
+    Template,
+    VerifyResult,
+)
+
+_IMAGE_KIND = {
+    ImageKind.PHOTO: pb.IMAGE_KIND_PHOTO,
+    ImageKind.FACE_CROP: pb.IMAGE_KIND_FACE_CROP,
+    ImageKind.ALIGNED_CHIP: pb.IMAGE_KIND_ALIGNED_CHIP,
+}
+_FACE_POLICY = {
+    FacePolicy.LARGEST: pb.FACE_POLICY_LARGEST,
+    FacePolicy.REJECT_MULTIPLE: pb.FACE_POLICY_REJECT_MULTIPLE,
+}
+# google.rpc.Code integer -> grpc.StatusCode (BulkEnrollResult.code carries the integer).
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def encode_image(image: Any) -> bytes:
+    """Bytes to send for an image argument.
+
+    Parameters
+    ----------
+    image : str | os.PathLike | bytes | bytearray | memoryview | PIL.Image.Image | numpy.ndarray
+        A path is read and sent byte for byte (so the server's ``source_sha256`` equals the
+        file's SHA-256); bytes are sent as is; a PIL image or a ``(H, W)`` / ``(H, W, 1|3|4)``
+        uint8 array (grey / RGB / RGBA) is encoded to lossless PNG.
+
+    Raises
+    ------
+    TypeError
+        An unsupported type, or an array that is not uint8.
+    ValueError
+        An array of an unsupported shape, or empty bytes.
+    OSError
+        A path that cannot be read.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return Path(os.fspath(image)).read_bytes()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise ValueError("the image is empty (0 bytes)")
+        return data
+    if isinstance(image, Image.Image):
+        return _png(image if image.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA") else image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        return _png(_array_image(image))
+    raise TypeError(
+        f"unsupported image type {type(image).__name__}: expected a path, bytes, a PIL image or a uint8 numpy array"
+    )
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise TypeError(f"image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(array), mode="L")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB" if array.shape[2] == 3 else "RGBA")
+    raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA, got shape {array.shape}")
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_message(image: Any, kind: ImageKind) -> pb.Image:
+    """``pb.Image`` for an image argument (see :func:`encode_image`)."""
+    return pb.Image(data=encode_image(image), kind=_IMAGE_KIND[ImageKind(kind)])
+
+
+def embedding_message(embedding: Any) -> pb.Embedding:
+    """``pb.Embedding`` of a ``(D,)`` float array-like.
+
+    Raises
+    ------
+    ValueError
+        Not one-dimensional, empty, or with non-finite values.
+    """
+    vector = np.asarray(embedding, dtype=np.float32)
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(f"an embedding must be a non-empty (D,) vector, got shape {vector.shape}")
+    if not np.all(np.isfinite(vector)):
+        raise ValueError("an embedding must have finite values only")
+    return pb.Embedding(values=vector.tolist())
+
+
+def enroll_request(item: EnrollItem, gallery: str) -> pb.EnrollRequest:
+    """``pb.EnrollRequest`` of one :class:`EnrollItem` (exactly one of image / embedding)."""
+    if (item.image is None) == (item.embedding is None):
+        raise ValueError("give exactly one of image and embedding")
+    request = pb.EnrollRequest(
+        gallery=gallery,
+        identity_id=item.identity_id,
+        display_name=item.display_name,
+        metadata=metadata_dict(item.metadata),
+        face_policy=_FACE_POLICY[FacePolicy(item.face_policy)],
+    )
+    if item.image is not None:
+        request.image.CopyFrom(image_message(item.image, item.kind))
+    else:
+        request.embedding.CopyFrom(embedding_message(item.embedding))
+    return request
+
+
+def exported_template_message(template: ExportedTemplate) -> pb.ExportedTemplate:
+    """``pb.ExportedTemplate`` of an :class:`ExportedTemplate`."""
+    message = pb.ExportedTemplate(
+        identity_id=template.identity_id,
+        display_name=template.display_name,
+        metadata=dict(template.metadata),
+        template_id=template.template_id,
+        embedding=embedding_message(template.embedding),
+        source_sha256=template.source_sha256,
+    )
+    if template.create_time is not None:
+        message.create_time.FromDatetime(template.create_time)
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies
+
+
+def _time(message: Any, field: str) -> datetime.datetime | None:
+    if not message.HasField(field):
+        return None
+    return getattr(message, field).ToDatetime(tzinfo=datetime.timezone.utc)
+
+
+def face(message: pb.Face) -> Face:
+    """:class:`Face` of a ``pb.Face`` (pixels, float)."""
+    box = message.box
+    return Face(
+        box=(float(box.left), float(box.top), float(box.right), float(box.bottom)),
+        landmarks=tuple((float(p.x), float(p.y)) for p in message.landmarks),
+        score=float(message.score),
+    )
+
+
+def _optional_face(parent: Any, field: str) -> Face | None:
+    return face(getattr(parent, field)) if parent.HasField(field) else None
+
+
+def match(message: pb.Match) -> Match:
+    return Match(
+        identity_id=message.identity_id,
+        display_name=message.display_name,
+        distance=float(message.distance),
+        template_id=int(message.template_id),
+    )
+
+
+def face_identification(message: pb.FaceIdentification) -> FaceIdentification:
+    return FaceIdentification(
+        face=_optional_face(message, "face"),
+        matches=tuple(match(m) for m in message.matches),
+        identity_id=message.identity_id or None,
+        distance=float(message.distance),
+        threshold=float(message.threshold),
+    )
+
+
+def enroll_result(message: pb.EnrollResponse) -> EnrollResult:
+    return EnrollResult(
+        identity_id=message.identity_id,
+        template_id=int(message.template_id),
+        face=_optional_face(message, "face"),
+        identity_created=bool(message.identity_created),
+        possible_duplicate=match(message.possible_duplicate) if message.HasField("possible_duplicate") else None,
+        source_sha256=message.source_sha256,
+    )
+
+
+def bulk_enroll_item(message: pb.BulkEnrollResult) -> BulkEnrollItem:
+    code = _STATUS_BY_VALUE.get(message.code, grpc.StatusCode.UNKNOWN)
+    ok = code is grpc.StatusCode.OK
+    return BulkEnrollItem(
+        index=int(message.index),
+        ok=ok,
+        code=code,
+        message=message.message,
+        result=enroll_result(message.response) if ok and message.HasField("response") else None,
+    )
+
+
+def _probability(message: Any) -> float | None:
+    return float(message.probability_same) if message.HasField("probability_same") else None
+
+
+def verify_result(message: pb.VerifyResponse) -> VerifyResult:
+    return VerifyResult(
+        identity_id=message.identity_id,
+        distance=float(message.distance),
+        threshold=float(message.threshold),
+        is_match=bool(message.is_match),
+        face=_optional_face(message, "face"),
+        probability_same=_probability(message),
+    )
+
+
+def compare_result(message: pb.CompareResponse) -> CompareResult:
+    return CompareResult(
+        distance=float(message.distance),
+        threshold=float(message.threshold),
+        is_match=bool(message.is_match),
+        face_a=_optional_face(message, "face_a"),
+        face_b=_optional_face(message, "face_b"),
+        probability_same=_probability(message),
+    )
+
+
+def embedded_face(message: pb.EmbeddedFace) -> EmbeddedFace:
+    return EmbeddedFace(
+        face=_optional_face(message, "face"),
+        embedding=np.asarray(message.embedding.values, dtype=np.float32),
+    )
+
+
+def gallery(message: pb.Gallery) -> Gallery:
+    return Gallery(
+        name=message.name,
+        model_id=message.model_id,
+        threshold=float(message.threshold),
+        metric=message.metric,
+        embedding_dim=int(message.embedding_dim),
+        identity_count=int(message.identity_count),
+        template_count=int(message.template_count),
+        create_time=_time(message, "create_time"),
+    )
+
+
+def template(message: pb.Template) -> Template:
+    return Template(
+        template_id=int(message.template_id),
+        identity_id=message.identity_id,
+        source_sha256=message.source_sha256,
+        face=_optional_face(message, "face"),
+        create_time=_time(message, "create_time"),
+    )
+
+
+def identity(message: pb.Identity) -> Identity:
+    return Identity(
+        identity_id=message.identity_id,
+        display_name=message.display_name,
+        metadata=dict(message.metadata),
+        template_count=int(message.template_count),
+        templates=tuple(template(t) for t in message.templates),
+        create_time=_time(message, "create_time"),
+        update_time=_time(message, "update_time"),
+    )
+
+
+def exported_template(message: pb.ExportedTemplate) -> ExportedTemplate:
+    return ExportedTemplate(
+        identity_id=message.identity_id,
+        display_name=message.display_name,
+        metadata=dict(message.metadata),
+        template_id=int(message.template_id),
+        embedding=np.asarray(message.embedding.values, dtype=np.float32),
+        source_sha256=message.source_sha256,
+        create_time=_time(message, "create_time"),
+    )
+
+
+def server_info(message: pb.ServerInfo) -> ServerInfo:
+    model = message.model
+    return ServerInfo(
+        version=message.version,
+        model=ModelInfo(
+            name=model.name,
+            version=model.version,
+            model_id=model.model_id,
+            embedding_dim=int(model.embedding_dim),
+            metric=model.metric,
+            threshold=float(model.threshold),
+            chip_size=int(model.chip_size),
+            has_head=bool(model.has_head),
+            manifest=json.loads(model.manifest_json) if model.manifest_json else {},
+        ),
+    )
+
+
+def metadata_dict(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """A str -> str dict of a metadata argument (None -> empty).
+
+    Raises
+    ------
+    TypeError
+        A key or value that is not a str.
+    """
+    result = dict(metadata or {})
+    for key, value in result.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata keys and values must be str, got {key!r}: {value!r}")
+    return result
