@@ -17,7 +17,6 @@ otherwise seeded random uint8.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import statistics
@@ -31,19 +30,13 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from facegallery.export.convert_dlib import DLIB_SOURCES, find_dlib_models
 from facegallery.export.dlib_resnet import convert_resnet
 from facegallery.server.embed import Embedder
 from facegallery.server.manifest import ModelManifest
 
 CHIPS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden_dlib" / "chips"
-RESNET_DAT = "dlib_face_recognition_resnet_model_v1.dat"
-
-
-def _models_dir() -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise click.ClickException("face_recognition_models is not installed; pass --model-dir or --onnx")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+RESNET_DAT = DLIB_SOURCES["embedder"]
 
 
 def load_chips(count: int, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -83,7 +76,7 @@ def _embedder_factory(model_dir: Path | None, onnx_path: Path | None, chip_size:
         return (lambda threads: Embedder.from_manifest(model_dir, manifest, intra_op_threads=threads)), manifest.chip.size
     if onnx_path is None:
         onnx_path = tmp / "embedder.onnx"
-        info = convert_resnet(_models_dir() / RESNET_DAT, onnx_path)
+        info = convert_resnet(find_dlib_models() / RESNET_DAT, onnx_path)
         chip_size, embedding_dim = info["chip_size"], info["embedding_dim"]
         click.echo(f"converted {RESNET_DAT} -> {onnx_path} ({onnx_path.stat().st_size:,} bytes)")
     return (
@@ -93,10 +86,10 @@ def _embedder_factory(model_dir: Path | None, onnx_path: Path | None, chip_size:
 
 def _dlib_model():
     try:
-        import dlib  # noqa: PLC0415 - optional reference implementation
+        import dlib  # optional: the reference implementation
     except ImportError:
         return None
-    return dlib.face_recognition_model_v1(str(_models_dir() / RESNET_DAT))
+    return dlib.face_recognition_model_v1(str(find_dlib_models() / RESNET_DAT))
 
 
 def _dlib_batch(model) -> Callable[[np.ndarray], np.ndarray]:

@@ -1,0 +1,114 @@
+"""Python client of the facegallery gRPC service.
+
+::
+
+    from facegallery.client import GalleryClient
+
+    with GalleryClient("localhost:50051") as client:
+        client.enroll("ann", "photos/ann.jpg", display_name="Ann")
+        for face in client.identify("visitor.jpg"):
+            print(face.face.box, face.identity_id or "unknown", face.distance)
+
+Results are frozen dataclasses (never protobufs); failures raise the exceptions below, keyed by
+gRPC status code. Distances are Euclidean (L2) between embeddings: lower is more similar, and a
+probe matches when ``distance <= threshold`` (0.6 for the default dlib model).
+"""
+
+from ._client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_GALLERY,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    USE_CLIENT_DEFAULT,
+    GalleryClient,
+    UseClientDefault,
+)
+from ._exceptions import (
+    AlreadyExists,
+    Cancelled,
+    ClientClosedError,
+    DeadlineExceeded,
+    FaceGalleryClientError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServerError,
+    Unavailable,
+    Unimplemented,
+)
+from ._models import (
+    BulkEnrollItem,
+    CompareResult,
+    EmbeddedFace,
+    EnrollItem,
+    EnrollResult,
+    ExportedTemplate,
+    Face,
+    FaceIdentification,
+    FacePolicy,
+    Gallery,
+    GalleryDeletion,
+    Identity,
+    ImageInput,
+    ImageKind,
+    ImportResult,
+    Match,
+    ModelInfo,
+    ServerInfo,
+    Template,
+    VerifyResult,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "BulkEnrollItem",
+    "Cancelled",
+    "ClientClosedError",
+    "CompareResult",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_GALLERY",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "DeadlineExceeded",
+    "EmbeddedFace",
+    "EnrollItem",
+    "EnrollResult",
+    "ExportedTemplate",
+    "Face",
+    "FaceGalleryClientError",
+    "FaceIdentification",
+    "FacePolicy",
+    "FailedPrecondition",
+    "Gallery",
+    "GalleryClient",
+    "GalleryDeletion",
+    "Identity",
+    "ImageInput",
+    "ImageKind",
+    "ImportResult",
+    "InvalidArgument",
+    "Match",
+    "ModelInfo",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ServerError",
+    "ServerInfo",
+    "Template",
+    "USE_CLIENT_DEFAULT",
+    "Unavailable",
+    "Unimplemented",
+    "UseClientDefault",
+    "VerifyResult",
+]
+
+# Show the public path in reprs and tracebacks (facegallery.client.GalleryClient), as httpx does.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj

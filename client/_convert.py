@@ -168,6 +168,12 @@ def exported_template_message(template: ExportedTemplate) -> pb.ExportedTemplate
 # Replies
 
 
+def _f32(value: float) -> float:
+    """A proto float32 as the Python float with the same shortest decimal form (0.6, not
+    0.6000000238418579): the same float32 value, but what a person or JSON reader expects."""
+    return float(str(np.float32(value)))
+
+
 def _time(message: Any, field: str) -> datetime.datetime | None:
     if not message.HasField(field):
         return None
@@ -178,9 +184,9 @@ def face(message: pb.Face) -> Face:
     """:class:`Face` of a ``pb.Face`` (pixels, float)."""
     box = message.box
     return Face(
-        box=(float(box.left), float(box.top), float(box.right), float(box.bottom)),
-        landmarks=tuple((float(p.x), float(p.y)) for p in message.landmarks),
-        score=float(message.score),
+        box=(_f32(box.left), _f32(box.top), _f32(box.right), _f32(box.bottom)),
+        landmarks=tuple((_f32(p.x), _f32(p.y)) for p in message.landmarks),
+        score=_f32(message.score),
     )
 
 
@@ -192,7 +198,7 @@ def match(message: pb.Match) -> Match:
     return Match(
         identity_id=message.identity_id,
         display_name=message.display_name,
-        distance=float(message.distance),
+        distance=_f32(message.distance),
         template_id=int(message.template_id),
     )
 
@@ -202,8 +208,8 @@ def face_identification(message: pb.FaceIdentification) -> FaceIdentification:
         face=_optional_face(message, "face"),
         matches=tuple(match(m) for m in message.matches),
         identity_id=message.identity_id or None,
-        distance=float(message.distance),
-        threshold=float(message.threshold),
+        distance=_f32(message.distance),
+        threshold=_f32(message.threshold),
     )
 
 
@@ -231,14 +237,14 @@ def bulk_enroll_item(message: pb.BulkEnrollResult) -> BulkEnrollItem:
 
 
 def _probability(message: Any) -> float | None:
-    return float(message.probability_same) if message.HasField("probability_same") else None
+    return _f32(message.probability_same) if message.HasField("probability_same") else None
 
 
 def verify_result(message: pb.VerifyResponse) -> VerifyResult:
     return VerifyResult(
         identity_id=message.identity_id,
-        distance=float(message.distance),
-        threshold=float(message.threshold),
+        distance=_f32(message.distance),
+        threshold=_f32(message.threshold),
         is_match=bool(message.is_match),
         face=_optional_face(message, "face"),
         probability_same=_probability(message),
@@ -247,8 +253,8 @@ def verify_result(message: pb.VerifyResponse) -> VerifyResult:
 
 def compare_result(message: pb.CompareResponse) -> CompareResult:
     return CompareResult(
-        distance=float(message.distance),
-        threshold=float(message.threshold),
+        distance=_f32(message.distance),
+        threshold=_f32(message.threshold),
         is_match=bool(message.is_match),
         face_a=_optional_face(message, "face_a"),
         face_b=_optional_face(message, "face_b"),
@@ -267,7 +273,7 @@ def gallery(message: pb.Gallery) -> Gallery:
     return Gallery(
         name=message.name,
         model_id=message.model_id,
-        threshold=float(message.threshold),
+        threshold=_f32(message.threshold),
         metric=message.metric,
         embedding_dim=int(message.embedding_dim),
         identity_count=int(message.identity_count),
@@ -320,7 +326,7 @@ def server_info(message: pb.ServerInfo) -> ServerInfo:
             model_id=model.model_id,
             embedding_dim=int(model.embedding_dim),
             metric=model.metric,
-            threshold=float(model.threshold),
+            threshold=_f32(model.threshold),
             chip_size=int(model.chip_size),
             has_head=bool(model.has_head),
             manifest=json.loads(model.manifest_json) if model.manifest_json else {},

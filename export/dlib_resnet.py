@@ -163,8 +163,7 @@ class DlibResNet:
     @property
     def embedding_dim(self) -> int:
         """Length of the descriptor (the fc layer's outputs)."""
-        dense = self.layers[-1]
-        assert isinstance(dense, Dense)
+        dense = next(layer for layer in reversed(self.layers) if isinstance(layer, Dense))
         return int(dense.weight.shape[1])
 
     @property
@@ -268,27 +267,38 @@ def _read_fc(r: DlibReader, outputs: int) -> Dense:
     return Dense(weight=params.reshape(num_inputs, num_outputs))
 
 
+def _read_relu(r: DlibReader) -> Relu:
+    r.expect_str("relu_")
+    return Relu()
+
+
+def _read_max_pool(r: DlibReader, size: int, stride: int) -> MaxPool:
+    return MaxPool(*_read_pool(r, "max_pool_2", size, stride), padding=0)
+
+
+def _read_avg_pool(r: DlibReader, size: int, stride: int) -> AvgPool:
+    return AvgPool(*_read_pool(r, "avg_pool_2", size, stride), padding=0)
+
+
+def _read_add_prev(r: DlibReader, tag_id: int) -> AddPrev:
+    r.expect_str("add_prev_")
+    return AddPrev(tag_id)
+
+
+# Details readers of the add_layer kinds of the plan, called with the plan entry's arguments.
+_DETAIL_READERS = {
+    "con": _read_conv,
+    "affine": _read_affine,
+    "relu": _read_relu,
+    "max_pool": _read_max_pool,
+    "avg_pool": _read_avg_pool,
+    "add_prev": _read_add_prev,
+    "fc": _read_fc,
+}
+
+
 def _read_details(r: DlibReader, entry: tuple) -> Layer:
-    kind = entry[0]
-    if kind == "con":
-        return _read_conv(r, *entry[1:])
-    if kind == "affine":
-        return _read_affine(r)
-    if kind == "relu":
-        r.expect_str("relu_")
-        return Relu()
-    if kind == "max_pool":
-        size, stride = _read_pool(r, "max_pool_2", *entry[1:])
-        return MaxPool(size=size, stride=stride, padding=0)
-    if kind == "avg_pool":
-        size, stride = _read_pool(r, "avg_pool_2", *entry[1:])
-        return AvgPool(size=size, stride=stride, padding=0)
-    if kind == "add_prev":
-        r.expect_str("add_prev_")
-        return AddPrev(entry[1])
-    if kind == "fc":
-        return _read_fc(r, entry[1])
-    raise AssertionError(f"no details reader for {kind!r}")
+    return _DETAIL_READERS[entry[0]](r, *entry[1:])
 
 
 def _expect_empty_tensor(r: DlibReader, what: str) -> None:

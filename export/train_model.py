@@ -138,7 +138,11 @@ class EmbeddingNet(nn.Module):
         self.dim = dim
         self.projection: nn.Module | None = None
         if isinstance(body, SmallFaceResNet):
-            self.projection = nn.Linear(body.out_features, dim)
+            # Linear + BatchNorm1d (the "BN-FC-BN" embedding layer of ArcFace, Deng et al. 2019,
+            # sec. 3.2): centring the embeddings over the batch spreads them over the sphere at
+            # initialisation; without it a random ReLU network maps every face near one point and
+            # batch-hard mining collapses to it (loss stuck at the margin).
+            self.projection = nn.Sequential(nn.Linear(body.out_features, dim, bias=False), nn.BatchNorm1d(dim))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.projection is not None:

@@ -27,7 +27,15 @@ import numpy as np
 from .errors import InvalidInput
 from .manifest import ChipSpec
 
-__all__ = ["DLIB_5POINT_TEMPLATE", "ChipDetails", "chip_transform", "extract_chip", "extract_chips", "pyramid_down2"]
+__all__ = [
+    "DLIB_5POINT_TEMPLATE",
+    "ChipDetails",
+    "similarity_transform",
+    "chip_transform",
+    "extract_chip",
+    "extract_chips",
+    "pyramid_down2",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,24 +72,40 @@ class ChipDetails:
     size: int
 
 
-def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares similarity ``dst ~ M @ src + t`` for (P, 2) float64 points.
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares similarity ``dst ~ M @ src + t`` (Umeyama), batched over ``dst``.
 
-    Umeyama (1991) eqs. 34-43, as dlib ``find_similarity_transform`` (point_transforms.h l.323);
-    in 2-D the SVD solution has the closed form ``M = [[a, -b], [b, a]]`` with
-    ``a = (cov00 + cov11) / sigma_src``, ``b = (cov10 - cov01) / sigma_src``.
+    Umeyama, "Least-squares estimation of transformation parameters between two point
+    patterns", TPAMI 1991, eqs. 34-43, as dlib ``find_similarity_transform``
+    (point_transforms.h l.323), in float64 with dlib's order of summation. In 2-D the SVD
+    solution has the closed form ``M = [[a, -b], [b, a]]``, ``a = (cov00 + cov11) / sigma_src``,
+    ``b = (cov10 - cov01) / sigma_src`` (identity when all ``src`` points coincide).
+
+    Parameters
+    ----------
+    src : (P, 2) float64
+    dst : (..., P, 2) float64
+
+    Returns
+    -------
+    M : (..., 2, 2) float64
+        Scale times rotation.
+    t : (..., 2) float64
+        Translation.
     """
-    mean_src, mean_dst = src.mean(axis=0), dst.mean(axis=0)
-    s, d = src - mean_src, dst - mean_dst
     n = src.shape[0]
-    sigma = float((s * s).sum()) / n
-    cov = d.T @ s / n
+    mean_src = src.sum(axis=0) / n
+    mean_dst = dst.sum(axis=-2) / n
+    s = src - mean_src
+    d = dst - mean_dst[..., None, :]
+    sigma = float((s * s).sum(axis=-1).sum()) / n
+    cov = (d[..., :, :, None] * s[:, None, :]).sum(axis=-3) / n  # (1/n) sum_i d_i s_i^T
     if sigma == 0:
-        scale_rot = np.eye(2)
+        scale_rot = np.broadcast_to(np.eye(2), cov.shape).copy()
     else:
-        a = (cov[0, 0] + cov[1, 1]) / sigma
-        b = (cov[1, 0] - cov[0, 1]) / sigma
-        scale_rot = np.array([[a, -b], [b, a]])
+        a = (cov[..., 0, 0] + cov[..., 1, 1]) / sigma
+        b = (cov[..., 1, 0] - cov[..., 0, 1]) / sigma
+        scale_rot = np.stack([np.stack([a, -b], axis=-1), np.stack([b, a], axis=-1)], axis=-2)
     return scale_rot, mean_dst - scale_rot @ mean_src
 
 
@@ -116,22 +140,25 @@ def chip_transform(landmarks: np.ndarray, spec: ChipSpec) -> ChipDetails:
         (interpolation.h l.2087-2095); ``T`` = least-squares similarity chip -> image;
         ``angle = atan2(T(1,0))``, ``scale = |T(1,0)|``, ``rect = centered_drect(T(size/2,
         size/2), size*scale, size*scale)`` (l.1663-1690, drectangle.h ``centered_drect``).
+        As a consequence chip pixel (c, r) samples the image at ``T(c + 1/2, r + 1/2)``.
 
     Raises
     ------
     InvalidInput
-        ``landmarks`` is not a finite (K, 2) array.
+        ``landmarks`` is not a finite (K, 2) array, or all landmarks coincide.
     """
     points = _check_landmarks(landmarks, spec)
     template = np.asarray(spec.template, dtype=np.float64)
     chip_points = (spec.padding + template) / (2 * spec.padding + 1) * spec.size
-    m, t = _similarity(chip_points, points)
-    px, py = m[0, 0], m[1, 0]  # T applied to the unit vector (1, 0)
+    m, t = similarity_transform(chip_points, points)
+    px, py = float(m[0, 0]), float(m[1, 0])  # T applied to the unit vector (1, 0)
     angle = math.atan2(py, px)
     scale = math.sqrt(px * px + py * py)
+    if not scale > 0:
+        raise InvalidInput("landmarks are degenerate (all at one point): no face chip")
     half = spec.size / 2.0
-    cx = m[0, 0] * half + m[0, 1] * half + t[0]
-    cy = m[1, 0] * half + m[1, 1] * half + t[1]
+    cx = float(m[0, 0] * half + m[0, 1] * half + t[0])
+    cy = float(m[1, 0] * half + m[1, 1] * half + t[1])
     w = spec.size * scale - 1  # centered_drect subtracts 1 before halving
     h = spec.size * scale - 1
     return ChipDetails((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), angle, int(spec.size))

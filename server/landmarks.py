@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 
+from .align import similarity_transform
 from .errors import InvalidInput, ModelError
 from .manifest import ModelManifest
 
@@ -50,33 +51,6 @@ def dlib_rectangles(boxes: np.ndarray) -> np.ndarray:
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return (np.sign(boxes) * np.floor(np.abs(boxes) + 0.5)).astype(np.int64)
-
-
-def _similarity_2x2(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The scale-rotation part ``c*R`` of the least-squares similarity ``src -> dst``.
-
-    Umeyama (1991) eqs. 34-43 as in dlib ``find_similarity_transform`` (point_transforms.h
-    l.323), in float64. In 2-D the SVD solution has the closed form ``c*R = [[a, -b], [b, a]]``
-    with ``a = (cov00 + cov11) / sigma_src`` and ``b = (cov10 - cov01) / sigma_src``.
-
-    Parameters
-    ----------
-    src : (P, 2) float64
-    dst : (N, P, 2) float64
-
-    Returns
-    -------
-    (N, 2, 2) float64
-    """
-    s = src - src.mean(axis=0)
-    d = dst - dst.mean(axis=1, keepdims=True)
-    n = src.shape[0]
-    sigma = float((s * s).sum()) / n
-    # cov = (1/n) sum_i d_i s_i^T
-    cov = np.einsum("npi,pj->nij", d, s) / n
-    a = (cov[:, 0, 0] + cov[:, 1, 1]) / sigma
-    b = (cov[:, 1, 0] - cov[:, 0, 1]) / sigma
-    return np.stack([np.stack([a, -b], axis=-1), np.stack([b, a], axis=-1)], axis=-2)
 
 
 class LandmarkPredictor:
@@ -106,6 +80,8 @@ class LandmarkPredictor:
         self.split_idx2 = np.asarray(arrays["split_idx2"], dtype=np.intp)
         self.split_thresh = np.asarray(arrays["split_thresh"], dtype=np.float32)
         leaves = np.asarray(arrays["leaf_values"], dtype=np.float32)
+        if self.split_idx1.ndim != 3 or self.anchor_idx.ndim != 2 or self.initial_shape.ndim != 2:
+            raise ModelError("landmark model arrays have the wrong number of dimensions")
         num_parts = self.initial_shape.shape[0]
         cascades, trees, splits = self.split_idx1.shape
         expected = {
@@ -122,6 +98,11 @@ class LandmarkPredictor:
         bad = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
         if bad or (splits + 1) & splits:
             raise ModelError(f"inconsistent landmark model arrays (got, expected): {bad or 'incomplete trees'}")
+        num_features = self.anchor_idx.shape[1]
+        if not (0 <= self.anchor_idx.min() and self.anchor_idx.max() < num_parts
+                and 0 <= min(self.split_idx1.min(), self.split_idx2.min())
+                and max(self.split_idx1.max(), self.split_idx2.max()) < num_features):
+            raise ModelError("landmark model indexes a part or feature pixel that does not exist")
         # (C, T, L, 2P): a leaf's increment in dlib's x0,y0,x1,y1,... layout.
         self.leaf_values = leaves.reshape(cascades, trees, splits + 1, 2 * num_parts)
         self.depth = (splits + 1).bit_length() - 1
@@ -145,7 +126,10 @@ class LandmarkPredictor:
                 arrays = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise ModelError(f"cannot read landmark model {path}: {exc}") from exc
-        return cls(arrays)
+        predictor = cls(arrays)
+        logger.debug("loaded landmark model %s: %d parts, %s cascades x trees x splits",
+                     path, predictor.num_parts, predictor.split_idx1.shape)
+        return predictor
 
     @classmethod
     def from_manifest(cls, model_dir: str | os.PathLike, manifest: ModelManifest) -> "LandmarkPredictor":
@@ -171,7 +155,7 @@ class LandmarkPredictor:
         (N, P, 2) float32
             x, y of each part in image pixels; integer-valued like dlib's ``point`` parts.
             For the 5-point model: 0-1 one eye's outer/inner corner, 2-3 the other eye's
-            inner/outer corner, 4 the nose base. ``N == 0`` gives ``(0, P, 2)``.
+            outer/inner corner, 4 the nose base. ``N == 0`` gives ``(0, P, 2)``.
 
         Raises
         ------
@@ -197,7 +181,7 @@ class LandmarkPredictor:
         current = np.broadcast_to(self.initial_shape.reshape(1, -1), (len(rects), self.initial_shape.size)).copy()
         for c in range(self.split_idx1.shape[0]):
             points = current.reshape(-1, self.num_parts, 2)
-            tform = _similarity_2x2(initial64, points.astype(np.float64)).astype(np.float32)  # (N, 2, 2)
+            tform = similarity_transform(initial64, points.astype(np.float64))[0].astype(np.float32)  # (N, 2, 2)
             dx, dy = self.deltas[c, :, 0], self.deltas[c, :, 1]
             anchor = points[:, self.anchor_idx[c]]  # (N, F, 2) float32
             qx = (tform[:, 0, 0, None] * dx + tform[:, 0, 1, None] * dy) + anchor[..., 0]

@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import numpy as np
 
@@ -238,7 +238,7 @@ class TemplateStore(Protocol):
     def get_identity(self, gallery: str, identity_id: str) -> IdentityRecord: ...
     def list_identities(self, gallery: str, *, after_key: int, limit: int) -> list[IdentityRecord]: ...
     def update_identity(self, gallery: str, identity_id: str, *, display_name: str | None = None, metadata: dict[str, str] | None = None) -> IdentityRecord: ...
-    def delete_identity(self, gallery: str, identity_id: str) -> tuple[int, int]: ...
+    def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]: ...
     def delete_template(self, gallery: str, template_id: int) -> tuple[bool, int]: ...
     def identity_embeddings(self, gallery: str, identity_id: str) -> tuple[np.ndarray, np.ndarray]: ...
     def template_owners(self, template_ids: Iterable[int]) -> dict[int, TemplateOwner]: ...
@@ -418,7 +418,8 @@ class SqliteTemplateStore:
             An embedding of the wrong length (nothing is stored).
         """
         with self._write() as conn:
-            key, dim, seq = conn.execute("SELECT gallery_key, embedding_dim, last_seq FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+            row = conn.execute("SELECT gallery_key, embedding_dim, last_seq FROM galleries WHERE name = ?", (gallery,)).fetchone()
+            key, dim, seq = row or _missing(gallery)
             results: list[AddedTemplate | None] = []
             for item in items:
                 blob = _embedding_blob(item.embedding, dim)
@@ -444,7 +445,8 @@ class SqliteTemplateStore:
                     if item.display_name or item.metadata:
                         metadata = {**json.loads(metadata_json), **item.metadata}
                         conn.execute(
-                            "UPDATE identities SET display_name = CASE WHEN ? != '' THEN ? ELSE display_name END, metadata = ?, updated = ? WHERE identity_key = ?",
+                            "UPDATE identities SET display_name = CASE WHEN ? != '' THEN ? ELSE display_name END, metadata = ?, updated = ? "
+                            "WHERE identity_key = ?",
                             (item.display_name, item.display_name, _dump_metadata(metadata), now, identity_key),
                         )
                 template_id = conn.execute(
@@ -527,8 +529,11 @@ class SqliteTemplateStore:
             updated = conn.execute(self._IDENTITY_SELECT + " WHERE i.identity_key = ?", (row[0],)).fetchone()
         return _identity_record(updated)
 
-    def delete_identity(self, gallery: str, identity_id: str) -> tuple[int, int]:
-        """Delete an identity and all its templates. Returns ``(deleted_templates, seq)``. Raises NotFound."""
+    def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]:
+        """Delete an identity and all its templates.
+
+        Returns the deleted template ids ``(n,) int64`` and the change ``seq``. Raises NotFound.
+        """
         with self._write() as conn:
             key, seq = conn.execute("SELECT gallery_key, last_seq FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
             row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
@@ -540,7 +545,7 @@ class SqliteTemplateStore:
                 seq = conn.execute("INSERT INTO changes (gallery_key, op, template_id) VALUES (?, 'remove', ?)", (key, template_id)).lastrowid
             conn.execute("UPDATE galleries SET last_seq = ? WHERE gallery_key = ?", (seq, key))
             conn.execute("DELETE FROM identities WHERE identity_key = ?", (row[0],))
-        return len(ids), seq
+        return np.array(ids, dtype=np.int64), seq
 
     # -- reads for search and the index ------------------------------------------------------
 
@@ -581,7 +586,8 @@ class SqliteTemplateStore:
         """Template embeddings in blocks ``(ids (n,) int64, x (n, D) float32)``, ascending ids.
 
         ``template_ids`` restricts the output to those ids (ids not in the gallery are skipped);
-        None streams the whole gallery in one read transaction. Raises NotFound.
+        None streams the whole gallery, a block per query (keyset paging, so no transaction stays
+        open between blocks). Raises NotFound.
         """
         conn = self._reader()
         key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
@@ -590,16 +596,20 @@ class SqliteTemplateStore:
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
                 rows = conn.execute(
-                    f"SELECT template_id, embedding FROM templates WHERE gallery_key = ? AND template_id IN ({','.join('?' * len(chunk))}) ORDER BY template_id",
+                    "SELECT template_id, embedding FROM templates WHERE gallery_key = ? "
+                    f"AND template_id IN ({','.join('?' * len(chunk))}) ORDER BY template_id",
                     [key, *chunk],
                 ).fetchall()
                 if rows:
                     yield _stack(rows, dim)
             return
-        with self._read() as conn:
-            cursor = conn.execute("SELECT template_id, embedding FROM templates WHERE gallery_key = ? ORDER BY template_id", (key,))
-            while rows := cursor.fetchmany(_FETCH_ROWS):
-                yield _stack(rows, dim)
+        last = -1
+        while rows := conn.execute(
+            "SELECT template_id, embedding FROM templates WHERE gallery_key = ? AND template_id > ? ORDER BY template_id LIMIT ?",
+            (key, last, _FETCH_ROWS),
+        ).fetchall():
+            last = rows[-1][0]
+            yield _stack(rows, dim)
 
     def changes_since(self, gallery: str, seq: int) -> list[Change]:
         """Change-log entries of a gallery with ``seq`` greater than the given one, oldest first."""
@@ -641,7 +651,7 @@ class SqliteTemplateStore:
 # Helpers
 
 
-def _missing(gallery: str):
+def _missing(gallery: str) -> NoReturn:
     raise NotFound(f"gallery {gallery!r} does not exist")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,9 @@ import onnx
 import pytest
 from PIL import Image
 
-from facegallery.export.dlib_resnet import Affine, convert_resnet, read_resnet
+from facegallery.export.convert_dlib import DLIB_SOURCES, find_dlib_models
+from facegallery.export.dlib_format import DlibFormatError
+from facegallery.export.dlib_resnet import Affine, DlibResNet, convert_resnet, read_resnet
 from facegallery.server.embed import Embedder
 from facegallery.server.errors import InvalidInput, ModelError
 from facegallery.server.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
@@ -21,15 +22,14 @@ DLIB_PARAM_COUNT = 5_614_592
 CHIP, DIM = 150, 128
 
 
-def _models_dir() -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")
-    assert spec is not None and spec.submodule_search_locations, "face_recognition_models is not installed"
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+@pytest.fixture(scope="module")
+def dat_path() -> Path:
+    return find_dlib_models() / DLIB_SOURCES["embedder"]
 
 
 @pytest.fixture(scope="module")
-def dat_path() -> Path:
-    return _models_dir() / "dlib_face_recognition_resnet_model_v1.dat"
+def net(dat_path: Path) -> DlibResNet:
+    return read_resnet(dat_path)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,9 @@ def converted(dat_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 @pytest.fixture(scope="module")
-def embedder(converted: tuple[Path, dict]) -> Embedder:
-    return Embedder(converted[0], chip_size=CHIP, embedding_dim=DIM, intra_op_threads=1)
+def embedder(model_dir: Path) -> Embedder:
+    """The served embedder: the default model directory's, through its model.json."""
+    return Embedder.from_manifest(model_dir, ModelManifest.load(model_dir, verify=False), intra_op_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +67,22 @@ def test_convert_reports_the_file_values(converted: tuple[Path, dict]) -> None:
     }
 
 
-def test_reader_layer_census_and_params(dat_path: Path) -> None:
-    net = read_resnet(dat_path)
+def test_reader_layer_census_and_params(net: DlibResNet) -> None:
     census = collections.Counter(type(layer).__name__ for layer in net.layers)
     assert (census["Conv"], census["Affine"], census["AddPrev"], census["AvgPool"], census["MaxPool"]) == (29, 29, 14, 5, 1)
     assert net.param_count == DLIB_PARAM_COUNT
     assert net.margin == pytest.approx(0.04) and net.dist_thresh == pytest.approx(0.6)
 
 
-def test_graph_is_valid_and_holds_every_weight(converted: tuple[Path, dict], dat_path: Path) -> None:
+@pytest.mark.parametrize("edit", [lambda b: b[:-1], lambda b: b + b"\x00"], ids=["truncated", "trailing-byte"])
+def test_reader_needs_the_exact_file(dat_path: Path, tmp_path: Path, edit) -> None:
+    bad = tmp_path / "resnet.dat"
+    bad.write_bytes(edit(dat_path.read_bytes()))
+    with pytest.raises(DlibFormatError):
+        read_resnet(bad)
+
+
+def test_graph_is_valid_and_holds_every_weight(converted: tuple[Path, dict], net: DlibResNet) -> None:
     model = onnx.load(converted[0])
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == 17
@@ -87,7 +95,7 @@ def test_graph_is_valid_and_holds_every_weight(converted: tuple[Path, dict], dat
     init = {t.name: t for t in model.graph.initializer}
     weight_names = {name for node in model.graph.node if node.op_type in ("Conv", "MatMul") for name in node.input[1:]}
     graph_weights = sum(int(np.prod(init[name].dims)) for name in weight_names)
-    affine_params = sum(2 * layer.gamma.size for layer in read_resnet(dat_path).layers if isinstance(layer, Affine))
+    affine_params = sum(2 * layer.gamma.size for layer in net.layers if isinstance(layer, Affine))
     assert graph_weights == DLIB_PARAM_COUNT - affine_params
 
 
@@ -125,7 +133,11 @@ def test_rejects_bad_chips(embedder: Embedder, shape: tuple[int, ...], dtype: ty
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"chip_size": 112, "embedding_dim": DIM}, {"chip_size": CHIP, "embedding_dim": 512}, {"chip_size": CHIP, "embedding_dim": DIM, "input_name": "input"}],
+    [
+        {"chip_size": 112, "embedding_dim": DIM},
+        {"chip_size": CHIP, "embedding_dim": 512},
+        {"chip_size": CHIP, "embedding_dim": DIM, "input_name": "input"},
+    ],
     ids=["chip-size", "embedding-dim", "input-name"],
 )
 def test_load_rejects_mismatched_declaration(converted: tuple[Path, dict], kwargs: dict) -> None:
@@ -151,11 +163,14 @@ def _manifest(onnx_path: Path, **embedder_input: object) -> ModelManifest:
     )
 
 
-def test_from_manifest(converted: tuple[Path, dict], golden_chips: tuple[np.ndarray, np.ndarray]) -> None:
+def test_repr_lists_the_declaration(embedder: Embedder) -> None:
+    text = repr(embedder)
+    assert "chip_size=150" in text and "embedding_dim=128" in text and "input_name='image'" in text
+
+
+def test_from_manifest_rejects_unsupported_input_convention(converted: tuple[Path, dict]) -> None:
     onnx_path = converted[0]
-    embedder = Embedder.from_manifest(onnx_path.parent, _manifest(onnx_path), intra_op_threads=1)
-    assert "chip_size=150" in repr(embedder) and "embedding_dim=128" in repr(embedder)
-    chips, expected = golden_chips
-    np.testing.assert_allclose(embedder.embed(chips[:2]), expected[:2], rtol=0, atol=1e-4)
     with pytest.raises(ModelError):
         Embedder.from_manifest(onnx_path.parent, _manifest(onnx_path, layout="NCHW"))
+    with pytest.raises(ModelError):
+        Embedder.from_manifest(onnx_path.parent, _manifest(onnx_path, range=[0, 1]))

@@ -1,0 +1,909 @@
+"""``GalleryClient``: the synchronous Python client of the facegallery gRPC service."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facegallery.v1 import gallery_service_pb2 as pb
+from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
+
+from . import _convert
+from ._exceptions import ClientClosedError, DeadlineExceeded, NotFound, ServerError, Unavailable, from_rpc_error
+from ._models import (
+    BulkEnrollItem,
+    CompareResult,
+    EmbeddedFace,
+    EnrollItem,
+    EnrollResult,
+    ExportedTemplate,
+    FaceIdentification,
+    FacePolicy,
+    Gallery,
+    GalleryDeletion,
+    Identity,
+    ImageInput,
+    ImageKind,
+    ImportResult,
+    ServerInfo,
+    VerifyResult,
+)
+
+__all__ = [
+    "GalleryClient",
+    "UseClientDefault",
+    "USE_CLIENT_DEFAULT",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_RETRIES",
+    "DEFAULT_GALLERY",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+]
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "localhost:50051"
+#: Seconds allowed for one unary call (a large photo's detection takes a few seconds on a CPU).
+DEFAULT_TIMEOUT = 30.0
+#: Retries of idempotent calls on UNAVAILABLE; gRPC caps attempts at 5, i.e. 4 retries.
+DEFAULT_RETRIES = 3
+DEFAULT_GALLERY = "default"
+#: 80 MiB: the server's default image byte limit (64 MiB, server/decode.py) plus headroom, so an
+#: oversized image gets the server's RESOURCE_EXHAUSTED message rather than a transport error.
+DEFAULT_MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+
+_SERVICE = "facegallery.v1.GalleryService"
+# Calls that may be repeated without changing the outcome. Enroll/BulkEnroll would add the
+# template twice, Create*/Delete* would turn a lost reply into ALREADY_EXISTS / NOT_FOUND, and a
+# client stream (ImportEmbeddings) cannot be replayed once it has sent its first message.
+_IDEMPOTENT_METHODS = (
+    "GetGallery",
+    "ListGalleries",
+    "Identify",
+    "IdentifyEmbedding",
+    "Verify",
+    "Compare",
+    "Embed",
+    "GetIdentity",
+    "ListIdentities",
+    "UpdateIdentity",
+    "ExportGallery",
+    "GetServerInfo",
+)
+# Backoff of the retry policy (gRFC A6): the n-th retry waits a random time in
+# [0, min(INITIAL * MULTIPLIER**(n-1), MAX)].
+_INITIAL_BACKOFF_S = 0.2
+_MAX_BACKOFF_S = 5.0
+_BACKOFF_MULTIPLIER = 2.0
+_MAX_ATTEMPTS = 5  # the cap gRPC applies to maxAttempts
+_READY_POLL_S = 0.1  # health-check interval of wait_ready
+
+T = TypeVar("T")
+
+
+class UseClientDefault:
+    """Type of :data:`USE_CLIENT_DEFAULT`, the per-call ``timeout`` default.
+
+    Distinct from ``None``, which means "no deadline at all".
+    """
+
+    def __repr__(self) -> str:
+        return "USE_CLIENT_DEFAULT"
+
+
+#: Per-call ``timeout`` sentinel: use the client's ``timeout`` (or ``stream_timeout`` for streams).
+USE_CLIENT_DEFAULT = UseClientDefault()
+
+
+class _ClientState(enum.Enum):
+    UNOPENED = 1  # no channel yet; the first call (or open() / with) opens it
+    OPENED = 2
+    CLOSED = 3  # closed for good: a closed client cannot be reopened
+
+
+def _retry_service_config(retries: int) -> str:
+    """gRPC service config (JSON) retrying the idempotent methods on UNAVAILABLE."""
+    method_config: dict[str, Any] = {
+        "name": [{"service": _SERVICE, "method": method} for method in _IDEMPOTENT_METHODS],
+    }
+    if retries > 0:
+        method_config["retryPolicy"] = {
+            "maxAttempts": min(retries + 1, _MAX_ATTEMPTS),
+            "initialBackoff": f"{_INITIAL_BACKOFF_S}s",
+            "maxBackoff": f"{_MAX_BACKOFF_S}s",
+            "backoffMultiplier": _BACKOFF_MULTIPLIER,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method_config]})
+
+
+class GalleryClient:
+    """Client of a facegallery server (enroll, identify, verify, manage galleries).
+
+    Use it as a context manager, or call :meth:`close` when done::
+
+        with GalleryClient("localhost:50051") as client:
+            client.enroll("ann", "ann.jpg")
+            for face in client.identify("visitor.jpg"):
+                print(face.identity_id, face.distance)
+
+    Images may be given as a path (``str`` or ``os.PathLike``, sent byte for byte), encoded
+    ``bytes``, a ``PIL.Image.Image`` or a ``(H, W)`` / ``(H, W, 3)`` / ``(H, W, 4)`` uint8 numpy
+    array (grey / RGB / RGBA); PIL images and arrays are encoded to PNG on the client. Boxes and
+    landmarks are pixels of the original image after EXIF orientation; distances are Euclidean
+    (L2) distances between embeddings (lower is more similar; a match is ``distance <=
+    threshold``, 0.6 for the default dlib model).
+
+    Parameters
+    ----------
+    address : str
+        ``host:port`` of the server.
+    timeout : float or None, keyword-only
+        Default deadline in seconds of each unary call (and of each page of
+        :meth:`list_identities`); None = no deadline. Every method takes ``timeout=`` to override
+        it for one call.
+    stream_timeout : float or None, keyword-only
+        Default deadline in seconds of a whole streaming call (:meth:`bulk_enroll`,
+        :meth:`export_gallery`, :meth:`import_embeddings`), whose length grows with the data;
+        None (the default) = no deadline.
+    retries : int, keyword-only
+        How often an idempotent call (gets, lists, searches, ``update_identity``, ``server_info``)
+        is retried when the server is UNAVAILABLE, with exponential backoff (0.2 s doubling up to
+        5 s, randomised) by gRPC's built-in retry policy; gRPC caps it at 4. 0 disables retries.
+        Enrollments, creations, deletions and imports are never retried.
+    gallery : str, keyword-only
+        Gallery used when a method's ``gallery`` argument is None.
+    max_message_bytes : int, keyword-only
+        Largest message sent or received, in bytes (images travel in one message).
+    credentials : grpc.ChannelCredentials or None, keyword-only
+        TLS credentials; None = an insecure (plaintext) channel.
+
+    Raises
+    ------
+    ValueError
+        A negative ``retries`` or ``timeout``.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        stream_timeout: float | None = None,
+        retries: int = DEFAULT_RETRIES,
+        gallery: str = DEFAULT_GALLERY,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 seconds or None, got {value}")
+        self.address = address
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.retries = retries
+        self.gallery = gallery
+        self.max_message_bytes = max_message_bytes
+        self._credentials = credentials
+        self._state = _ClientState.UNOPENED
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.GalleryServiceStub | None = None
+
+    # -----------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def __repr__(self) -> str:
+        return f"GalleryClient({self.address!r}, gallery={self.gallery!r}, state={self._state.name.lower()})"
+
+    def __enter__(self) -> GalleryClient:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def is_closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._state is _ClientState.CLOSED
+
+    def open(self) -> None:
+        """Create the channel (done implicitly by the first call or by ``with``).
+
+        Raises
+        ------
+        ClientClosedError
+            The client was closed; a closed client cannot be reopened.
+        """
+        if self._state is _ClientState.CLOSED:
+            raise ClientClosedError("this GalleryClient is closed; create a new one")
+        if self._state is _ClientState.OPENED:
+            return
+        options = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _retry_service_config(self.retries)),
+        ]
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            self._channel = grpc.secure_channel(self.address, self._credentials, options=options)
+        self._stub = pb_grpc.GalleryServiceStub(self._channel)
+        self._state = _ClientState.OPENED
+        LOG.debug("opened channel to %s (retries=%d)", self.address, self.retries)
+
+    def close(self) -> None:
+        """Close the channel; further calls raise :class:`ClientClosedError`. Idempotent."""
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._stub = None
+        self._state = _ClientState.CLOSED
+
+    def _open_stub(self) -> pb_grpc.GalleryServiceStub:
+        self.open()
+        assert self._stub is not None
+        return self._stub
+
+    # -----------------------------------------------------------------------------------------
+    # Plumbing
+
+    def _deadline(self, timeout: float | None | UseClientDefault, default: float | None) -> float | None:
+        return default if isinstance(timeout, UseClientDefault) else timeout
+
+    def _gallery(self, gallery: str | None) -> str:
+        return self.gallery if gallery is None else gallery
+
+    def _unary(self, method: str, request: Any, timeout: float | None | UseClientDefault) -> Any:
+        stub = self._open_stub()
+        try:
+            return getattr(stub, method)(request, timeout=self._deadline(timeout, self.timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    # -----------------------------------------------------------------------------------------
+    # Galleries
+
+    def create_gallery(
+        self, name: str, *, threshold: float | None = None, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT
+    ) -> Gallery:
+        """Create an empty gallery bound to the server's model.
+
+        Parameters
+        ----------
+        name : str
+            1..128 characters of ``[A-Za-z0-9_.-]``.
+        threshold : float or None
+            Decision threshold (L2 distance) of the gallery; None = the model's default.
+
+        Raises
+        ------
+        AlreadyExists
+            The name is taken.
+        InvalidArgument
+            A malformed name or threshold.
+        """
+        request = pb.CreateGalleryRequest(name=name)
+        if threshold is not None:
+            request.threshold = threshold
+        return _convert.gallery(self._unary("CreateGallery", request, timeout))
+
+    def get_gallery(
+        self, name: str | None = None, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT
+    ) -> Gallery:
+        """One gallery with its identity and template counts (None = the client's gallery).
+
+        Raises
+        ------
+        NotFound
+            Unknown gallery.
+        """
+        return _convert.gallery(self._unary("GetGallery", pb.GetGalleryRequest(name=self._gallery(name)), timeout))
+
+    def list_galleries(self, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT) -> list[Gallery]:
+        """Every gallery of the server."""
+        response = self._unary("ListGalleries", pb.ListGalleriesRequest(), timeout)
+        return [_convert.gallery(g) for g in response.galleries]
+
+    def delete_gallery(
+        self, name: str, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT
+    ) -> GalleryDeletion:
+        """Delete a gallery with all its identities and templates.
+
+        Raises
+        ------
+        NotFound
+            Unknown gallery.
+        """
+        response = self._unary("DeleteGallery", pb.DeleteGalleryRequest(name=name), timeout)
+        return GalleryDeletion(int(response.deleted_identities), int(response.deleted_templates))
+
+    # -----------------------------------------------------------------------------------------
+    # Enrollment
+
+    def enroll(
+        self,
+        identity_id: str,
+        image: ImageInput | None = None,
+        *,
+        embedding: Any = None,
+        display_name: str = "",
+        metadata: Mapping[str, str] | None = None,
+        kind: ImageKind = ImageKind.PHOTO,
+        face_policy: FacePolicy = FacePolicy.LARGEST,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> EnrollResult:
+        """Enroll one face as a new template of ``identity_id`` (created if new).
+
+        Give exactly one of ``image`` and ``embedding``. The call returns once the template is
+        durably stored. Never retried (a retry would add the template twice).
+
+        Parameters
+        ----------
+        identity_id : str
+            The caller's id for the person, 1..256 characters.
+        image : ImageInput
+            Path, bytes, PIL image or uint8 array (see the class docstring).
+        embedding : (D,) float32 array-like
+            A precomputed embedding of the server model's dimension, instead of an image.
+        display_name : str
+            Set on creation, or updated when non-empty.
+        metadata : mapping of str to str
+            Merged into the identity's metadata.
+        kind : ImageKind
+            What the image contains (photo, face crop, aligned chip).
+        face_policy : FacePolicy
+            Enroll the largest face, or refuse images with several faces.
+
+        Returns
+        -------
+        EnrollResult
+            Template id, face (pixels) and a possible duplicate identity.
+
+        Raises
+        ------
+        InvalidArgument
+            Undecodable image, no face, wrong embedding length, empty id.
+        FailedPrecondition
+            Several faces under ``FacePolicy.REJECT_MULTIPLE``; gallery of another model.
+        ResourceExhausted
+            Image over the server's byte or pixel limit.
+        NotFound
+            Unknown gallery.
+        TypeError, ValueError, OSError
+            An image argument the client cannot read or encode (nothing was sent).
+        """
+        item = EnrollItem(
+            identity_id=identity_id,
+            image=image,
+            embedding=embedding,
+            display_name=display_name,
+            metadata=metadata or {},
+            kind=kind,
+            face_policy=face_policy,
+        )
+        request = _convert.enroll_request(item, self._gallery(gallery))
+        return _convert.enroll_result(self._unary("Enroll", request, timeout))
+
+    def bulk_enroll(
+        self,
+        items: Iterable[EnrollItem],
+        *,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> Iterator[BulkEnrollItem]:
+        """Enroll many faces over one stream, yielding each item's result as soon as it is stored.
+
+        ``items`` is consumed lazily (images given as paths are read only when sent), so
+        thousands of images never sit in memory together. One bad item fails that item only:
+        its result has ``ok=False`` with the status and message :meth:`enroll` would have raised.
+
+        Parameters
+        ----------
+        items : iterable of EnrollItem
+        gallery : str or None
+            Gallery of every item; None = the client's gallery.
+        timeout : float or None
+            Deadline of the whole stream in seconds; default: the client's ``stream_timeout``.
+
+        Yields
+        ------
+        BulkEnrollItem
+            In the server's completion order; ``index`` is the item's 0-based position.
+
+        Raises
+        ------
+        FaceGalleryClientError
+            The stream itself failed (server unreachable, deadline, unknown gallery, ...).
+        TypeError, ValueError, OSError
+            An item the client could not read or encode: raised after the results of the items
+            before it; the items after it are not sent.
+        """
+        stub = self._open_stub()
+        name = self._gallery(gallery)
+        failures: list[BaseException] = []
+
+        def requests() -> Iterator[pb.BulkEnrollRequest]:
+            try:
+                for item in items:
+                    yield pb.BulkEnrollRequest(request=_convert.enroll_request(item, name))
+            except Exception as exc:  # re-raised in the caller's thread once the stream ends
+                failures.append(exc)
+
+        responses = stub.BulkEnroll(requests(), timeout=self._deadline(timeout, self.stream_timeout))
+        return self._stream_results(responses, _convert.bulk_enroll_item, failures)
+
+    @staticmethod
+    def _stream_results(
+        responses: Any, convert: Callable[[Any], T], failures: list[BaseException] | None = None
+    ) -> Iterator[T]:
+        try:
+            for response in responses:
+                yield convert(response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            responses.cancel()  # no-op once the call completed; stops it when abandoned early
+        if failures:
+            raise failures[0]
+
+    # -----------------------------------------------------------------------------------------
+    # Search
+
+    def identify(
+        self,
+        image: ImageInput,
+        *,
+        top_k: int = 5,
+        threshold: float | None = None,
+        max_faces: int = 0,
+        kind: ImageKind = ImageKind.PHOTO,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> list[FaceIdentification]:
+        """1:N search: who is each face of the image?
+
+        Parameters
+        ----------
+        image : ImageInput
+        top_k : int
+            Candidates per face, 1..100.
+        threshold : float or None
+            Decision threshold (L2 distance); None = the gallery's.
+        max_faces : int
+            Faces to search, largest first; 0 = all.
+
+        Returns
+        -------
+        list of FaceIdentification
+            One per face, largest face first; empty when the image has no face (not an error).
+            ``identity_id`` is None for an unknown face.
+
+        Raises
+        ------
+        InvalidArgument
+            Undecodable image, top_k out of range.
+        ResourceExhausted
+            Image over the server's limits.
+        NotFound
+            Unknown gallery.
+        FailedPrecondition
+            The gallery was built with another model.
+        """
+        request = pb.IdentifyRequest(
+            gallery=self._gallery(gallery), image=_convert.image_message(image, kind), top_k=top_k, max_faces=max_faces
+        )
+        if threshold is not None:
+            request.threshold = threshold
+        response = self._unary("Identify", request, timeout)
+        return [_convert.face_identification(f) for f in response.faces]
+
+    def identify_embedding(
+        self,
+        embedding: Any,
+        *,
+        top_k: int = 5,
+        threshold: float | None = None,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> FaceIdentification:
+        """1:N search for a ``(D,)`` float32 embedding (no image processing); ``face`` is None.
+
+        Raises
+        ------
+        InvalidArgument
+            Wrong embedding length.
+        NotFound
+            Unknown gallery.
+        """
+        request = pb.IdentifyEmbeddingRequest(
+            gallery=self._gallery(gallery), embedding=_convert.embedding_message(embedding), top_k=top_k
+        )
+        if threshold is not None:
+            request.threshold = threshold
+        return _convert.face_identification(self._unary("IdentifyEmbedding", request, timeout).result)
+
+    def verify(
+        self,
+        identity_id: str,
+        image: ImageInput,
+        *,
+        threshold: float | None = None,
+        kind: ImageKind = ImageKind.PHOTO,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> VerifyResult:
+        """1:1: is the largest face of ``image`` the person ``identity_id``?
+
+        Returns
+        -------
+        VerifyResult
+            L2 distance to the identity's nearest template, threshold and ``is_match``.
+
+        Raises
+        ------
+        InvalidArgument
+            Undecodable image or no face.
+        NotFound
+            Unknown identity or gallery.
+        """
+        request = pb.VerifyRequest(
+            gallery=self._gallery(gallery), identity_id=identity_id, image=_convert.image_message(image, kind)
+        )
+        if threshold is not None:
+            request.threshold = threshold
+        return _convert.verify_result(self._unary("Verify", request, timeout))
+
+    def compare(
+        self,
+        image_a: ImageInput,
+        image_b: ImageInput,
+        *,
+        threshold: float | None = None,
+        kind: ImageKind = ImageKind.PHOTO,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> CompareResult:
+        """L2 distance between the largest faces of two images (no gallery involved).
+
+        Raises
+        ------
+        InvalidArgument
+            An undecodable image or one without a face.
+        """
+        request = pb.CompareRequest(
+            image_a=_convert.image_message(image_a, kind), image_b=_convert.image_message(image_b, kind)
+        )
+        if threshold is not None:
+            request.threshold = threshold
+        return _convert.compare_result(self._unary("Compare", request, timeout))
+
+    def embed(
+        self,
+        image: ImageInput,
+        *,
+        max_faces: int = 0,
+        kind: ImageKind = ImageKind.PHOTO,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> list[EmbeddedFace]:
+        """Detect, align and embed every face of an image (largest first; 0 ``max_faces`` = all).
+
+        Returns
+        -------
+        list of EmbeddedFace
+            Each with a ``(D,) float32`` embedding; empty when there is no face.
+
+        Raises
+        ------
+        InvalidArgument
+            Undecodable image.
+        """
+        request = pb.EmbedRequest(image=_convert.image_message(image, kind), max_faces=max_faces)
+        return [_convert.embedded_face(f) for f in self._unary("Embed", request, timeout).faces]
+
+    # -----------------------------------------------------------------------------------------
+    # Identities and templates
+
+    def get_identity(
+        self,
+        identity_id: str,
+        *,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> Identity:
+        """One identity with its templates (their faces and source-image SHA-256).
+
+        Raises
+        ------
+        NotFound
+            Unknown identity or gallery.
+        """
+        request = pb.GetIdentityRequest(gallery=self._gallery(gallery), identity_id=identity_id)
+        return _convert.identity(self._unary("GetIdentity", request, timeout))
+
+    def list_identities(
+        self,
+        *,
+        page_size: int = 0,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> Iterator[Identity]:
+        """Every identity in enrollment order, fetched a page at a time as iteration proceeds.
+
+        Parameters
+        ----------
+        page_size : int
+            Identities per request, 1..1000; 0 = the server's default (100).
+        timeout : float or None
+            Deadline of each page's call.
+
+        Yields
+        ------
+        Identity
+            Without templates (``templates`` is empty; use :meth:`get_identity`).
+
+        Raises
+        ------
+        NotFound
+            Unknown gallery (raised on first iteration).
+        """
+        name = self._gallery(gallery)
+        self._open_stub()
+        return self._pages(name, page_size, timeout)
+
+    def _pages(self, gallery: str, page_size: int, timeout: float | None | UseClientDefault) -> Iterator[Identity]:
+        token = ""
+        while True:
+            request = pb.ListIdentitiesRequest(gallery=gallery, page_size=page_size, page_token=token)
+            response = self._unary("ListIdentities", request, timeout)
+            for message in response.identities:
+                yield _convert.identity(message)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def update_identity(
+        self,
+        identity_id: str,
+        *,
+        display_name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> Identity:
+        """Set the display name and/or replace the whole metadata map (None = leave unchanged).
+
+        Raises
+        ------
+        ValueError
+            Neither ``display_name`` nor ``metadata`` given (nothing was sent).
+        NotFound
+            Unknown identity or gallery.
+        """
+        paths = []
+        message = pb.Identity(identity_id=identity_id)
+        if display_name is not None:
+            paths.append("display_name")
+            message.display_name = display_name
+        if metadata is not None:
+            paths.append("metadata")
+            message.metadata.update(_convert.metadata_dict(metadata))
+        if not paths:
+            raise ValueError("give display_name and/or metadata to update")
+        request = pb.UpdateIdentityRequest(
+            gallery=self._gallery(gallery), identity=message, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
+        return _convert.identity(self._unary("UpdateIdentity", request, timeout))
+
+    def delete_identity(
+        self,
+        identity_id: str,
+        *,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> int:
+        """Delete an identity with all its templates; returns the number of templates deleted.
+
+        Raises
+        ------
+        NotFound
+            Unknown identity or gallery.
+        """
+        request = pb.DeleteIdentityRequest(gallery=self._gallery(gallery), identity_id=identity_id)
+        return int(self._unary("DeleteIdentity", request, timeout).deleted_templates)
+
+    def delete_template(
+        self,
+        template_id: int,
+        *,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> bool:
+        """Delete one template; returns True when its identity lost its last template and was deleted.
+
+        Raises
+        ------
+        NotFound
+            Unknown template or gallery.
+        """
+        request = pb.DeleteTemplateRequest(gallery=self._gallery(gallery), template_id=template_id)
+        return bool(self._unary("DeleteTemplate", request, timeout).identity_deleted)
+
+    # -----------------------------------------------------------------------------------------
+    # Export / import
+
+    def export_gallery(
+        self, gallery: str | None = None, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT
+    ) -> tuple[Gallery, Iterator[ExportedTemplate]]:
+        """Stream every template of a gallery with its embedding and identity data.
+
+        Returns
+        -------
+        gallery : Gallery
+            Read from the stream's first message (model id, threshold, counts).
+        templates : iterator of ExportedTemplate
+            The templates, each with a ``(D,) float32`` embedding, received as iteration proceeds.
+
+        Raises
+        ------
+        NotFound
+            Unknown gallery.
+        ServerError
+            The stream did not start with the gallery.
+        """
+        stub = self._open_stub()
+        request = pb.ExportGalleryRequest(gallery=self._gallery(gallery))
+        responses = stub.ExportGallery(request, timeout=self._deadline(timeout, self.stream_timeout))
+        try:
+            first = next(responses)
+        except StopIteration:
+            raise ServerError("the export stream ended before sending the gallery") from None
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        if not first.HasField("gallery"):
+            responses.cancel()
+            raise ServerError("the export stream did not start with the gallery")
+        return _convert.gallery(first.gallery), self._stream_results(
+            responses, lambda r: _convert.exported_template(r.template)
+        )
+
+    def import_embeddings(
+        self,
+        templates: Iterable[ExportedTemplate],
+        *,
+        model_id: str,
+        gallery: str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> ImportResult:
+        """Import precomputed templates (as from :meth:`export_gallery`) without the photos.
+
+        The gallery is created if it does not exist. Templates already present (same identity
+        and embedding) are skipped, so an interrupted import can simply be run again.
+
+        Parameters
+        ----------
+        templates : iterable of ExportedTemplate
+            Consumed lazily; each ``embedding`` is ``(D,) float32``.
+        model_id : str
+            SHA-256 of the embedder that computed the embeddings (``Gallery.model_id``).
+        timeout : float or None
+            Deadline of the whole stream; default: the client's ``stream_timeout``.
+
+        Raises
+        ------
+        FailedPrecondition
+            ``model_id`` differs from the gallery's.
+        InvalidArgument
+            An embedding of the wrong length.
+        TypeError, ValueError
+            A template the client could not encode (raised after the stream; nothing after it
+            was sent).
+        """
+        stub = self._open_stub()
+        name = self._gallery(gallery)
+        failures: list[BaseException] = []
+
+        def requests() -> Iterator[pb.ImportEmbeddingsRequest]:
+            header = {"gallery": name, "model_id": model_id}  # read from the first message only
+            try:
+                for template in templates:
+                    yield pb.ImportEmbeddingsRequest(template=_convert.exported_template_message(template), **header)
+                    header = {}
+            except Exception as exc:  # re-raised in the caller's thread once the stream ends
+                failures.append(exc)
+                return
+            if header:  # no template at all: still name the gallery and model
+                yield pb.ImportEmbeddingsRequest(**header)
+
+        try:
+            response = stub.ImportEmbeddings(requests(), timeout=self._deadline(timeout, self.stream_timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        if failures:
+            raise failures[0]
+        return ImportResult(imported=int(response.imported), skipped=int(response.skipped))
+
+    # -----------------------------------------------------------------------------------------
+    # Server
+
+    def server_info(self, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT) -> ServerInfo:
+        """Server version and the loaded model's manifest (model id, threshold, embedding size)."""
+        return _convert.server_info(self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout))
+
+    def health(self, *, service: str = "", timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT) -> str:
+        """Status of the standard ``grpc.health.v1`` check: ``"SERVING"``, ``"NOT_SERVING"``, ...
+
+        Parameters
+        ----------
+        service : str
+            Service name to ask about; ``""`` = the server as a whole.
+
+        Raises
+        ------
+        Unavailable
+            The server cannot be reached.
+        NotFound
+            The server does not know ``service``.
+        """
+        self._open_stub()
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout, self.timeout)
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout: float | None = DEFAULT_TIMEOUT, *, service: str = "") -> None:
+        """Block until the server's health status is SERVING (models and galleries loaded).
+
+        Polls the ``grpc.health.v1`` Check every 0.1 s; each check waits for the server to
+        start listening (``wait_for_ready``).
+
+        Parameters
+        ----------
+        timeout : float or None
+            Seconds to wait at most; None = forever.
+        service : str
+            Service name to wait for; ``""`` = the server as a whole.
+
+        Raises
+        ------
+        DeadlineExceeded
+            Not SERVING within ``timeout`` seconds.
+        Unimplemented
+            The server has no health service.
+        """
+        self._open_stub()
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        end = None if timeout is None else time.monotonic() + timeout
+        request = health_pb2.HealthCheckRequest(service=service)
+        while True:
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"the server at {self.address} was not ready within {timeout} s")
+            try:
+                response = stub.Check(request, timeout=remaining, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if isinstance(error, DeadlineExceeded):
+                    raise DeadlineExceeded(f"the server at {self.address} was not ready within {timeout} s") from exc
+                # UNAVAILABLE: the server went away; NOT_FOUND: it has not registered `service` yet.
+                if not isinstance(error, (Unavailable, NotFound)):
+                    raise error from exc
+            else:
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(_READY_POLL_S if remaining is None else max(0.0, min(_READY_POLL_S, remaining)))

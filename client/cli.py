@@ -1,0 +1,519 @@
+"""The ``facegallery`` command line: a thin click group over :class:`GalleryClient`.
+
+Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries``, ``identities``,
+``delete``, ``import``, ``export-gallery``, ``import-embeddings``) talk to a running server and all
+take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json`` and
+``--timeout SECONDS``. The server and offline commands (``serve``, ``export``, ``embed``,
+``eval``, ``train``, ``calibrate``) live in other packages and are imported only when invoked,
+so a missing optional dependency (e.g. torch for ``train``) breaks only its own command.
+
+Exit codes: 0 success, 1 a failed call or a reported failure (message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from ._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
+from ._exceptions import FaceGalleryClientError, NotFound, Unavailable
+from ._models import EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match
+
+__all__ = ["main", "LazyGroup", "EXPORT_FORMAT", "IMAGE_SUFFIXES"]
+
+LOG = logging.getLogger(__name__)
+
+#: Commands implemented elsewhere: name -> "module:attribute" of a click command, imported lazily.
+LAZY_COMMANDS = {
+    "serve": "facegallery.server.cli:serve",
+    "export": "facegallery.export.cli:export",
+    "embed": "facegallery.export.cli:embed",
+    "eval": "facegallery.export.cli:eval",
+    "train": "facegallery.export.train_cli:train",
+    "calibrate": "facegallery.export.train_cli:calibrate",
+}
+
+#: First-line ``format`` of ``export-gallery`` files (JSON Lines, see :func:`export_gallery`).
+EXPORT_FORMAT = "facegallery-export/1"
+#: File name suffixes ``import`` picks up (case-insensitive): what the server decodes.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+class LazyGroup(click.Group):
+    """A click group whose extra commands are imported on first use (click's lazy-loading pattern).
+
+    Parameters
+    ----------
+    lazy_commands : mapping of str to str
+        Command name -> ``"module:attribute"`` of a ``click.Command``. A command whose module
+        fails to import is listed as unavailable, with the reason, instead of breaking the group.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+        self._loaded: dict[str, click.Command] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_commands:
+            if cmd_name not in self._loaded:
+                self._loaded[cmd_name] = self._load(cmd_name)
+            return self._loaded[cmd_name]
+        return super().get_command(ctx, cmd_name)
+
+    def _load(self, name: str) -> click.Command:
+        target = self.lazy_commands[name]
+        module_name, _, attribute = target.partition(":")
+        try:
+            command = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as exc:
+            LOG.debug("command %s (%s) unavailable: %s", name, target, exc)
+            return _unavailable_command(name, f"{type(exc).__name__}: {exc}")
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} must be a click command, got {type(command).__name__}")
+        return command
+
+
+def _unavailable_command(name: str, reason: str) -> click.Command:
+    def fail(args: tuple[str, ...]) -> None:
+        raise click.ClickException(f"the '{name}' command is unavailable ({reason})")
+
+    return click.Command(
+        name,
+        callback=fail,
+        params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+        help=f"(unavailable: {reason})",
+        short_help=f"(unavailable: {reason})",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+
+
+@click.group(cls=LazyGroup, lazy_commands=LAZY_COMMANDS)
+@click.version_option(package_name="facegallery")
+def main() -> None:
+    """facegallery: enroll people once from a photo, then identify (1:N) or verify (1:1) faces.
+
+    Distances are Euclidean (L2) distances between face embeddings; a face matches an identity
+    when its distance is at most the threshold (0.6 for the default dlib model). With --json,
+    commands print one JSON object per line (one per image for enroll and identify, one per
+    item for galleries and identities).
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared options of the client commands
+
+
+@dataclasses.dataclass(frozen=True)
+class _Session:
+    client: GalleryClient
+    as_json: bool
+
+    def emit(self, data: Mapping[str, Any], text: str) -> None:
+        """Print ``data`` as one JSON line with --json, else ``text``."""
+        click.echo(json.dumps(data, ensure_ascii=False) if self.as_json else text)
+
+
+def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --server/--gallery/--json/--timeout, open a client, map client errors to exit code 1."""
+
+    @click.option(
+        "--server",
+        envvar="FACEGALLERY_SERVER",
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        metavar="HOST:PORT",
+        help="Address of the facegallery server [env FACEGALLERY_SERVER].",
+    )
+    @click.option("--gallery", default=DEFAULT_GALLERY, show_default=True, help="Gallery to use.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per line) instead of text.")
+    @click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULT_TIMEOUT,
+        show_default=True,
+        help="Deadline of each call in seconds.",
+    )
+    @functools.wraps(func)
+    def wrapper(server: str, gallery: str, as_json: bool, timeout: float, **kwargs: Any) -> Any:
+        try:
+            with GalleryClient(server, timeout=timeout, gallery=gallery) as client:
+                return func(_Session(client, as_json), **kwargs)
+        except Unavailable as exc:
+            raise click.ClickException(f"{exc} (is a server running at {server}?)") from exc
+        except FaceGalleryClientError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _parse_meta(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    metadata = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}", ctx=ctx, param=param)
+        metadata[key] = item
+    return metadata
+
+
+_image_path = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
+
+
+def _fmt_box(box: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:.0f}" for v in box) + "]"
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _match_brief(match: Match | None) -> dict[str, Any] | None:
+    return None if match is None else {"identity_id": match.identity_id, "distance": match.distance}
+
+
+# ---------------------------------------------------------------------------------------------
+# Enrollment and search
+
+
+@main.command()
+@click.argument("identity_id")
+@click.argument("images", nargs=-1, required=True, type=_image_path)
+@click.option("--name", "display_name", default="", help="Display name of the person.")
+@click.option("--meta", "metadata", multiple=True, callback=_parse_meta, metavar="KEY=VALUE", help="Metadata entry (repeatable).")
+@click.option("--reject-multiple", is_flag=True, help="Refuse images with several faces instead of enrolling the largest.")
+@_client_command
+def enroll(
+    session: _Session, identity_id: str, images: tuple[Path, ...], display_name: str, metadata: dict[str, str], reject_multiple: bool
+) -> None:
+    """Enroll the largest face of each IMAGE as a template of the person IDENTITY_ID.
+
+    The identity is created on first enrollment. A warning is shown when the face is within the
+    threshold of another identity (a likely duplicate enrollment).
+    """
+    policy = FacePolicy.REJECT_MULTIPLE if reject_multiple else FacePolicy.LARGEST
+    for path in images:
+        result = session.client.enroll(
+            identity_id, path, display_name=display_name, metadata=metadata, face_policy=policy
+        )
+        data = {
+            "image": str(path),
+            "identity_id": result.identity_id,
+            "template_id": result.template_id,
+            "identity_created": result.identity_created,
+            "box": list(result.face.box) if result.face else None,
+            "possible_duplicate": _match_brief(result.possible_duplicate),
+        }
+        text = f"{path}: enrolled as {result.identity_id} (template {result.template_id}"
+        text += f", face {_fmt_box(result.face.box)}" if result.face else ""
+        text += ", new identity)" if result.identity_created else ")"
+        if result.possible_duplicate is not None:
+            dup = result.possible_duplicate
+            text += f"\n  warning: also close to {dup.identity_id} (distance {dup.distance:.3f})"
+        session.emit(data, text)
+
+
+def _face_text(face: FaceIdentification) -> str:
+    box = _fmt_box(face.face.box) if face.face else "[]"
+    if face.identity_id is not None:
+        return f"  {box} {face.identity_id} (distance {face.distance:.3f})"
+    if face.matches:
+        nearest = face.matches[0]
+        return f"  {box} unknown (nearest {nearest.identity_id}, distance {nearest.distance:.3f} > {face.threshold:.3f})"
+    return f"  {box} unknown (empty gallery)"
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=_image_path)
+@click.option("--top-k", type=click.IntRange(1, 100), default=5, show_default=True, help="Candidates per face.")
+@click.option("--threshold", type=click.FloatRange(min=0), default=None, help="Decision threshold (L2 distance); default: the gallery's.")
+@_client_command
+def identify(session: _Session, images: tuple[Path, ...], top_k: int, threshold: float | None) -> None:
+    """Identify every face in each IMAGE against the gallery (1:N).
+
+    Per image, --json prints {"image", "faces": [{"box": [l, t, r, b], "identity_id" (null =
+    unknown), "distance", "matches": [{"identity_id", "distance"}]}]}, largest face first;
+    boxes are pixels, distances L2.
+    """
+    for path in images:
+        faces = session.client.identify(path, top_k=top_k, threshold=threshold)
+        data = {
+            "image": str(path),
+            "faces": [
+                {
+                    "box": list(f.face.box) if f.face else None,
+                    "identity_id": f.identity_id,
+                    "distance": _finite(f.distance),
+                    "matches": [_match_brief(m) for m in f.matches],
+                }
+                for f in faces
+            ],
+        }
+        lines = [f"{path}: {len(faces)} face{'s' if len(faces) != 1 else ''}" if faces else f"{path}: no face"]
+        lines += [_face_text(f) for f in faces]
+        session.emit(data, "\n".join(lines))
+
+
+@main.command()
+@click.argument("identity_id")
+@click.argument("image", type=_image_path)
+@click.option("--threshold", type=click.FloatRange(min=0), default=None, help="Decision threshold (L2 distance); default: the gallery's.")
+@_client_command
+def verify(session: _Session, identity_id: str, image: Path, threshold: float | None) -> None:
+    """Check whether the largest face of IMAGE is the person IDENTITY_ID (1:1)."""
+    result = session.client.verify(identity_id, image, threshold=threshold)
+    data = {
+        "identity_id": result.identity_id,
+        "distance": result.distance,
+        "threshold": result.threshold,
+        "is_match": result.is_match,
+    }
+    verdict = "match" if result.is_match else "no match"
+    op = "<=" if result.is_match else ">"
+    session.emit(data, f"{identity_id}: {verdict} (distance {result.distance:.3f} {op} threshold {result.threshold:.3f})")
+
+
+@main.command()
+@click.argument("image_a", type=_image_path)
+@click.argument("image_b", type=_image_path)
+@click.option("--threshold", type=click.FloatRange(min=0), default=None, help="Decision threshold (L2 distance); default: the model's.")
+@_client_command
+def compare(session: _Session, image_a: Path, image_b: Path, threshold: float | None) -> None:
+    """Compare the largest faces of IMAGE_A and IMAGE_B (no gallery involved)."""
+    result = session.client.compare(image_a, image_b, threshold=threshold)
+    data = {
+        "distance": result.distance,
+        "threshold": result.threshold,
+        "is_match": result.is_match,
+        "probability_same": result.probability_same,
+    }
+    verdict = "same person" if result.is_match else "different people"
+    op = "<=" if result.is_match else ">"
+    text = f"{verdict} (distance {result.distance:.3f} {op} threshold {result.threshold:.3f})"
+    if result.probability_same is not None:
+        text += f", P(same) = {result.probability_same:.3f}"
+    session.emit(data, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Galleries and identities
+
+
+@main.command()
+@_client_command
+def galleries(session: _Session) -> None:
+    """List the galleries with their counts, thresholds and models."""
+    for gallery in session.client.list_galleries():
+        session.emit(
+            gallery.to_dict(),
+            f"{gallery.name}: {gallery.identity_count} identities, {gallery.template_count} templates, "
+            f"threshold {gallery.threshold:.3f}, model {gallery.model_id[:12]}",
+        )
+
+
+@main.command()
+@_client_command
+def identities(session: _Session) -> None:
+    """List the identities of the gallery in enrollment order."""
+    for identity in session.client.list_identities():
+        data = identity.to_dict()
+        del data["templates"]  # never filled by listing
+        name = f" ({identity.display_name})" if identity.display_name else ""
+        session.emit(data, f"{identity.identity_id}{name}: {identity.template_count} templates")
+
+
+@main.command()
+@click.argument("identity_id")
+@_client_command
+def delete(session: _Session, identity_id: str) -> None:
+    """Delete the person IDENTITY_ID with all their templates."""
+    deleted = session.client.delete_identity(identity_id)
+    session.emit({"identity_id": identity_id, "deleted_templates": deleted}, f"deleted {identity_id} ({deleted} templates)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder import
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class _ImportPlan:
+    todo: list[tuple[str, Path]] = dataclasses.field(default_factory=list)
+    skipped: int = 0
+    failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+
+def _plan_import(client: GalleryClient, root: Path) -> _ImportPlan:
+    """Images of ``root/<identity_id>/`` not yet enrolled for that identity (by SHA-256)."""
+    plan = _ImportPlan()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        identity_id = folder.name
+        try:
+            enrolled = {t.source_sha256 for t in client.get_identity(identity_id).templates}
+        except NotFound:
+            enrolled = set()
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            try:
+                digest = _sha256(path)
+            except OSError as exc:
+                plan.failures.append(
+                    {"image": str(path), "identity_id": identity_id, "code": type(exc).__name__, "message": str(exc)}
+                )
+                continue
+            if digest in enrolled:
+                plan.skipped += 1
+            else:
+                enrolled.add(digest)  # also skips a byte-identical copy later in the same folder
+                plan.todo.append((identity_id, path))
+    return plan
+
+
+@main.command("import")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--reject-multiple", is_flag=True, help="Fail images with several faces instead of enrolling the largest.")
+@_client_command
+def import_(session: _Session, directory: Path, reject_multiple: bool) -> None:
+    """Enroll a folder-per-identity tree: DIRECTORY/<identity_id>/*.jpg (png, webp, ...).
+
+    Resumable: an image whose SHA-256 is already enrolled for its identity is skipped, so an
+    interrupted import can be run again. Images stream to the server over one BulkEnroll call
+    with a progress bar; a summary of enrolled / skipped / failed (with reasons) follows. Exits
+    with 1 when any image failed.
+    """
+    client = session.client
+    plan = _plan_import(client, directory)
+    policy = FacePolicy.REJECT_MULTIPLE if reject_multiple else FacePolicy.LARGEST
+    items = (EnrollItem(identity_id, image=path, face_policy=policy) for identity_id, path in plan.todo)
+    enrolled = 0
+    failures = list(plan.failures)
+    with tqdm(total=len(plan.todo), unit="image", desc="import", disable=None) as bar:
+        for item in client.bulk_enroll(items, timeout=None):
+            identity_id, path = plan.todo[item.index]
+            if item.ok:
+                enrolled += 1
+            else:
+                failures.append(
+                    {"image": str(path), "identity_id": identity_id, "code": item.code.name, "message": item.message}
+                )
+            bar.update()
+    data = {"enrolled": enrolled, "skipped": plan.skipped, "failed": len(failures), "failures": failures}
+    lines = [f"enrolled {enrolled}, skipped {plan.skipped} (already enrolled), failed {len(failures)}"]
+    lines += [f"  {f['image']}: {f['code']}: {f['message']}" for f in failures]
+    session.emit(data, "\n".join(lines))
+    if failures:
+        click.get_current_context().exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding export / import
+
+
+class ExportFileError(ValueError):
+    """An ``export-gallery`` file that cannot be read back."""
+
+
+def _read_export(path: Path) -> tuple[dict[str, Any], Iterator[ExportedTemplate]]:
+    """Header and lazily parsed templates of an ``export-gallery`` file."""
+    stream = path.open("r", encoding="utf-8")
+    try:
+        header = json.loads(stream.readline() or "null")
+    except json.JSONDecodeError as exc:
+        stream.close()
+        raise ExportFileError(f"{path}: line 1 is not JSON ({exc})") from exc
+    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+        stream.close()
+        raise ExportFileError(f"{path}: expected a first line with format {EXPORT_FORMAT!r}")
+
+    def templates() -> Iterator[ExportedTemplate]:
+        with stream:
+            for number, line in enumerate(stream, start=2):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                    created = data.get("create_time")
+                    yield ExportedTemplate(
+                        identity_id=data["identity_id"],
+                        display_name=data.get("display_name", ""),
+                        metadata=dict(data.get("metadata", {})),
+                        template_id=int(data.get("template_id", 0)),
+                        embedding=np.asarray(data["embedding"], dtype=np.float32),
+                        source_sha256=data.get("source_sha256", ""),
+                        create_time=datetime.datetime.fromisoformat(created) if created else None,
+                    )
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    raise ExportFileError(f"{path}: line {number}: {type(exc).__name__}: {exc}") from exc
+
+    return header, templates()
+
+
+@main.command("export-gallery")
+@click.argument("file", type=click.Path(dir_okay=False, writable=True, path_type=Path))
+@_client_command
+def export_gallery(session: _Session, file: Path) -> None:
+    """Write every template of the gallery, with its embedding, ids and metadata, to FILE.
+
+    FILE is JSON Lines (format "facegallery-export/1"): line 1 is {"format", "gallery": {name,
+    model_id, threshold, metric, embedding_dim, ...}}, then one line per template {"identity_id",
+    "display_name", "metadata", "template_id", "embedding": [float32 values], "source_sha256",
+    "create_time"}. Floats are written so that they read back bit-exact; restore with
+    import-embeddings, no photos needed.
+    """
+    gallery, templates = session.client.export_gallery(timeout=None)
+    count = 0
+    with click.open_file(str(file), "w", encoding="utf-8", atomic=True) as out:
+        out.write(json.dumps({"format": EXPORT_FORMAT, "gallery": gallery.to_dict()}) + "\n")
+        for template in templates:
+            # float32 -> Python float is exact and json writes a double's shortest round-trip
+            # repr, so reading the value back as float32 restores the very same bits.
+            out.write(json.dumps(template.to_dict(), ensure_ascii=False) + "\n")
+            count += 1
+    data = {"file": str(file), "gallery": gallery.name, "model_id": gallery.model_id, "templates": count}
+    session.emit(data, f"exported {count} templates of gallery {gallery.name} to {file}")
+
+
+@main.command("import-embeddings")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_client_command
+def import_embeddings(session: _Session, file: Path) -> None:
+    """Import the templates of an export-gallery FILE into the gallery (created if missing).
+
+    Templates already present (same identity and embedding) are skipped. The file's model id
+    must equal the gallery's (FAILED_PRECONDITION otherwise).
+    """
+    try:
+        header, templates = _read_export(file)
+        model_id = str(header.get("gallery", {}).get("model_id", ""))
+        result = session.client.import_embeddings(templates, model_id=model_id, timeout=None)
+    except ExportFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    gallery = session.client.gallery
+    session.emit(
+        {"file": str(file), "gallery": gallery, "imported": result.imported, "skipped": result.skipped},
+        f"imported {result.imported} templates into gallery {gallery} ({result.skipped} already present)",
+    )

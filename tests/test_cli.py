@@ -1,0 +1,237 @@
+"""The facegallery CLI through click's CliRunner, against the fake gRPC server (fake_gallery.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import types
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from facegallery.client.cli import EXPORT_FORMAT, LAZY_COMMANDS, LazyGroup, main
+from fake_gallery import MODEL_ID, running_fake_server
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("FACEGALLERY_SERVER",):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture()
+def fake():
+    with running_fake_server() as (address, servicer, _):
+        yield types.SimpleNamespace(address=address, servicer=servicer)
+
+
+@pytest.fixture()
+def run(fake):
+    """Invoke ``facegallery ARGS... --server <fake>``; returns the click Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str, server: bool = True):
+        return runner.invoke(main, [*args, *(["--server", fake.address] if server else [])], catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def faces_dir(shared_dir: Path) -> Path:
+    return shared_dir / "faces" / "face_recognition"
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The group
+
+
+def test_help_lists_client_and_lazily_imported_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    listed = {line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()}
+    client_commands = {"enroll", "identify", "verify", "compare", "galleries", "identities", "delete", "import"}
+    assert client_commands | {"export-gallery", "import-embeddings"} | set(LAZY_COMMANDS) <= listed
+
+
+def test_a_lazy_command_whose_module_is_missing_is_listed_and_fails_cleanly():
+    @click.command()
+    def here() -> None:
+        """A command defined in place."""
+        click.echo("here ran")
+
+    group = LazyGroup(
+        "g",
+        commands=[here],
+        lazy_commands={"ghost": "facegallery.no_such_module:cmd", "galleries": "facegallery.client.cli:galleries"},
+    )
+    runner = CliRunner()
+    help_text = runner.invoke(group, ["--help"]).output
+    assert "ghost" in help_text and "unavailable" in help_text and "galleries" in help_text
+    failed = runner.invoke(group, ["ghost", "--any", "args"])
+    assert failed.exit_code == 1 and "ModuleNotFoundError" in failed.stderr
+    assert runner.invoke(group, ["here"]).output == "here ran\n"
+    assert group.get_command(click.Context(group), "galleries") is main.get_command(click.Context(main), "galleries")
+
+
+# ---------------------------------------------------------------------------------------------
+# Client commands
+
+
+def test_enroll_then_identify_json_shapes(run, faces_dir):
+    biden = faces_dir / "joe_biden" / "biden.jpg"
+    obama = faces_dir / "barack_obama" / "obama2.jpg"
+    enrolled = run("enroll", "biden", str(biden), "--name", "Joe Biden", "--meta", "party=dem", "--json")
+    assert enrolled.exit_code == 0, enrolled.output
+    [line] = _json_lines(enrolled.stdout)
+    assert line["image"] == str(biden) and line["identity_id"] == "biden" and line["identity_created"] is True
+    assert len(line["box"]) == 4 and line["possible_duplicate"] is None
+
+    result = run("identify", str(biden), str(obama), "--json", "--top-k", "1")
+    assert result.exit_code == 0, result.output
+    per_image = _json_lines(result.stdout)
+    assert [p["image"] for p in per_image] == [str(biden), str(obama)]
+    for p in per_image:
+        assert set(p) == {"image", "faces"}
+        for face in p["faces"]:
+            assert set(face) == {"box", "identity_id", "distance", "matches"}
+            assert len(face["box"]) == 4 and len(face["matches"]) == 1
+            assert set(face["matches"][0]) == {"identity_id", "distance"}
+    assert per_image[0]["faces"][0]["identity_id"] == "biden"
+    assert per_image[0]["faces"][0]["distance"] == pytest.approx(0.0, abs=1e-6)
+    assert per_image[1]["faces"][0]["identity_id"] is None
+    assert per_image[1]["faces"][0]["distance"] > 0.6
+
+
+def test_human_output_is_readable_text(run, faces_dir):
+    biden = faces_dir / "joe_biden" / "biden.jpg"
+    assert "enrolled as biden" in run("enroll", "biden", str(biden)).output
+    identified = run("identify", str(biden)).output
+    assert identified.startswith(f"{biden}: 1 face") and "biden (distance 0.000)" in identified
+    assert "biden: match (distance 0.000 <= threshold 0.600)" in run("verify", "biden", str(biden)).output
+    assert "default: 1 identities, 1 templates" in run("galleries").output
+    assert "biden: 1 templates" in run("identities").output
+
+
+def test_verify_compare_galleries_identities_delete(run, faces_dir):
+    biden = faces_dir / "joe_biden" / "biden.jpg"
+    obama = faces_dir / "barack_obama" / "obama2.jpg"
+    run("enroll", "biden", str(biden), "--name", "Joe")
+
+    verified = json.loads(run("verify", "biden", str(obama), "--json").stdout)
+    assert set(verified) == {"identity_id", "distance", "threshold", "is_match"}
+    assert verified["identity_id"] == "biden" and verified["is_match"] is False and verified["threshold"] == 0.6
+
+    compared = json.loads(run("compare", str(biden), str(biden), "--json").stdout)
+    assert compared["is_match"] is True and compared["distance"] == pytest.approx(0.0, abs=1e-6)
+
+    [gallery] = _json_lines(run("galleries", "--json").stdout)
+    assert gallery["name"] == "default" and gallery["model_id"] == MODEL_ID and gallery["identity_count"] == 1
+
+    [identity] = _json_lines(run("identities", "--json").stdout)
+    assert identity["identity_id"] == "biden" and identity["display_name"] == "Joe" and identity["template_count"] == 1
+
+    deleted = json.loads(run("delete", "biden", "--json").stdout)
+    assert deleted == {"identity_id": "biden", "deleted_templates": 1}
+    assert run("identities", "--json").stdout == ""
+
+
+def test_gallery_option_and_server_envvar(fake, faces_dir, monkeypatch):
+    monkeypatch.setenv("FACEGALLERY_SERVER", fake.address)
+    fake.servicer.galleries["staff"] = {"threshold": 0.5, "identities": {}}
+    runner = CliRunner()
+    result = runner.invoke(main, ["enroll", "ann", str(faces_dir / "joe_biden" / "biden.jpg"), "--gallery", "staff"])
+    assert result.exit_code == 0, result.output
+    assert list(fake.servicer.galleries["staff"]["identities"]) == ["ann"]
+    assert fake.servicer.galleries["default"]["identities"] == {}
+
+
+def test_errors_exit_with_1_and_usage_errors_with_2(run, faces_dir):
+    biden = str(faces_dir / "joe_biden" / "biden.jpg")
+    not_found = run("verify", "nobody", biden)
+    assert not_found.exit_code == 1 and "NOT_FOUND" in not_found.stderr and not_found.stdout == ""
+    assert run("identify", "/nonexistent.jpg").exit_code == 2
+    assert run("enroll", "x", biden, "--meta", "novalue").exit_code == 2
+    assert run("identify", biden, "--top-k", "0").exit_code == 2
+    assert run("enroll", "x").exit_code == 2
+
+
+def test_unreachable_server_exits_1_with_a_hint(faces_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    result = CliRunner().invoke(main, ["galleries", "--server", address, "--timeout", "5"])
+    assert result.exit_code == 1 and "UNAVAILABLE" in result.stderr and address in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder import and embedding export / import
+
+
+def test_import_folder_is_resumable_and_reports_failures(run, fake, faces_dir, tmp_path):
+    root = tmp_path / "people"
+    for identity in ("joe_biden", "kit_harington"):
+        (root / identity).mkdir(parents=True)
+        for photo in sorted((faces_dir / identity).iterdir()):
+            (root / identity / photo.name).symlink_to(photo)
+    biden = faces_dir / "joe_biden" / "biden.jpg"
+    (root / "joe_biden" / "copy_of_biden.JPG").symlink_to(biden)  # same bytes: skipped as already enrolled
+    (root / "kit_harington" / "broken.png").write_bytes(b"not a png")
+    (root / "kit_harington" / "notes.txt").write_text("ignored: not an image suffix")
+    (root / "README.md").write_text("ignored: not a folder")
+
+    first = run("import", str(root), "--json")
+    assert first.exit_code == 1  # one image failed
+    summary = json.loads(first.stdout)
+    assert (summary["enrolled"], summary["skipped"], summary["failed"]) == (5, 1, 1)
+    [failure] = summary["failures"]
+    assert failure["image"].endswith("broken.png") and failure["identity_id"] == "kit_harington"
+    assert failure["code"] == "INVALID_ARGUMENT" and failure["message"]
+    stored = fake.servicer.galleries["default"]["identities"]
+    assert {k: len(v["templates"]) for k, v in stored.items()} == {"joe_biden": 2, "kit_harington": 3}
+
+    (root / "kit_harington" / "broken.png").unlink()
+    second = run("import", str(root))
+    assert second.exit_code == 0
+    assert second.stdout.splitlines()[0] == "enrolled 0, skipped 6 (already enrolled), failed 0"
+    assert {k: len(v["templates"]) for k, v in stored.items()} == {"joe_biden": 2, "kit_harington": 3}
+
+
+def test_export_gallery_then_import_embeddings_round_trip(run, fake, faces_dir, tmp_path):
+    for identity, name in (("joe_biden", "biden.jpg"), ("kit_harington", "john1.jpeg")):
+        run("enroll", identity, str(faces_dir / identity / name), "--meta", f"who={identity}")
+    path = tmp_path / "gallery.jsonl"
+
+    exported = run("export-gallery", str(path), "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["templates"] == 2
+    header, *lines = _json_lines(path.read_text())
+    assert header["format"] == EXPORT_FORMAT and header["gallery"]["model_id"] == MODEL_ID
+    assert [line["identity_id"] for line in lines] == ["joe_biden", "kit_harington"]
+    assert lines[0]["metadata"] == {"who": "joe_biden"} and len(lines[0]["source_sha256"]) == 64
+
+    imported = run("import-embeddings", str(path), "--gallery", "copy", "--json")
+    assert imported.exit_code == 0, imported.output
+    assert json.loads(imported.stdout)["imported"] == 2
+    assert json.loads(run("import-embeddings", str(path), "--gallery", "copy", "--json").stdout)["skipped"] == 2
+    original = fake.servicer.galleries["default"]["identities"]
+    copied = fake.servicer.galleries["copy"]["identities"]
+    for identity in original:
+        np.testing.assert_array_equal(copied[identity]["templates"][0]["embedding"], original[identity]["templates"][0]["embedding"])
+        assert copied[identity]["metadata"] == original[identity]["metadata"]
+
+
+def test_import_embeddings_rejects_a_malformed_file(run, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"format": "something-else"}\n')
+    result = run("import-embeddings", str(path))
+    assert result.exit_code == 1 and "format" in result.stderr
+    path.write_text(json.dumps({"format": EXPORT_FORMAT, "gallery": {"model_id": MODEL_ID}}) + "\n{\"identity_id\": 1}\n")
+    result = run("import-embeddings", str(path))
+    assert result.exit_code == 1 and "line 2" in result.stderr

@@ -1,0 +1,389 @@
+"""GalleryClient against a real in-process gRPC server running the fake servicer (fake_gallery.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import socket
+import threading
+import types
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from PIL import Image
+
+import facegallery.client as fc
+from fake_gallery import DIM, MODEL_ID, THRESHOLD, embedding_of, pixels_of, running_fake_server
+
+
+@pytest.fixture()
+def fake():
+    with running_fake_server() as (address, servicer, health_servicer):
+        yield types.SimpleNamespace(address=address, servicer=servicer, health=health_servicer)
+
+
+@pytest.fixture()
+def client(fake):
+    with fc.GalleryClient(fake.address, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def photo(shared_dir: Path) -> Path:
+    return shared_dir / "faces" / "face_recognition" / "joe_biden" / "biden.jpg"
+
+
+@pytest.fixture(scope="module")
+def other_photo(shared_dir: Path) -> Path:
+    return shared_dir / "faces" / "face_recognition" / "barack_obama" / "obama2.jpg"
+
+
+def _last_request(servicer, method: str):
+    return [r for name, r in servicer.requests if name == method][-1]
+
+
+def _unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_all_lists_exactly_the_public_names():
+    public = {
+        name
+        for name, value in vars(fc).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert fc.__all__ == sorted(fc.__all__)
+    assert set(fc.__all__) == public
+
+
+# ---------------------------------------------------------------------------------------------
+# Image inputs
+
+
+@pytest.mark.parametrize("kind", ["path-str", "path", "bytes", "pil", "numpy"])
+def test_image_inputs_reach_the_server_as_the_same_pixels(client, fake, photo, kind):
+    enrolled = client.enroll("biden", photo)
+    assert enrolled.source_sha256 == hashlib.sha256(photo.read_bytes()).hexdigest()  # a path is sent byte for byte
+    with Image.open(photo) as image:
+        rgb = image.convert("RGB")
+    pixels = np.asarray(rgb)
+    probe = {"path-str": str(photo), "path": photo, "bytes": photo.read_bytes(), "pil": rgb, "numpy": pixels}[kind]
+
+    faces = client.identify(probe)
+
+    np.testing.assert_array_equal(pixels_of(_last_request(fake.servicer, "Identify").image.data), pixels)
+    assert len(faces) == 1
+    h, w = pixels.shape[:2]
+    assert faces[0].face.box == (0.0, 0.0, float(w - 1), float(h - 1))
+    assert len(faces[0].face.landmarks) == 5
+    assert faces[0].identity_id == "biden"
+    assert faces[0].distance == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (7, 9, 1), (7, 9, 3), (7, 9, 4)], ids=["grey", "grey1", "rgb", "rgba"])
+def test_numpy_images_are_sent_as_lossless_png(client, fake, shape):
+    array = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    client.identify(array)
+    data = _last_request(fake.servicer, "Identify").image.data
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        decoded = np.asarray(image)
+    np.testing.assert_array_equal(decoded.reshape(array.shape), array)
+
+
+@pytest.mark.parametrize(
+    ("image", "error"),
+    [
+        (np.zeros((4, 4, 3), dtype=np.float32), TypeError),
+        (np.zeros((4, 4, 2), dtype=np.uint8), ValueError),
+        (np.zeros((2, 4, 4, 3), dtype=np.uint8), ValueError),
+        (b"", ValueError),
+        (12345, TypeError),
+        ("/nonexistent/photo.jpg", FileNotFoundError),
+    ],
+    ids=["float-array", "two-channels", "batch", "empty-bytes", "int", "missing-file"],
+)
+def test_unusable_images_fail_on_the_client_before_sending(client, fake, image, error):
+    with pytest.raises(error):
+        client.identify(image)
+    assert fake.servicer.requests == []
+
+
+def test_image_kind_and_face_policy_reach_the_server(client, fake, photo):
+    client.enroll("biden", photo, kind=fc.ImageKind.FACE_CROP, face_policy=fc.FacePolicy.REJECT_MULTIPLE)
+    request = _last_request(fake.servicer, "Enroll")
+    assert request.image.kind == 2  # IMAGE_KIND_FACE_CROP
+    assert request.face_policy == 2  # FACE_POLICY_REJECT_MULTIPLE
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def test_identify_decides_known_and_unknown_and_ranks_matches(client, photo, other_photo):
+    client.enroll("biden", photo, display_name="Joe Biden", metadata={"source": "face_recognition"})
+    client.enroll("someone", embedding=_unit(1))
+
+    known = client.identify(photo, top_k=2)[0]
+    assert known.identity_id == "biden" and known.is_known
+    assert [m.identity_id for m in known.matches] == ["biden", "someone"]
+    assert known.matches[0].display_name == "Joe Biden"
+    assert known.matches[0].distance <= known.matches[1].distance
+    assert known.threshold == pytest.approx(THRESHOLD)
+
+    unknown = client.identify(other_photo)[0]
+    assert unknown.identity_id is None and not unknown.is_known
+    assert unknown.distance == pytest.approx(unknown.matches[0].distance) and unknown.distance > THRESHOLD
+
+    # A threshold override above every distance turns the unknown into the nearest identity.
+    assert client.identify(other_photo, threshold=10.0)[0].identity_id == unknown.matches[0].identity_id
+
+
+def test_empty_gallery_and_no_face_results_are_empty_not_errors(client, photo):
+    result = client.identify(photo)[0]
+    assert result.matches == () and result.identity_id is None and math.isinf(result.distance)
+    assert json.loads(json.dumps(result.to_dict()))["distance"] is None  # +inf has no JSON form
+    blank = np.full((20, 20, 3), 128, dtype=np.uint8)  # the fake finds no face in one colour
+    assert client.identify(blank) == []
+    assert client.embed(blank) == []
+
+
+def test_enroll_reports_identity_creation_and_possible_duplicates(client, photo):
+    first = client.enroll("biden", photo)
+    again = client.enroll("biden", photo)
+    assert first.identity_created and not again.identity_created
+    assert again.template_id != first.template_id and again.possible_duplicate is None
+    alias = client.enroll("joe", photo)
+    assert alias.possible_duplicate is not None
+    assert alias.possible_duplicate.identity_id == "biden"
+    assert alias.possible_duplicate.distance == pytest.approx(0.0, abs=1e-6)
+
+
+def test_embed_verify_compare_and_identify_embedding(client, photo, other_photo):
+    with Image.open(photo) as image:
+        expected = embedding_of(np.asarray(image.convert("RGB")))
+    [embedded] = client.embed(photo)
+    assert embedded.embedding.dtype == np.float32 and embedded.embedding.shape == (DIM,)
+    np.testing.assert_array_equal(embedded.embedding, expected)
+
+    client.enroll("biden", embedding=embedded.embedding)
+    verified = client.verify("biden", photo)
+    assert verified.is_match and verified.distance == pytest.approx(0.0, abs=1e-6)
+    assert verified.probability_same is None  # the fake model has no head
+    assert not client.verify("biden", other_photo).is_match
+
+    compared = client.compare(photo, other_photo)
+    expected_distance = np.linalg.norm(client.embed(photo)[0].embedding - client.embed(other_photo)[0].embedding)
+    assert compared.distance == pytest.approx(float(expected_distance), rel=1e-6)
+    assert compared.is_match is (compared.distance <= compared.threshold)
+    assert compared.face_a is not None and compared.face_b is not None
+
+    by_vector = client.identify_embedding(embedded.embedding)
+    assert by_vector.face is None and by_vector.identity_id == "biden"
+
+
+def test_identities_templates_paging_update_and_delete(client, fake, photo):
+    for i in range(5):
+        client.enroll(f"person{i}", embedding=_unit(10 + i), metadata={"i": str(i)})
+    client.enroll("person0", photo)
+
+    listed = list(client.list_identities(page_size=2))
+    assert [i.identity_id for i in listed] == [f"person{i}" for i in range(5)]
+    assert fake.servicer.calls["ListIdentities"] == 3  # 2 + 2 + 1
+    assert listed[0].templates == () and listed[0].template_count == 2
+
+    person0 = client.get_identity("person0")
+    assert [t.source_sha256 for t in person0.templates] == ["", hashlib.sha256(photo.read_bytes()).hexdigest()]
+    assert person0.templates[0].face is None and person0.templates[1].face is not None
+    assert person0.metadata == {"i": "0"}
+
+    updated = client.update_identity("person1", display_name="P. One")
+    assert list(_last_request(fake.servicer, "UpdateIdentity").update_mask.paths) == ["display_name"]
+    assert updated.display_name == "P. One" and updated.metadata == {"i": "1"}
+    assert client.update_identity("person1", metadata={"k": "v"}).metadata == {"k": "v"}
+    with pytest.raises(ValueError):
+        client.update_identity("person1")
+
+    assert client.delete_identity("person0") == 2
+    [template] = client.get_identity("person1").templates
+    assert client.delete_template(template.template_id) is True
+    assert [i.identity_id for i in client.list_identities()] == ["person2", "person3", "person4"]
+
+
+def test_galleries(client):
+    created = client.create_gallery("staff", threshold=0.5)
+    assert (created.name, created.threshold, created.model_id, created.embedding_dim) == ("staff", 0.5, MODEL_ID, DIM)
+    assert created.create_time is not None and created.create_time.tzinfo is not None
+    client.enroll("ann", embedding=_unit(3), gallery="staff")
+    assert client.get_gallery("staff").identity_count == 1
+    assert {g.name for g in client.list_galleries()} == {"default", "staff"}
+    assert client.delete_gallery("staff") == fc.GalleryDeletion(deleted_identities=1, deleted_templates=1)
+
+
+def test_export_then_import_round_trips_embeddings_and_metadata(client):
+    vectors = {f"p{i}": _unit(20 + i) for i in range(3)}
+    for identity_id, vector in vectors.items():
+        client.enroll(identity_id, embedding=vector, display_name=identity_id.upper(), metadata={"team": "a"})
+
+    gallery, templates = client.export_gallery()
+    exported = list(templates)
+    assert gallery.name == "default" and gallery.model_id == MODEL_ID and gallery.template_count == 3
+    assert [t.identity_id for t in exported] == list(vectors)
+    for t in exported:
+        np.testing.assert_array_equal(t.embedding, vectors[t.identity_id])
+        assert t.display_name == t.identity_id.upper() and t.metadata == {"team": "a"}
+
+    assert client.import_embeddings(exported, model_id=gallery.model_id, gallery="copy") == fc.ImportResult(3, 0)
+    assert client.import_embeddings(exported, model_id=gallery.model_id, gallery="copy") == fc.ImportResult(0, 3)
+    _, copied = client.export_gallery("copy")
+    for original, copy in zip(exported, copied, strict=True):
+        np.testing.assert_array_equal(original.embedding, copy.embedding)
+        assert (original.identity_id, original.metadata) == (copy.identity_id, copy.metadata)
+    with pytest.raises(fc.FailedPrecondition):
+        client.import_embeddings(exported, model_id="another-model", gallery="copy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bulk enrollment
+
+
+def test_bulk_enroll_reports_each_item_and_one_bad_item_fails_only_itself(client, photo):
+    items = [
+        fc.EnrollItem("biden", image=photo),
+        fc.EnrollItem("broken", image=b"not an image"),
+        fc.EnrollItem("", embedding=_unit(5)),
+        fc.EnrollItem("vector", embedding=_unit(6)),
+    ]
+    results = sorted(client.bulk_enroll(items), key=lambda r: r.index)
+    assert [r.index for r in results] == [0, 1, 2, 3]
+    assert [r.ok for r in results] == [True, False, False, True]
+    assert [r.code for r in results] == [
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OK,
+    ]
+    assert "decoded" in results[1].message and results[1].result is None
+    assert results[0].result.identity_id == "biden" and results[0].message == ""
+    assert results[0].to_dict()["code"] == "OK"
+
+
+def test_bulk_enroll_reads_items_lazily_and_raises_a_client_side_failure_after_the_stream(client, fake):
+    def items():
+        yield fc.EnrollItem("a", embedding=_unit(7))
+        yield fc.EnrollItem("b", image=object())  # cannot be encoded
+        yield fc.EnrollItem("c", embedding=_unit(8))  # never sent
+
+    results = []
+    with pytest.raises(TypeError):
+        for result in client.bulk_enroll(items()):
+            results.append(result)
+    assert [r.ok for r in results] == [True]
+    assert [r.identity_id for name, r in fake.servicer.requests if name == "BulkEnroll"] == ["a"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, retries, deadlines, lifecycle
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "code"),
+    [
+        (lambda c: c.get_identity("nobody"), fc.NotFound, grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.get_gallery("nowhere"), fc.NotFound, grpc.StatusCode.NOT_FOUND),
+        (lambda c: c.create_gallery("default"), fc.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+        (lambda c: c.enroll("x", b"\x89PNG garbage"), fc.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda c: c.enroll("x", embedding=np.ones(DIM + 1)), fc.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            lambda c: c.import_embeddings([], model_id="another-model"),
+            fc.FailedPrecondition,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+    ],
+    ids=["identity", "gallery", "exists", "image", "embedding", "model"],
+)
+def test_rpc_errors_become_the_client_exception_of_their_status(client, call, error, code):
+    with pytest.raises(error) as info:
+        call(client)
+    assert isinstance(info.value, fc.FaceGalleryClientError)
+    assert info.value.code is code
+    assert info.value.message and str(info.value).startswith(code.name)
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+
+
+def test_idempotent_calls_are_retried_on_unavailable(fake):
+    fake.servicer.unavailable["GetServerInfo"] = 2
+    with fc.GalleryClient(fake.address, retries=3) as client:
+        info = client.server_info()
+    assert fake.servicer.calls["GetServerInfo"] == 3
+    assert info.model.model_id == MODEL_ID and info.model.manifest["name"] == "fake"
+
+
+def test_without_retries_unavailable_is_raised(fake):
+    fake.servicer.unavailable["GetServerInfo"] = 1
+    with fc.GalleryClient(fake.address, retries=0) as client, pytest.raises(fc.Unavailable):
+        client.server_info()
+    assert fake.servicer.calls["GetServerInfo"] == 1
+
+
+def test_enroll_is_never_retried(fake):
+    fake.servicer.unavailable["Enroll"] = 1
+    with fc.GalleryClient(fake.address, retries=3) as client, pytest.raises(fc.Unavailable):
+        client.enroll("a", embedding=_unit(9))
+    assert fake.servicer.calls["Enroll"] == 1
+
+
+def test_unreachable_server_raises_unavailable():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with fc.GalleryClient(f"127.0.0.1:{port}", retries=1, timeout=5.0) as client, pytest.raises(fc.Unavailable):
+        client.list_galleries()
+
+
+def test_per_call_timeout_overrides_the_client_default_and_none_means_no_deadline(fake):
+    fake.servicer.delay_s = 0.5
+    with fc.GalleryClient(fake.address, timeout=0.1) as client:
+        with pytest.raises(fc.DeadlineExceeded):
+            client.server_info()
+        assert client.server_info(timeout=None).version == "0.0-fake"
+        assert client.server_info(timeout=5.0).version == "0.0-fake"
+    assert fc.USE_CLIENT_DEFAULT is not None and repr(fc.USE_CLIENT_DEFAULT) == "USE_CLIENT_DEFAULT"
+
+
+def test_closed_client_refuses_calls_and_cannot_reopen(fake):
+    client = fc.GalleryClient(fake.address)
+    assert "unopened" in repr(client)
+    with client:
+        assert client.health() == "SERVING"
+    assert client.is_closed and "closed" in repr(client)
+    with pytest.raises(fc.ClientClosedError):
+        client.list_galleries()
+    with pytest.raises(fc.ClientClosedError):
+        client.__enter__()
+    client.close()  # idempotent
+
+
+@pytest.mark.parametrize("kwargs", [{"retries": -1}, {"timeout": 0}, {"stream_timeout": -2.0}])
+def test_invalid_constructor_arguments(kwargs):
+    with pytest.raises(ValueError):
+        fc.GalleryClient("localhost:1", **kwargs)
+
+
+def test_wait_ready_waits_for_serving(fake):
+    fake.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    with fc.GalleryClient(fake.address) as client:
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(fc.DeadlineExceeded):
+            client.wait_ready(0.3)
+        timer = threading.Timer(0.2, fake.health.set, ("", health_pb2.HealthCheckResponse.SERVING))
+        timer.start()
+        client.wait_ready(10.0)
+        timer.join()
+        assert client.health() == "SERVING"

@@ -1,0 +1,256 @@
+"""GalleryManager (no gRPC) with the deterministic fake pipeline of tests/fakes.py."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+from fakes import DIM, THRESHOLD, FakePipeline, person_embedding, photo
+
+from facegallery.server.errors import (
+    AlreadyExists,
+    EmbeddingShapeError,
+    ImageDecodeError,
+    InvalidInput,
+    ModelMismatchError,
+    MultipleFacesError,
+    NoFaceError,
+    NotFound,
+)
+from facegallery.server.gallery import DEFAULT_GALLERY, FacePolicy, GalleryManager
+from facegallery.server.store import NewTemplate
+
+ANN, BOB, CAT, DAN = (200, 10), (10, 200), (120, 120), (60, 250)  # (red, green) = a person
+
+
+def shot(person, variation=0):
+    return photo((*person, variation))
+
+
+@pytest.fixture
+def manager(tmp_path):
+    m = GalleryManager.open(tmp_path, FakePipeline())
+    yield m
+    m.close()
+
+
+def test_default_gallery_and_gallery_lifecycle(manager):
+    (default,) = manager.list_galleries()
+    assert (default.name, default.model_id, default.threshold, default.embedding_dim) == (DEFAULT_GALLERY, manager.model.model_id, THRESHOLD, DIM)
+    created = manager.create_gallery("staff.v2", threshold=0.5)
+    assert created.threshold == 0.5
+    with pytest.raises(AlreadyExists):
+        manager.create_gallery("staff.v2")
+    for bad in ["", "a b", "x" * 129, "é"]:
+        with pytest.raises(InvalidInput):
+            manager.create_gallery(bad)
+    for bad in [0.0, -1.0, math.nan, math.inf]:
+        with pytest.raises(InvalidInput):
+            manager.create_gallery("t", threshold=bad)
+    manager.enroll("staff.v2", "ann", image=shot(ANN))
+    deletion = manager.delete_gallery("staff.v2")
+    assert (deletion.deleted_identities, deletion.deleted_templates) == (1, 1)
+    with pytest.raises(NotFound):
+        manager.get_gallery("staff.v2")
+    with pytest.raises(NotFound):
+        manager.identify("staff.v2", shot(ANN))
+    manager.enroll(DEFAULT_GALLERY, "ann", image=shot(ANN))
+    manager.delete_gallery(DEFAULT_GALLERY)  # emptied and recreated
+    assert manager.get_gallery(DEFAULT_GALLERY).template_count == 0
+
+
+def test_enroll_image_and_possible_duplicate(manager):
+    image = shot(ANN)
+    first = manager.enroll("default", "ann", image=image, display_name="Ann", metadata={"team": "red"})
+    assert first.identity_created and first.possible_duplicate is None
+    assert first.source_sha256 == hashlib.sha256(image).hexdigest()
+    np.testing.assert_array_equal(first.face.box, [0, 0, 31, 31])
+    np.testing.assert_array_equal(first.face.embedding, person_embedding(*ANN, 0))
+    again = manager.enroll("default", "ann", image=shot(ANN, 150))
+    assert not again.identity_created and again.template_id > first.template_id and again.possible_duplicate is None
+    # The same person under another id: the nearest other identity is reported.
+    twin = manager.enroll("default", "ann-2", image=shot(ANN, 255))
+    expected = min(np.linalg.norm(person_embedding(*ANN, 255) - person_embedding(*ANN, v)) for v in (0, 150))
+    assert twin.possible_duplicate.identity_id == "ann" and twin.possible_duplicate.display_name == "Ann"
+    assert twin.possible_duplicate.distance == pytest.approx(expected, abs=1e-5) and expected < THRESHOLD
+    assert manager.enroll("default", "bob", image=shot(BOB)).possible_duplicate is None
+    ann = manager.get_identity("default", "ann")
+    assert (ann.display_name, ann.metadata, ann.template_count) == ("Ann", {"team": "red"}, 2)
+    assert manager.get_gallery("default").identity_count == 3
+
+
+def test_enroll_errors(manager):
+    with pytest.raises(NoFaceError):
+        manager.enroll("default", "x", image=photo((0, 0, 0)))
+    with pytest.raises(ImageDecodeError):
+        manager.enroll("default", "x", image=b"\x89PNG not really")
+    group = photo((*ANN, 0), (*BOB, 0))
+    with pytest.raises(MultipleFacesError):
+        manager.enroll("default", "x", image=group, face_policy=FacePolicy.REJECT_MULTIPLE)
+    largest = manager.enroll("default", "x", image=group, face_policy=FacePolicy.LARGEST)
+    np.testing.assert_array_equal(largest.face.embedding, person_embedding(*ANN))
+    for bad in ["", "x" * 257, "a\nb"]:
+        with pytest.raises(InvalidInput):
+            manager.enroll("default", bad, image=shot(ANN))
+    with pytest.raises(InvalidInput):
+        manager.enroll("default", "x")
+    with pytest.raises(InvalidInput):
+        manager.enroll("default", "x", image=shot(ANN), embedding=person_embedding(*ANN))
+    for bad in [np.zeros(DIM - 1), np.full(DIM, np.nan), np.zeros((2, DIM))]:
+        with pytest.raises(EmbeddingShapeError):
+            manager.enroll("default", "x", embedding=bad)
+    assert manager.get_gallery("default").template_count == 1
+
+
+def test_identify_every_face_with_decision(manager):
+    manager.enroll("default", "ann", image=shot(ANN), display_name="Ann")
+    manager.enroll("default", "bob", embedding=person_embedding(*BOB))
+    manager.enroll("default", "cat", image=shot(CAT))
+    results = manager.identify("default", photo((*BOB, 90), (0, 0, 0), (*DAN, 0), (*ANN, 200)), top_k=2)
+    assert [r.identity_id for r in results] == ["bob", None, "ann"]
+    bob, unknown, ann = results
+    assert bob.distance == pytest.approx(np.linalg.norm(person_embedding(*BOB, 90) - person_embedding(*BOB)), abs=1e-5)
+    assert len(bob.matches) == 2 and bob.matches[0].identity_id == "bob" and bob.matches[1].distance > THRESHOLD
+    assert unknown.distance > THRESHOLD and len(unknown.matches) == 2  # candidates even when unknown
+    assert ann.matches[0].display_name == "Ann" and ann.threshold == THRESHOLD
+    np.testing.assert_array_equal(ann.face.box, [96, 0, 127, 31])
+    strict = manager.identify("default", shot(ANN, 200), threshold=ann.distance / 2)
+    assert strict[0].identity_id is None and strict[0].threshold == pytest.approx(ann.distance / 2)
+    assert len(manager.identify("default", photo((*ANN, 0), (*BOB, 0)), max_faces=1)) == 1
+    assert manager.identify("default", photo((0, 0, 0))) == []
+    for bad in [0, 101]:
+        with pytest.raises(InvalidInput):
+            manager.identify("default", shot(ANN), top_k=bad)
+    with pytest.raises(InvalidInput):
+        manager.identify("default", shot(ANN), threshold=-0.1)
+
+
+def test_identify_embedding_on_empty_and_filled_gallery(manager):
+    empty = manager.identify_embedding("default", person_embedding(*ANN))
+    assert empty.matches == [] and empty.identity_id is None and math.isinf(empty.distance) and empty.face is None
+    manager.enroll("default", "ann", embedding=person_embedding(*ANN))
+    manager.enroll("default", "ann", embedding=person_embedding(*ANN, 255))
+    hit = manager.identify_embedding("default", person_embedding(*ANN, 255), top_k=5)
+    assert hit.identity_id == "ann" and hit.distance == pytest.approx(0.0, abs=1e-6) and len(hit.matches) == 1
+    with pytest.raises(EmbeddingShapeError):
+        manager.identify_embedding("default", np.zeros(3))
+
+
+def test_verify_and_compare(tmp_path):
+    manager = GalleryManager.open(tmp_path, FakePipeline(with_head=True))
+    try:
+        manager.enroll("default", "ann", image=shot(ANN))
+        manager.enroll("default", "ann", image=shot(ANN, 255))
+        yes = manager.verify("default", "ann", shot(ANN, 240))
+        nearest = min(np.linalg.norm(person_embedding(*ANN, 240) - person_embedding(*ANN, v)) for v in (0, 255))
+        assert yes.is_match and yes.distance == pytest.approx(nearest, abs=1e-5)
+        assert yes.probability_same == pytest.approx(math.exp(-yes.distance), rel=1e-5)
+        no = manager.verify("default", "ann", shot(BOB))
+        assert not no.is_match and no.distance > THRESHOLD and no.threshold == THRESHOLD
+        with pytest.raises(NotFound):
+            manager.verify("default", "nobody", shot(ANN))
+        with pytest.raises(NoFaceError):
+            manager.verify("default", "ann", photo((0, 0, 0)))
+        same = manager.compare(shot(BOB), shot(BOB, 100), threshold=0.05)
+        assert same.distance == pytest.approx(np.linalg.norm(person_embedding(*BOB) - person_embedding(*BOB, 100)), abs=1e-5)
+        assert not same.is_match and same.threshold == 0.05  # 0.078 apart
+        assert manager.compare(shot(BOB), shot(BOB, 100)).is_match
+        with pytest.raises(NoFaceError, match="image_b"):
+            manager.compare(shot(BOB), photo((0, 0, 0)))
+        faces = manager.embed(photo((*ANN, 0), (*BOB, 0)))
+        np.testing.assert_array_equal(faces[1].embedding, person_embedding(*BOB))
+    finally:
+        manager.close()
+
+
+def test_identities_paging_update_delete(manager):
+    names = [f"p{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        manager.enroll("default", name, embedding=person_embedding(i, 3 * i + 1))
+    page = manager.list_identities("default", page_size=2)
+    seen = [r.identity_id for r in page.identities]
+    while page.next_page_token:
+        page = manager.list_identities("default", page_size=2, page_token=page.next_page_token)
+        seen += [r.identity_id for r in page.identities]
+    assert seen == names
+    token = manager.list_identities("default", page_size=2).next_page_token
+    manager.create_gallery("other")
+    with pytest.raises(InvalidInput, match="another gallery"):
+        manager.list_identities("other", page_token=token)
+    with pytest.raises(InvalidInput):
+        manager.list_identities("default", page_token="!!not-a-token")
+    with pytest.raises(InvalidInput):
+        manager.list_identities("default", page_size=1001)
+    updated = manager.update_identity("default", "p1", display_name="Pat", metadata={"k": "v"})
+    assert (updated.display_name, updated.metadata, len(updated.templates)) == ("Pat", {"k": "v"}, 1)
+    assert manager.update_identity("default", "p1", metadata={}).display_name == "Pat"
+    with pytest.raises(NotFound):
+        manager.update_identity("default", "nobody", display_name="x")
+    manager.enroll("default", "p2", embedding=person_embedding(2, 7, 100))
+    assert manager.delete_identity("default", "p2") == 2
+    assert manager.identify_embedding("default", person_embedding(2, 7)).identity_id is None
+    template = manager.get_identity("default", "p3").templates[0].template_id
+    assert manager.delete_template("default", template) is True
+    with pytest.raises(NotFound):
+        manager.get_identity("default", "p3")
+    with pytest.raises(NotFound):
+        manager.delete_template("default", template)
+    assert manager.index_template_ids("default").tolist() == manager.store.template_ids("default").tolist()
+
+
+def test_export_import_roundtrip(manager):
+    for i in range(6):
+        manager.enroll("default", f"p{i % 3}", embedding=person_embedding(i, 9), display_name=f"P{i % 3}", metadata={"n": str(i % 3)})
+    gallery, stream = manager.export_gallery("default")
+    exported = list(stream)
+    assert gallery.template_count == len(exported) == 6
+    items = [NewTemplate(t.identity_id, t.embedding, display_name=t.display_name, metadata=t.metadata, source_sha256=t.source_sha256, created=t.created) for t in exported]
+    result = manager.import_embeddings("copy", gallery.model_id, items)
+    assert (result.imported, result.skipped) == (6, 0)
+    assert manager.import_embeddings("copy", gallery.model_id, items).skipped == 6
+    copy = manager.get_identity("copy", "p1")
+    assert (copy.display_name, copy.metadata, copy.template_count) == ("P1", {"n": "1"}, 2)
+    probe = person_embedding(4, 9)
+    a, b = manager.identify_embedding("default", probe), manager.identify_embedding("copy", probe)
+    assert (a.identity_id, a.distance) == (b.identity_id, b.distance) == ("p1", pytest.approx(0.0, abs=1e-6))
+    with pytest.raises(ModelMismatchError):
+        manager.import_embeddings("copy", "0" * 64, items)
+    with pytest.raises(ModelMismatchError):
+        manager.import_embeddings("fresh", "0" * 64, items)
+    with pytest.raises(InvalidInput):
+        manager.import_embeddings("copy", "", items)
+    with pytest.raises(EmbeddingShapeError):
+        manager.import_embeddings("copy", gallery.model_id, [NewTemplate("z", np.zeros(5))])
+
+
+def test_restart_restores_galleries_and_refuses_another_model(tmp_path):
+    manager = GalleryManager.open(tmp_path, FakePipeline("fake-a"))
+    manager.create_gallery("g2", threshold=0.4)
+    for i in range(20):
+        manager.enroll("g2", f"p{i % 8}", embedding=person_embedding(i % 8, 50, i))
+    before = manager.identify_embedding("g2", person_embedding(3, 50), top_k=4)
+    manager.close()
+    assert list((tmp_path / "index").glob("*.fgidx"))
+    again = GalleryManager.open(tmp_path, FakePipeline("fake-a"))
+    try:
+        after = again.identify_embedding("g2", person_embedding(3, 50), top_k=4)
+        assert [(m.identity_id, m.template_id, m.distance) for m in after.matches] == [(m.identity_id, m.template_id, m.distance) for m in before.matches]
+        assert again.get_gallery("g2").threshold == pytest.approx(0.4)
+        assert again.index_template_ids("g2").tolist() == again.store.template_ids("g2").tolist()
+    finally:
+        again.close()
+    other = GalleryManager.open(tmp_path, FakePipeline("fake-b"))
+    try:
+        with pytest.raises(ModelMismatchError):
+            other.identify_embedding("g2", person_embedding(3, 50))
+        with pytest.raises(ModelMismatchError):
+            other.enroll("g2", "x", image=shot(ANN))
+        with pytest.raises(ModelMismatchError):
+            other.verify("g2", "p3", shot(ANN))
+        assert other.get_gallery("g2").template_count == 20  # metadata stays readable
+        other.create_gallery("new")  # bound to the new model
+        assert other.enroll("new", "ann", image=shot(ANN)).identity_created
+    finally:
+        other.close()

@@ -1,0 +1,151 @@
+"""SQLite template store: records, change log, paging, durability across reopen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facegallery.server.errors import AlreadyExists, EmbeddingShapeError, NotFound
+from facegallery.server.face import Face
+from facegallery.server.store import NewTemplate, SqliteTemplateStore
+
+D = 8
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteTemplateStore(tmp_path / "gallery.sqlite3")
+    s.create_gallery("g", model_id="m" * 64, threshold=0.6, metric="euclidean", embedding_dim=D)
+    yield s
+    s.close()
+
+
+def vec(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(D).astype(np.float32)
+
+
+def test_gallery_lifecycle(store):
+    with pytest.raises(AlreadyExists):
+        store.create_gallery("g", model_id="x", threshold=0.5, metric="euclidean", embedding_dim=D)
+    other = store.create_gallery("h", model_id="x", threshold=0.5, metric="euclidean", embedding_dim=4)
+    assert [g.name for g in store.list_galleries()] == ["g", "h"]
+    assert (other.threshold, other.embedding_dim, other.identity_count, other.template_count) == (0.5, 4, 0, 0)
+    store.add_templates("h", [NewTemplate("a", np.ones(4, np.float32)), NewTemplate("b", np.zeros(4, np.float32))])
+    assert store.delete_gallery("h") == (2, 2)
+    with pytest.raises(NotFound):
+        store.get_gallery("h")
+    with pytest.raises(NotFound):
+        store.delete_gallery("h")
+
+
+def test_add_templates_creates_identities_and_merges_identity_data(store):
+    face = Face(box=np.array([1, 2, 30, 40], np.float32), landmarks=np.arange(10, dtype=np.float32).reshape(5, 2), score=0.9, embedding=vec(0))
+    results, seq1 = store.add_templates("g", [NewTemplate("ann", vec(0), display_name="Ann", metadata={"team": "a"}, source_sha256="ab" * 32, face=face)])
+    assert results[0].identity_created
+    results2, seq2 = store.add_templates("g", [NewTemplate("ann", vec(1), metadata={"room": "7"})])
+    assert not results2[0].identity_created and seq2 > seq1
+    ann = store.get_identity("g", "ann")
+    assert (ann.display_name, ann.metadata, ann.template_count) == ("Ann", {"team": "a", "room": "7"}, 2)
+    first, second = ann.templates
+    assert first.template_id == results[0].template_id and second.template_id == results2[0].template_id
+    np.testing.assert_array_equal(first.embedding, vec(0))
+    np.testing.assert_array_equal(first.face.box, face.box)
+    np.testing.assert_array_equal(first.face.landmarks, face.landmarks)
+    assert first.face.score == pytest.approx(0.9) and first.source_sha256 == "ab" * 32
+    assert second.face is None and second.source_sha256 == ""
+    store.add_templates("g", [NewTemplate("ann", vec(2), display_name="Ann B.")])
+    assert store.get_identity("g", "ann").display_name == "Ann B."
+    gallery = store.get_gallery("g")
+    assert (gallery.identity_count, gallery.template_count, gallery.last_seq) == (1, 3, store.changes_since("g", 0)[-1].seq)
+
+
+def test_wrong_length_embedding_stores_nothing(store):
+    with pytest.raises(EmbeddingShapeError):
+        store.add_templates("g", [NewTemplate("a", vec(0)), NewTemplate("b", np.zeros(D + 1, np.float32))])
+    assert store.get_gallery("g").template_count == 0
+    assert store.changes_since("g", 0) == []
+
+
+def test_skip_duplicates_compares_identity_and_exact_embedding(store):
+    store.add_templates("g", [NewTemplate("a", vec(0))])
+    results, _ = store.add_templates("g", [NewTemplate("a", vec(0)), NewTemplate("b", vec(0)), NewTemplate("a", vec(1))], skip_duplicates=True)
+    assert results[0] is None and results[1] is not None and results[2] is not None
+    assert store.get_gallery("g").template_count == 3
+
+
+def test_deletes_are_logged_and_ids_never_reused(store):
+    (a1, a2, b1), _ = store.add_templates("g", [NewTemplate("a", vec(0)), NewTemplate("a", vec(1)), NewTemplate("b", vec(2))])
+    identity_deleted, _ = store.delete_template("g", b1.template_id)
+    assert identity_deleted
+    with pytest.raises(NotFound):
+        store.get_identity("g", "b")
+    assert store.delete_template("g", a1.template_id)[0] is False
+    ids, seq = store.delete_identity("g", "a")
+    assert ids.tolist() == [a2.template_id]
+    (c,), _ = store.add_templates("g", [NewTemplate("c", vec(3))])
+    assert c.template_id > b1.template_id  # AUTOINCREMENT: the deleted largest id is not reused
+    ops = [(ch.op, ch.template_id) for ch in store.changes_since("g", 0)]
+    assert ops == [
+        ("add", a1.template_id), ("add", a2.template_id), ("add", b1.template_id),
+        ("remove", b1.template_id), ("remove", a1.template_id), ("remove", a2.template_id), ("add", c.template_id),
+    ]
+    assert [ch.template_id for ch in store.changes_since("g", seq)] == [c.template_id]
+    assert store.prune_changes("g", seq) == 6
+    assert len(store.changes_since("g", 0)) == 1
+    with pytest.raises(NotFound):
+        store.delete_template("g", a1.template_id)
+
+
+def test_list_identities_pages_in_enrollment_order(store):
+    names = [f"id{i:02d}" for i in range(7)][::-1]
+    for i, name in enumerate(names):
+        store.add_templates("g", [NewTemplate(name, vec(i))])
+    seen, after = [], 0
+    while page := store.list_identities("g", after_key=after, limit=3):
+        seen += [r.identity_id for r in page]
+        after = page[-1].key
+    assert seen == names
+
+
+def test_reads_for_search(store):
+    results, _ = store.add_templates("g", [NewTemplate("a", vec(i), display_name="A") for i in range(3)] + [NewTemplate("b", vec(9))])
+    ids = [r.template_id for r in results]
+    owners = store.template_owners([ids[0], ids[3], 10_000])
+    assert set(owners) == {ids[0], ids[3]}
+    assert (owners[ids[0]].identity_id, owners[ids[0]].display_name, owners[ids[3]].identity_id) == ("a", "A", "b")
+    tid, x = store.identity_embeddings("g", "a")
+    assert tid.tolist() == ids[:3]
+    np.testing.assert_array_equal(x, np.stack([vec(0), vec(1), vec(2)]))
+    blocks = list(store.embeddings("g", [ids[3], ids[1], 99_999]))
+    assert [b[0].tolist() for b in blocks] == [[ids[1], ids[3]]]
+    np.testing.assert_array_equal(blocks[0][1], np.stack([vec(1), vec(9)]))
+    assert store.template_ids("g").tolist() == ids
+
+
+def test_export_is_one_consistent_state(store):
+    store.add_templates("g", [NewTemplate(f"p{i}", vec(i), metadata={"i": str(i)}) for i in range(5)])
+    stream = store.export_templates("g")
+    first = next(stream)
+    store.add_templates("g", [NewTemplate("late", vec(50))])
+    store.delete_identity("g", "p4")
+    rest = list(stream)
+    assert [t.identity_id for t in [first, *rest]] == ["p0", "p1", "p2", "p3", "p4"]
+    assert rest[-1].metadata == {"i": "4"}
+    np.testing.assert_array_equal(rest[0].embedding, vec(1))
+
+
+def test_everything_survives_reopen(tmp_path):
+    path = tmp_path / "gallery.sqlite3"
+    s = SqliteTemplateStore(path)
+    s.create_gallery("g", model_id="m", threshold=0.6, metric="euclidean", embedding_dim=D)
+    (r,), seq = s.add_templates("g", [NewTemplate("a", vec(5), display_name="A")])
+    s.close()
+    s = SqliteTemplateStore(path)
+    try:
+        a = s.get_identity("g", "a")
+        assert (a.display_name, a.templates[0].template_id, s.get_gallery("g").last_seq) == ("A", r.template_id, seq)
+        np.testing.assert_array_equal(a.templates[0].embedding, vec(5))
+        assert s._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        s.close()
