@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import grpc
 import numpy as np
+import PIL.Image
 
 __all__ = [
     "ImageKind",
@@ -46,7 +47,7 @@ __all__ = [
 #: What the client accepts as an image: a file path (sent byte for byte), encoded bytes (sent as
 #: is), a PIL image or a ``(H, W)`` / ``(H, W, 3)`` / ``(H, W, 4)`` uint8 array (grey / RGB /
 #: RGBA), both of which are encoded to PNG on the client.
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, "PIL.Image.Image", np.ndarray]  # noqa: F821
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, PIL.Image.Image, np.ndarray]
 
 
 class ImageKind(enum.Enum):

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
-from ._exceptions import FaceGalleryClientError, NotFound, Unavailable
+from ._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
 from ._models import EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match
 
 __all__ = ["main", "LazyGroup", "EXPORT_FORMAT", "IMAGE_SUFFIXES"]
@@ -41,7 +41,7 @@ LAZY_COMMANDS = {
     "serve": "facegallery.server.cli:serve",
     "export": "facegallery.export.cli:export",
     "embed": "facegallery.export.cli:embed",
-    "eval": "facegallery.export.cli:eval",
+    "eval": "facegallery.export.cli:eval_group",
     "train": "facegallery.export.train_cli:train",
     "calibrate": "facegallery.export.train_cli:calibrate",
 }
@@ -366,18 +366,27 @@ class _ImportPlan:
     failures: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
+def _is_image_file(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def _plan_import(client: GalleryClient, root: Path) -> _ImportPlan:
     """Images of ``root/<identity_id>/`` not yet enrolled for that identity (by SHA-256)."""
     plan = _ImportPlan()
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         identity_id = folder.name
+        images = [p for p in sorted(folder.iterdir()) if _is_image_file(p)]
         try:
             enrolled = {t.source_sha256 for t in client.get_identity(identity_id).templates}
         except NotFound:
             enrolled = set()
-        for path in sorted(folder.iterdir()):
-            if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-                continue
+        except InvalidArgument as exc:  # a folder name the server refuses as an id: fail its images
+            plan.failures += [
+                {"image": str(p), "identity_id": identity_id, "code": exc.code.name, "message": exc.message}
+                for p in images
+            ]
+            continue
+        for path in images:
             try:
                 digest = _sha256(path)
             except OSError as exc:

@@ -193,6 +193,8 @@ class TrainResult:
     onnx_max_abs_diff : float
         Worst |onnxruntime - torch| embedding difference at batch sizes 1 and 7.
     train_seconds : float
+        Wall time from building the network to the end of the last epoch (chip extraction,
+        export and head fitting excluded).
     """
 
     model_dir: Path | None
@@ -478,7 +480,6 @@ def main(args: TrainArgs) -> TrainResult:
         raise ValueError(f"head must be one of {sorted(HEAD_KINDS_CLI)}, got {args.head!r}")
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
-    started = time.perf_counter()
     init_manifest = ModelManifest.load(args.init) if args.init is not None else None
     spec = _chip_spec(args, init_manifest)
     data = prepare_data(args, spec)
@@ -487,6 +488,7 @@ def main(args: TrainArgs) -> TrainResult:
     logger.info("training on %d chips of %d identities, %d held-out chips of %d identities (%d files without a face)",
                 len(train), len(train_ids), len(val), len(val_ids), len(data.skipped))
 
+    started = time.perf_counter()
     model = build_model(dim=args.dim, width=args.width,
                         init_onnx=init_manifest.path_of(args.init, "embedder") if init_manifest else None)
     criterion = TripletLoss(margin=args.margin, miner=args.miner)

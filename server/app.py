@@ -187,7 +187,7 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-        interceptors=[ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor()],
+        interceptors=[ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor(f"/{SERVICE_NAME}/")],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

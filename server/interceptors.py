@@ -63,12 +63,23 @@ def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> No
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by RPC handlers to gRPC statuses (see the module docstring)."""
+    """Maps exceptions raised by RPC handlers to gRPC statuses (see the module docstring).
+
+    Parameters
+    ----------
+    service_prefix : str
+        Only methods under this prefix (e.g. ``"/facegallery.v1.GalleryService/"``) are wrapped;
+        the standard services (health, reflection) keep their own handlers untouched, since
+        grpc's non-blocking health ``Watch`` handler cannot be re-wrapped.
+    """
+
+    def __init__(self, service_prefix: str) -> None:
+        self._prefix = service_prefix
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
         method = handler_call_details.method
 
         def wrap(behavior: Callable, response_streaming: bool) -> Callable:

@@ -122,8 +122,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
         return result
 
     def _enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
-        if not request.identity_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "identity_id is empty")
+        self._check_id(request.identity_id, context)
         gallery = self._gallery(request.gallery, context)
         response = pb.EnrollResponse(identity_id=request.identity_id)
         if request.HasField("image"):
@@ -180,9 +179,15 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
                 message.templates.append(template)
         return message
 
+    @staticmethod
+    def _check_id(identity_id: str, context) -> None:
+        if not identity_id or any(ord(c) < 32 for c in identity_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed identity_id {identity_id!r}")
+
     def _identity(self, request, context) -> tuple[dict, dict]:
         gallery = self._gallery(request.gallery, context)
         identity_id = request.identity_id if hasattr(request, "identity_id") else request.identity.identity_id
+        self._check_id(identity_id, context)
         identity = gallery["identities"].get(identity_id)
         if identity is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"identity {identity_id!r} not found")

@@ -60,6 +60,12 @@ def test_help_lists_client_and_lazily_imported_commands():
     assert client_commands | {"export-gallery", "import-embeddings"} | set(LAZY_COMMANDS) <= listed
 
 
+@pytest.mark.parametrize("name", sorted(LAZY_COMMANDS))
+def test_every_lazy_command_resolves_to_its_click_command(name):
+    command = main.get_command(click.Context(main), name)
+    assert command.name == name and "unavailable" not in (command.help or "")
+
+
 def test_a_lazy_command_whose_module_is_missing_is_listed_and_fails_cleanly():
     @click.command()
     def here() -> None:
@@ -183,20 +189,24 @@ def test_import_folder_is_resumable_and_reports_failures(run, fake, faces_dir, t
     biden = faces_dir / "joe_biden" / "biden.jpg"
     (root / "joe_biden" / "copy_of_biden.JPG").symlink_to(biden)  # same bytes: skipped as already enrolled
     (root / "kit_harington" / "broken.png").write_bytes(b"not a png")
+    (root / "tab\tname").mkdir()  # a folder name the server refuses as an identity id
+    (root / "tab\tname" / "biden.jpg").symlink_to(biden)
     (root / "kit_harington" / "notes.txt").write_text("ignored: not an image suffix")
     (root / "README.md").write_text("ignored: not a folder")
 
     first = run("import", str(root), "--json")
     assert first.exit_code == 1  # one image failed
     summary = json.loads(first.stdout)
-    assert (summary["enrolled"], summary["skipped"], summary["failed"]) == (5, 1, 1)
-    [failure] = summary["failures"]
-    assert failure["image"].endswith("broken.png") and failure["identity_id"] == "kit_harington"
-    assert failure["code"] == "INVALID_ARGUMENT" and failure["message"]
+    assert (summary["enrolled"], summary["skipped"], summary["failed"]) == (5, 1, 2)
+    bad_id, broken = summary["failures"]
+    assert bad_id["identity_id"] == "tab\tname" and bad_id["code"] == "INVALID_ARGUMENT"
+    assert broken["image"].endswith("broken.png") and broken["identity_id"] == "kit_harington"
+    assert broken["code"] == "INVALID_ARGUMENT" and broken["message"]
     stored = fake.servicer.galleries["default"]["identities"]
     assert {k: len(v["templates"]) for k, v in stored.items()} == {"joe_biden": 2, "kit_harington": 3}
 
     (root / "kit_harington" / "broken.png").unlink()
+    (root / "tab\tname" / "biden.jpg").unlink()
     second = run("import", str(root))
     assert second.exit_code == 0
     assert second.stdout.splitlines()[0] == "enrolled 0, skipped 6 (already enrolled), failed 0"

@@ -387,3 +387,114 @@ def test_wait_ready_waits_for_serving(fake):
         client.wait_ready(10.0)
         timer.join()
         assert client.health() == "SERVING"
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the real server (server/app.py) with the fake face pipeline of tests/fakes.py: the
+# client and the real servicer agree on the wire contract.
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    from facegallery.server.app import ServerConfig, create_server
+    from fakes import FakePipeline
+
+    config = ServerConfig(
+        data_dir=tmp_path_factory.mktemp("real-server"), host="127.0.0.1", port=0, snapshot_interval_s=None
+    )
+    running = create_server(config, pipeline=FakePipeline(with_head=True, max_image_bytes=4096))
+    yield f"127.0.0.1:{running.port}"
+    running.stop(0)
+
+
+@pytest.fixture()
+def real(real_server, request):
+    """A client of the real server, on a fresh gallery named after the test."""
+    with fc.GalleryClient(real_server, timeout=10.0, gallery=request.node.name[:60].replace("[", "_").replace("]", "")) as client:
+        client.create_gallery(client.gallery)
+        yield client
+
+
+def test_real_server_identify_verify_and_enroll(real):
+    from fakes import photo, person_embedding
+
+    real.wait_ready(10.0)
+    ann = real.enroll("ann", photo((200, 10, 0)), display_name="Ann", metadata={"team": "a"})
+    assert ann.identity_created and ann.face.box == (0.0, 0.0, 31.0, 31.0) and len(ann.source_sha256) == 64
+    real.enroll("bob", embedding=person_embedding(50, 60))
+
+    faces = real.identify(photo((200, 10, 128), (0, 0, 0), (90, 90, 0)), top_k=2)
+    by_left = {f.face.box[0]: f for f in faces}
+    assert sorted(by_left) == [0.0, 64.0]
+    assert by_left[0.0].identity_id == "ann" and by_left[0.0].matches[0].display_name == "Ann"
+    assert by_left[0.0].distance == pytest.approx(0.1, abs=0.01)  # blue 128 -> offset 0.2 * 128 / 255
+    assert by_left[64.0].identity_id is None and len(by_left[64.0].matches) == 2
+
+    verified = real.verify("ann", photo((200, 10, 255)))
+    assert verified.is_match and verified.distance == pytest.approx(0.2, abs=0.01)
+    assert verified.probability_same == pytest.approx(math.exp(-verified.distance), rel=1e-5)
+    compared = real.compare(photo((200, 10, 0)), photo((50, 60, 0)))
+    assert not compared.is_match and compared.distance > 1.0
+
+    [embedded] = real.embed(photo((50, 60, 0)))
+    np.testing.assert_allclose(embedded.embedding, person_embedding(50, 60), atol=1e-6)
+    assert real.identify_embedding(embedded.embedding).identity_id == "bob"
+    assert real.server_info().model.embedding_dim == 128 and real.health() == "SERVING"
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda c, photo: c.identify(b"random bytes"), fc.InvalidArgument),
+        (lambda c, photo: c.enroll("x", photo((0, 0, 0))), fc.InvalidArgument),  # no face
+        (lambda c, photo: c.enroll("", photo((1, 2, 3))), fc.InvalidArgument),
+        (lambda c, photo: c.enroll("x", embedding=np.ones(3)), fc.InvalidArgument),
+        (
+            lambda c, photo: c.enroll("x", photo((1, 2, 3), (4, 5, 6)), face_policy=fc.FacePolicy.REJECT_MULTIPLE),
+            fc.FailedPrecondition,
+        ),
+        (lambda c, photo: c.identify(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), fc.ResourceExhausted),
+        (lambda c, photo: c.get_identity("nobody"), fc.NotFound),
+        (lambda c, photo: c.verify("nobody", photo((1, 2, 3))), fc.NotFound),
+        (lambda c, photo: c.create_gallery("default"), fc.AlreadyExists),
+    ],
+    ids=["undecodable", "no-face", "empty-id", "vector-length", "several-faces", "too-large", "identity", "verify", "exists"],
+)
+def test_real_server_statuses_become_client_exceptions(real, call, error):
+    from fakes import photo
+
+    with pytest.raises(error):
+        call(real, photo)
+
+
+def test_real_server_bulk_enroll_paging_export_and_import(real):
+    from fakes import photo
+
+    items = [fc.EnrollItem(f"p{i}", image=photo((10 * i + 5, 7, 0)), metadata={"i": str(i)}) for i in range(5)]
+    items.insert(2, fc.EnrollItem("bad", image=b"not an image"))
+    results = sorted(real.bulk_enroll(items), key=lambda r: r.index)
+    assert [r.ok for r in results] == [True, True, False, True, True, True]
+    assert results[2].code is grpc.StatusCode.INVALID_ARGUMENT and results[2].message
+
+    assert [i.identity_id for i in real.list_identities(page_size=2)] == [f"p{i}" for i in range(5)]
+    p0 = real.get_identity("p0")
+    assert p0.metadata == {"i": "0"} and p0.templates[0].source_sha256 == hashlib.sha256(photo((5, 7, 0))).hexdigest()
+
+    gallery, templates = real.export_gallery()
+    exported = list(templates)
+    assert gallery.template_count == 5 and len(exported) == 5
+    target = f"{real.gallery}-copy"[:100]
+    assert real.import_embeddings(exported, model_id=gallery.model_id, gallery=target) == fc.ImportResult(5, 0)
+    assert real.import_embeddings(exported, model_id=gallery.model_id, gallery=target) == fc.ImportResult(0, 5)
+    _, copied = real.export_gallery(target)
+    for a, b in zip(exported, copied, strict=True):
+        np.testing.assert_array_equal(a.embedding, b.embedding)
+        assert (a.identity_id, a.metadata) == (b.identity_id, b.metadata)
+    with pytest.raises(fc.FailedPrecondition):
+        real.import_embeddings(exported, model_id="0" * 64, gallery=target)
+
+    assert real.delete_template(p0.templates[0].template_id) is True
+    assert real.delete_identity("p1") == 1
+    assert real.update_identity("p2", display_name="Two").display_name == "Two"
+    assert real.get_gallery().identity_count == 3
+    assert real.delete_gallery(target).deleted_templates == 5

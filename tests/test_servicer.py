@@ -84,6 +84,9 @@ def test_health_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", SERVICE_NAME):
         assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     (answer,) = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     assert SERVICE_NAME in {s.name for s in answer.list_services_response.service}
