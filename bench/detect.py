@@ -29,7 +29,8 @@ from facegallery.export.dlib_mmod import convert_mmod
 from facegallery.server.detect import DetectionConfig, FaceDetector, plan_scale
 from facegallery.server.manifest import ModelManifest
 
-PHOTO = Path(__file__).resolve().parents[1].parent / "shared" / "faces" / "face_recognition" / "steve_wozniak" / "steve_wozniak1.jpg"
+FACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "faces"
+PHOTO = FACES_DIR / "face_recognition" / "steve_wozniak" / "steve_wozniak1.jpg"
 SIZES = ((640, 480), (1280, 960), (4000, 3000))
 
 
@@ -44,7 +45,9 @@ def time_ms(detector: FaceDetector, rgb: np.ndarray, config: DetectionConfig, re
 
 
 @click.command()
-@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Model directory (model.json).")
+@click.option(
+    "--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Model directory (model.json)."
+)
 @click.option("--photo", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=PHOTO, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per size and config.")
@@ -60,7 +63,8 @@ def main(model_dir: Path | None, photo: Path, threads: int, repeats: int) -> Non
             source = im.convert("RGB")
         images = {size: np.asarray(source.resize(size, Image.Resampling.BILINEAR)) for size in SIZES}
         detector.detect(images[SIZES[0]], DetectionConfig(rescale=False))  # warm-up
-        click.echo(f"photo {photo.name} {source.size[0]}x{source.size[1]}, intra_op_threads={threads}, median of {repeats}")
+        width, height = source.size
+        click.echo(f"photo {photo.name} {width}x{height}, intra_op_threads={threads}, median of {repeats}")
         click.echo(f"{'image':>10} {'config':>14} {'runs at':>18} {'ms/image':>9} {'faces':>5}")
         ms: dict[tuple[tuple[int, int], str], float] = {}
         for name, config in (("default", DetectionConfig()), ("rescale=False", DetectionConfig(rescale=False))):

@@ -33,7 +33,7 @@ import numpy as np
 from .dlib_format import DlibFormatError, DlibReader
 from .onnx_detector import ConvLayer, build_detector, save_model
 
-__all__ = ["MmodNet", "read_mmod", "convert_mmod"]
+__all__ = ["PYRAMID_DOWN", "MmodNet", "read_mmod", "output_to_input_map", "convert_mmod"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class MmodNet:
     mean_rgb : (3,) tuple of float
         ``avg_red, avg_green, avg_blue`` of ``input_rgb_image_pyramid`` (0..255 units).
     padding, outer_padding : int
-        Gap between pyramid levels and margin around the tiled image, pixels (input.h l.1031-1060).
+        Gap between pyramid levels and margin around the tiled image, pixels (input.h l.866, l.1041-1060).
     window : (int, int)
         Detector window width, height in pixels (one window in this file).
     nms_iou, nms_covered : float
@@ -118,7 +118,7 @@ def _read_mmod_options(r: DlibReader) -> dict[str, Any]:
 
 
 def _read_input(r: DlibReader) -> tuple[tuple[float, float, float], int, int]:
-    """``input_rgb_image_pyramid`` (input.h l.1031-1060): mean RGB, padding, outer padding."""
+    """``input_rgb_image_pyramid`` (input.h l.1041-1060): mean RGB, padding, outer padding."""
     version = r.expect_str("input_rgb_image_pyramid", "input_rgb_image_pyramid2")
     mean = (r.read_float(), r.read_float(), r.read_float())
     if version == "input_rgb_image_pyramid2":

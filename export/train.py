@@ -290,7 +290,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         actives.append(out.active_fraction)
         counts.append(out.num_triplets)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", active=f"{np.mean(actives):.3f}")

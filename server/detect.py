@@ -48,12 +48,34 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Smallest face (side of dlib's face box, pixels) that the default policy looks for: 40 px,
-#: i.e. ``face_recognition``'s default ``upsample=1`` for images up to ``DEFAULT_MAX_DETECT_PIXELS / 4``.
+#: Smallest face (side of dlib's face box, pixels of the input) the default policy looks for.
+#: 40 px makes small images (up to ``DEFAULT_MAX_DETECT_PIXELS / 4``, e.g. 640×480) run exactly as
+#: ``face_recognition``'s default ``cnn_face_detection_model_v1(img, 1)``.
+#: Measured on every 3rd golden image with ``face_upsample == 1`` (138 images of at most 1000 px a
+#: side from ../shared/faces, 139 dlib upsample-1 faces of 40-353 px): recall of dlib's faces at
+#: IoU >= 0.5 (no detection outside them in any setting) and CPU time per image (onnxruntime 1
+#: thread, 2-vCPU AMD EPYC shared with other jobs)::
+#:
+#:     min_face_size   40       48       60       80
+#:     recall          139/139  138/139  131/139  89/139
+#:     ms / image      98       74       54       31
 DEFAULT_MIN_FACE_SIZE = 40
 
-#: Largest image area (pixels) the detector runs on under the default policy.
-DEFAULT_MAX_DETECT_PIXELS = 1_300_000
+#: Largest image area (pixels) the detector runs on under the default policy: just above
+#: 1282×961, the size of a 640×480 image after dlib's ×2 ``pyramid_up``, so a 4000×3000 photo
+#: runs at about 1291×968 and costs about what a 1280×960 one does (bench/detect.py). The price:
+#: in a 12 MP photo faces below ~250 px (80 px / scale 0.32) are not found.
+#: Measured on the 63 golden images larger than 1000 px a side (up to 4352 px, 68 dlib upsample-0
+#: faces of 115-1219 px), ``min_face_size=40``, same measures; "dlib at full size" is
+#: ``rescale=False`` (recall 1 by construction)::
+#:
+#:     max_detect_pixels  0.3 MP  0.5 MP  0.8 MP  1.25 MP  2.0 MP  dlib at full size
+#:     recall             65/68   66/68   67/68   67/68    67/68   68/68
+#:     ms / image         138     209     319     462      757     1003
+#:
+#: The face lost from 0.8 MP up is half outside the image (deepface/jack_dorsey/img59.jpg, dlib
+#: score 0.07); 0.5 MP and below also lose 137-197 px faces of a 2000×1428 group photo.
+DEFAULT_MAX_DETECT_PIXELS = 1_250_000
 
 _REQUIRED_PARAMS = (
     "window", "stride", "offset", "pyramid_down", "padding", "outer_padding",
@@ -338,7 +360,7 @@ class FaceDetector:
         image = rgb
         if plan.size != (height, width):
             resample = Image.Resampling.BILINEAR
-            image = np.asarray(Image.fromarray(rgb).resize((plan.size[1], plan.size[0]), resample, reducing_gap=3.0))
+            image = np.asarray(Image.fromarray(rgb).resize((plan.size[1], plan.size[0]), resample, reducing_gap=2.0))
         for _ in range(plan.upsample):
             image = pyramid_up(image)
         boxes, scores = self._detect_dlib(np.ascontiguousarray(image), config.score_threshold)
@@ -386,11 +408,11 @@ class FaceDetector:
         Cell (r, c) is the window centred at ``p = (stride c + offset, stride r + offset)`` of the
         tiled image: ``centered_drect(p, 80, 80) = p ± 39.5``. Its level is ``nearest_rect(rects, p)``;
         both corners lose the level's origin and go through ``point_up`` (``q -> q N/(N-1) + 0.3``)
-        once per level (image_pyramid.h l.836-870), then ``lround`` (drectangle.h l.64).
+        once per level (image_pyramid.h l.855-860), then ``lround`` (drectangle.h l.64).
         """
         rows, cols = np.nonzero(score.astype(np.float64) > threshold)
         values = score[rows, cols]
-        centres = np.stack([cols * self._stride + self._offset, rows * self._stride + self._offset], axis=1).astype(np.int64)
+        centres = np.stack([cols, rows], axis=1).astype(np.int64) * self._stride + self._offset
         levels = _nearest_level(centres, rects)
         half_w, half_h = (self._window[0] - 1) / 2, (self._window[1] - 1) / 2
         origin = rects[levels][:, :2].astype(np.float64)

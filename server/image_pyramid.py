@@ -5,14 +5,14 @@ Two operations (``../shared/specs/dlib_models.md`` (b) "Input" and gotcha 10; dl
 * :func:`pyramid_up` — ``pyramid_up(img, pyramid_down<2>)`` (interpolation.h l.1548), the ×2
   upsampling of ``cnn_face_detection_model_v1(img, upsample_num_times)``: output size
   ``lround(2 (nc - 1 + 1.25)) + 1`` × ``lround(2 (nr - 1 + 0.75)) + 1``, then the RGB bilinear
-  ``resize_image`` (interpolation.h l.811-928): an SSE float32 path in groups of 4 columns with
+  ``resize_image`` (interpolation.h l.808-928): an SSE float32 path in groups of 4 columns with
   truncation to uint8, and a double-precision path for the last few columns.
-* :func:`tiled_pyramid` — ``input_rgb_image_pyramid<pyramid_down<6>>::to_tensor`` (input.h l.805-1000):
+* :func:`tiled_pyramid` — ``input_rgb_image_pyramid<pyramid_down<6>>::to_tensor`` (input.h l.805-1010):
   all pyramid levels (each ``floor(5/6)`` of the previous, while at least 5 rows) tiled into one
   zero-filled planar float tensor (``compute_tiled_image_pyramid_details``, image_pyramid.h l.1029);
   level 0 is ``(pixel - mean) / 256``, every further level the align-corners bilinear resize of the
   previous level's *float* data (``tt::resize_bilinear`` → the grayscale-float ``resize_image``,
-  interpolation.h l.695-805, again an SSE part and a scalar tail).
+  interpolation.h l.699-805, again an SSE part and a scalar tail).
 
 The SSE arithmetic is emulated with float32 numpy operations in dlib's evaluation order (no fused
 multiply-add), the x87-free double arithmetic with float64, and every accumulated coordinate with a
@@ -29,6 +29,7 @@ import numpy as np
 __all__ = ["pyramid_up", "pyramid_up_size", "pyramid_level_sizes", "tiled_pyramid_layout", "tiled_pyramid"]
 
 _MIN_LEVEL_HEIGHT = 5  # compute_tiled_image_pyramid_details: levels stop below 5 rows
+_BLOCK_ROWS = 8  # rows per block of the vectorised SSE emulation (cache-sized temporaries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class _Columns:
 
 
 def _rows(n_in: int, n_out: int) -> _Rows:
-    """``y = -y_scale; y += y_scale`` per row in double (interpolation.h l.720-727)."""
+    """``y = -y_scale; y += y_scale`` per row in double (interpolation.h l.722-728)."""
     y_scale = (n_in - 1) / max(n_out - 1, 1)
     steps = np.full(n_out + 1, y_scale)
     steps[0] = -y_scale
@@ -96,26 +97,52 @@ def _columns(n_in: int, n_out: int) -> _Columns:
     return _Columns(left.astype(np.intp), simd_frac, tail_left, np.minimum(tail_left + 1, n_in - 1), tail_frac)
 
 
+def _bilinear_sse(src: np.ndarray, rows: _Rows, cols: _Columns, out: np.ndarray) -> None:
+    """The SSE part of ``resize_image`` for all rows and the first ``out.shape[2]`` columns.
+
+    ``src`` (C, h, w) float32 planes → ``out`` (C, H, m) float32, per pixel
+    ``((tlf tl + trf tr) + blf bl) + brf br`` with float32 weights ``tlf = (1 - tb)(1 - lr)``,
+    ``trf = (1 - tb) lr``, ``blf = tb (1 - lr)``, ``brf = tb lr`` (interpolation.h l.737-776, blend at l.762).
+    Works in blocks of rows so the temporaries stay in cache.
+    """
+    channels, n_rows, m = out.shape
+    left, right = cols.simd_left, cols.simd_left + 1
+    lr = cols.simd_frac
+    inv_lr = np.float32(1) - lr
+    block = min(_BLOCK_ROWS, n_rows)
+    acc = np.empty((channels, block, m), np.float32)
+    term = np.empty((channels, block, m), np.float32)
+    weight = np.empty((block, m), np.float32)
+    for r0 in range(0, n_rows, block):
+        r1 = min(r0 + block, n_rows)
+        a, t, w = acc[:, : r1 - r0], term[:, : r1 - r0], weight[: r1 - r0]
+        top, bottom = src[:, rows.top[r0:r1]], src[:, rows.bottom[r0:r1]]
+        tb, inv_tb = rows.frac32[r0:r1, None], rows.inv32[r0:r1, None]
+        np.multiply(inv_tb, inv_lr, out=w)
+        np.take(top, left, axis=2, out=a)
+        a *= w
+        terms = ((top, right, inv_tb, lr), (bottom, left, tb, inv_lr), (bottom, right, tb, lr))
+        for source, index, row_weight, col_weight in terms:
+            np.multiply(row_weight, col_weight, out=w)
+            np.take(source, index, axis=2, out=t)
+            t *= w
+            a += t
+        out[:, r0:r1] = a
+
+
 def _resize_float(src: np.ndarray, dst: np.ndarray) -> None:
     """Grayscale-float ``resize_image`` on each channel: ``src`` (C, h, w) → ``dst`` (C, H, W), float32."""
     rows, cols = _rows(src.shape[1], dst.shape[1]), _columns(src.shape[2], dst.shape[2])
-    top, bottom = src[:, rows.top, :], src[:, rows.bottom, :]
     n_simd = cols.simd_left.size
     if n_simd:
-        left, right = cols.simd_left, cols.simd_left + 1
-        lr = cols.simd_frac
-        inv_lr = np.float32(1) - lr
-        tb, inv_tb = rows.frac32[:, None], rows.inv32[:, None]
-        out = (inv_tb * inv_lr) * top[:, :, left]
-        out += (inv_tb * lr) * top[:, :, right]
-        out += (tb * inv_lr) * bottom[:, :, left]
-        out += (tb * lr) * bottom[:, :, right]
-        dst[:, :, :n_simd] = out
+        _bilinear_sse(src, rows, cols, dst[:, :, :n_simd])
     if cols.tail_left.size:
+        # Scalar tail (l.779-800): float lr_frac and row sums, double row blend, stored as float.
+        top, bottom = src[:, rows.top], src[:, rows.bottom]
         left, right = cols.tail_left, cols.tail_right
         lr = cols.tail_frac64.astype(np.float32)
         inv_lr = np.float32(1) - lr
-        upper = inv_lr * top[:, :, left] + lr * top[:, :, right]  # float32
+        upper = inv_lr * top[:, :, left] + lr * top[:, :, right]
         lower = inv_lr * bottom[:, :, left] + lr * bottom[:, :, right]
         tb = rows.frac64[:, None]
         dst[:, :, n_simd:] = ((1.0 - tb) * upper + tb * lower).astype(np.float32)
@@ -148,30 +175,24 @@ def pyramid_up(rgb: np.ndarray) -> np.ndarray:
     height, width = rgb.shape[:2]
     out_h, out_w = pyramid_up_size(height, width)
     rows, cols = _rows(height, out_h), _columns(width, out_w)
-    src = rgb.astype(np.float32)
-    top, bottom = src[rows.top], src[rows.bottom]  # (H', W, 3)
+    planes = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
     out = np.empty((out_h, out_w, 3), dtype=np.uint8)
     n_simd = cols.simd_left.size
     if n_simd:
-        left, right = cols.simd_left, cols.simd_left + 1
-        lr = cols.simd_frac[:, None]
-        inv_lr = np.float32(1) - lr
-        tb, inv_tb = rows.frac32[:, None, None], rows.inv32[:, None, None]
-        acc = (inv_tb * inv_lr) * top[:, left]
-        acc += (inv_tb * lr) * top[:, right]
-        acc += (tb * inv_lr) * bottom[:, left]
-        acc += (tb * lr) * bottom[:, right]
-        out[:, :n_simd] = acc.astype(np.int32)  # _mm_cvttps_epi32, then static_cast<unsigned char>
+        sse = np.empty((3, out_h, n_simd), np.float32)
+        _bilinear_sse(planes, rows, cols, sse)
+        out[:, :n_simd] = sse.astype(np.int32).transpose(1, 2, 0)  # _mm_cvttps_epi32, then (unsigned char)
     if cols.tail_left.size:
+        # Scalar tail (l.903-925): everything in double, then static_cast<unsigned char>.
+        top, bottom = planes[:, rows.top].astype(np.float64), planes[:, rows.bottom].astype(np.float64)
         left, right = cols.tail_left, cols.tail_right
-        lr = cols.tail_frac64[:, None]
+        lr = cols.tail_frac64
         inv_lr = 1.0 - lr
-        tb = rows.frac64[:, None, None]
-        top64, bottom64 = top.astype(np.float64), bottom.astype(np.float64)
-        value = (1.0 - tb) * (inv_lr * top64[:, left] + lr * top64[:, right]) + tb * (
-            inv_lr * bottom64[:, left] + lr * bottom64[:, right]
+        tb = rows.frac64[:, None]
+        value = (1.0 - tb) * (inv_lr * top[:, :, left] + lr * top[:, :, right]) + tb * (
+            inv_lr * bottom[:, :, left] + lr * bottom[:, :, right]
         )
-        out[:, n_simd:] = value.astype(np.int32)
+        out[:, n_simd:] = value.astype(np.int32).transpose(1, 2, 0)
     return out
 
 
@@ -179,7 +200,7 @@ def pyramid_level_sizes(height: int, width: int, downscale: int) -> list[tuple[i
     """``(rows, cols)`` of every level of ``pyramid_down<downscale>`` down to 5 rows.
 
     Each level is ``floor(rate * size)`` with ``rate = (N - 1) / N`` in double
-    (``find_pyramid_down_output_image_size``, image_pyramid.h l.990-1003).
+    (``find_pyramid_down_output_image_size``, image_pyramid.h l.983-993).
     """
     rate = (downscale - 1.0) / downscale
     sizes = [(height, width)]
@@ -272,7 +293,9 @@ def tiled_pyramid(
         Level rectangles, as :func:`tiled_pyramid_layout`.
     """
     height, width = rgb.shape[:2]
-    rects, (nr, nc) = tiled_pyramid_layout(height, width, downscale=downscale, padding=padding, outer_padding=outer_padding)
+    rects, (nr, nc) = tiled_pyramid_layout(
+        height, width, downscale=downscale, padding=padding, outer_padding=outer_padding
+    )
     tensor = np.zeros((1, 3, nr, nc), dtype=np.float32)
     planes = tensor[0]
     l0, t0, r0, b0 = rects[0]
