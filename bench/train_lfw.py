@@ -6,6 +6,8 @@ Stages (``--stages``, comma-separated, run in this order):
   model directory: the baseline the trained model must beat by >= 5 points.
 * ``scratch`` - the same network trained with the triplet loss (``facegallery train``).
 * ``default`` - the default dlib model as converted.
+* ``init0`` - the default model through ``--init`` with 0 epochs: the same network with its
+  output L2-normalised, to separate the effect of the normalisation from that of fine-tuning.
 * ``finetune`` - the default model fine-tuned with ``--init`` on the same A-F people (must not
   lose more than 0.5 point).
 
@@ -31,7 +33,7 @@ from facegallery.server.model import ensure_default_model
 from facegallery.server.pipeline import FacePipeline, PipelineConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-STAGES = ("untrained", "scratch", "default", "finetune")
+STAGES = ("untrained", "scratch", "default", "init0", "finetune")
 
 
 def eval_gl(model_dir: Path, lfw: Path, pairs_file: Path, threads: int) -> dict:
@@ -85,8 +87,9 @@ def main() -> None:
         if stage == "default":
             model_dir = ensure_default_model()
         else:
-            if stage == "finetune":
-                settings = dict(init=ensure_default_model(), epochs=args.init_epochs, lr=args.init_lr, miner=args.miner)
+            if stage in ("init0", "finetune"):
+                settings = dict(init=ensure_default_model(), epochs=args.init_epochs if stage == "finetune" else 0,
+                                lr=args.init_lr, miner=args.miner, head="abs-diff" if stage == "finetune" else "none")
             else:
                 settings = dict(epochs=0 if stage == "untrained" else args.epochs, chip_size=args.chip_size,
                                 width=args.width, miner=args.miner, lr=args.lr)

@@ -16,17 +16,15 @@ Mapping (``../shared/specs/dlib_models.md``, "A mapping to ONNX that is known to
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .onnx_common import IR_VERSION, OPSET, save_model
+
 __all__ = ["OPSET", "IR_VERSION", "INPUT_NAME", "OUTPUT_NAME", "ConvLayer", "build_detector", "save_model"]
 
-OPSET = 17
-IR_VERSION = 8  # the IR that introduced opset 17; readable by onnxruntime >= 1.13
 INPUT_NAME = "tensor"
 OUTPUT_NAME = "score"
 
@@ -115,11 +113,3 @@ def build_detector(layers: tuple[ConvLayer, ...] | list[ConvLayer], *, doc: str 
     onnx.checker.check_model(model, full_check=True)
     return model
 
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, path)
-    return path

@@ -21,12 +21,12 @@ Shapes are tracked statically while building, so every ``Pad`` has constant pads
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .onnx_common import IR_VERSION, OPSET, save_model
 
 from .dlib_resnet import AddPrev, Affine, AvgPool, Conv, Dense, DlibResNet, MaxPool, Relu, Skip, Tag
 
@@ -34,8 +34,6 @@ __all__ = ["OPSET", "IR_VERSION", "INPUT_NAME", "OUTPUT_NAME", "build_embedder",
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17
-IR_VERSION = 8  # the IR that introduced opset 17; readable by onnxruntime >= 1.13
 INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
 _BATCH_DIM = "N"
@@ -189,11 +187,3 @@ def build_embedder(net: DlibResNet) -> onnx.ModelProto:
     logger.info("built embedder graph: %d nodes, %d initializers", len(g.nodes), len(g.initializers))
     return model
 
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, path)
-    return path

@@ -44,6 +44,10 @@ _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 @click.option(
     "--batch-delay-ms", type=click.FloatRange(0), default=5.0, show_default=True, help="Longest wait for more chips before a batch runs (milliseconds)."
 )
+@click.option("--min-face-size", type=click.IntRange(8), default=None, help="Smallest face to find, pixels  [default: 40]")
+@click.option("--max-detect-pixels", type=click.IntRange(10_000), default=None, help="Largest image area the detector runs on; bigger photos are detected on a downscaled copy  [default: 1250000]")
+@click.option("--max-image-bytes", type=click.IntRange(1), default=None, help="Larger images are refused with RESOURCE_EXHAUSTED  [default: 64 MiB]")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=None, help="Images with more pixels are refused with RESOURCE_EXHAUSTED  [default: 120 MP]")
 @click.option("--intra-op-threads", type=click.IntRange(0), default=0, show_default=True, help="onnxruntime threads per model (0 = one per core).")
 @click.option("--search-threads", type=click.IntRange(1), default=1, show_default=True, help="faiss threads per search.")
 @click.option("--snapshot-interval", type=click.FloatRange(0, min_open=True), default=300.0, show_default=True, help="Seconds between index snapshots.")
@@ -57,6 +61,10 @@ def serve(
     max_workers: int,
     batch_size: int,
     batch_delay_ms: float,
+    min_face_size: int | None,
+    max_detect_pixels: int | None,
+    max_image_bytes: int | None,
+    max_image_pixels: int | None,
     intra_op_threads: int,
     search_threads: int,
     snapshot_interval: float,
@@ -69,9 +77,12 @@ def serve(
     """
     from .app import ServerConfig, default_data_dir
     from .app import serve as run
+    from .detect import DetectionConfig
     from .pipeline import PipelineConfig
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    detection = {k: v for k, v in (("min_face_size", min_face_size), ("max_detect_pixels", max_detect_pixels)) if v is not None}
+    limits = {k: v for k, v in (("max_image_bytes", max_image_bytes), ("max_image_pixels", max_image_pixels)) if v is not None}
     config = ServerConfig(
         data_dir=data_dir if data_dir is not None else default_data_dir(),
         host=host,
@@ -81,7 +92,7 @@ def serve(
         batch_max_size=batch_size,
         batch_max_delay_ms=batch_delay_ms,
         search_threads=search_threads,
-        pipeline=PipelineConfig(intra_op_threads=intra_op_threads),
+        pipeline=PipelineConfig(intra_op_threads=intra_op_threads, detection=DetectionConfig(**detection), **limits),
         snapshot_interval_s=snapshot_interval,
         grace_s=grace,
     )

@@ -1,0 +1,126 @@
+"""The face pipeline on real photos as users send them: rotated phone photos, greyscale, group
+photos, huge files, crops and chips, and bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facegallery.server.errors import ImageDecodeError, ImageTooLargeError, InvalidInput
+from facegallery.server.face import ImageKind
+
+OBAMA = "faces/face_recognition/barack_obama/obama.jpg"
+OBAMA2 = "faces/face_recognition/barack_obama/obama2.jpg"
+BIDEN = "faces/face_recognition/joe_biden/biden.jpg"
+
+
+def _jpeg(rgb: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _distance(a, b) -> float:
+    return float(np.linalg.norm(a.embedding - b.embedding))
+
+
+@pytest.fixture(scope="module")
+def obama(shared_dir, pipeline):
+    data = (shared_dir / OBAMA).read_bytes()
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    (face,) = pipeline.analyze(data)
+    return rgb, face
+
+
+def test_same_and_different_people(shared_dir, pipeline, obama):
+    _, face = obama
+    (same,) = pipeline.analyze((shared_dir / OBAMA2).read_bytes())
+    (other,) = pipeline.analyze((shared_dir / BIDEN).read_bytes())
+    assert face.embedding.shape == (128,) and face.embedding.dtype == np.float32
+    assert _distance(face, same) < 0.45  # dlib-free reference: 0.357
+    assert _distance(face, other) > 0.75  # 0.857
+    assert face.landmarks.shape == (5, 2) and face.score > 0.9
+
+
+def test_exif_rotated_phone_photo(pipeline, obama):
+    """A phone stores the pixels sideways and an Orientation tag (6 = rotate 90° CW to view)."""
+    rgb, upright = obama
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(rgb, 1)))
+    lossless = io.BytesIO()
+    stored.save(lossless, format="PNG", exif=exif.tobytes())
+    (face,) = pipeline.analyze(lossless.getvalue())
+    assert np.array_equal(face.box, upright.box)  # boxes in upright-image pixels
+    assert _distance(face, upright) < 1e-5
+    (from_jpeg,) = pipeline.analyze(_jpeg(np.asarray(stored), exif=exif.tobytes()))
+    assert np.abs(from_jpeg.box - upright.box).max() <= 4
+    assert _distance(from_jpeg, upright) < 0.1  # JPEG re-encoding noise only
+
+
+def test_greyscale_photo(shared_dir, pipeline, obama):
+    rgb, colour = obama
+    grey = Image.fromarray(rgb).convert("L")
+    buf = io.BytesIO()
+    grey.save(buf, format="PNG")
+    (face,) = pipeline.analyze(buf.getvalue())
+    assert _distance(face, colour) < 0.2
+
+
+def test_group_photo_returns_every_face_largest_first(shared_dir, pipeline, golden):
+    record = next(r for r in golden if r["image"] == "_multi/deepface/selfie-many-people.jpg")
+    faces = pipeline.analyze((shared_dir / "faces" / record["image"]).read_bytes())
+    assert len(faces) == len(record["faces"]) >= 4
+    areas = [f.area for f in faces]
+    assert areas == sorted(areas, reverse=True)
+    assert len(pipeline.analyze((shared_dir / "faces" / record["image"]).read_bytes(), max_faces=2)) == 2
+
+
+def test_huge_photo_is_detected_on_a_downscaled_copy(pipeline, obama):
+    """A 12 MP phone photo: detection runs on a copy, the chip is cut from the full image."""
+    rgb, small = obama
+    big = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * 4, rgb.shape[0] * 4), Image.BICUBIC))
+    (face,) = pipeline.analyze(big)
+    assert np.abs(face.box / 4 - small.box).max() < 12
+    assert _distance(face, small) < 0.1
+
+
+def test_face_crop_and_aligned_chip(shared_dir, pipeline, obama, golden):
+    rgb, face = obama
+    left, top, right, bottom = np.round(face.box).astype(int)
+    crop = rgb[top: bottom + 1, left: right + 1]
+    (from_crop,) = pipeline.analyze(crop, kind=ImageKind.FACE_CROP)
+    assert from_crop.score == 0.0
+    # the whole crop is the face box, so the landmarks are the photo's, shifted by the crop origin
+    assert np.abs(from_crop.landmarks + [left, top] - face.landmarks).max() <= 2  # box rounding
+    # same person; the chip's padding reaches past the tight crop (black there), hence not ~0
+    assert _distance(from_crop, face) < 0.3
+    record = next(r for r in golden if r["faces"])
+    chip = (shared_dir / "golden_dlib" / record["faces"][0]["chip"]).read_bytes()
+    (from_chip,) = pipeline.analyze(chip, kind=ImageKind.ALIGNED_CHIP)
+    assert np.abs(from_chip.embedding - np.asarray(record["faces"][0]["descriptor"], np.float32)).max() < 1e-4
+    with pytest.raises(InvalidInput, match="150x150"):
+        pipeline.analyze(crop, kind=ImageKind.ALIGNED_CHIP)
+
+
+def test_no_face_gives_an_empty_list(shared_dir, pipeline):
+    cat = shared_dir / "faces/_noface/skimage/chelsea.png"
+    assert pipeline.analyze(cat.read_bytes()) == []
+    assert pipeline.analyze(np.full((300, 400, 3), 128, np.uint8)) == []
+    assert pipeline.analyze(np.zeros((5, 5, 3), np.uint8)) == []
+
+
+def test_bad_input_is_a_typed_error(shared_dir, pipeline):
+    data = (shared_dir / OBAMA).read_bytes()
+    for bad in [b"", bytes(np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8)), data[: len(data) // 3]]:
+        with pytest.raises(ImageDecodeError):
+            pipeline.analyze(bad)
+    from test_decode import _png_header_only
+
+    with pytest.raises(ImageTooLargeError):
+        pipeline.analyze(_png_header_only(30000, 30000))
+    with pytest.raises(InvalidInput):
+        pipeline.analyze(data, max_faces=-1)
