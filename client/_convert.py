@@ -180,6 +180,11 @@ def _time(message: Any, field: str) -> datetime.datetime | None:
     return getattr(message, field).ToDatetime(tzinfo=datetime.timezone.utc)
 
 
+def _embedding(message: pb.Embedding) -> np.ndarray:
+    """``(D,) float32`` values of a ``pb.Embedding``."""
+    return np.asarray(message.values, dtype=np.float32)
+
+
 def face(message: pb.Face) -> Face:
     """:class:`Face` of a ``pb.Face`` (pixels, float)."""
     box = message.box
@@ -265,7 +270,7 @@ def compare_result(message: pb.CompareResponse) -> CompareResult:
 def embedded_face(message: pb.EmbeddedFace) -> EmbeddedFace:
     return EmbeddedFace(
         face=_optional_face(message, "face"),
-        embedding=np.asarray(message.embedding.values, dtype=np.float32),
+        embedding=_embedding(message.embedding),
     )
 
 
@@ -310,7 +315,7 @@ def exported_template(message: pb.ExportedTemplate) -> ExportedTemplate:
         display_name=message.display_name,
         metadata=dict(message.metadata),
         template_id=int(message.template_id),
-        embedding=np.asarray(message.embedding.values, dtype=np.float32),
+        embedding=_embedding(message.embedding),
         source_sha256=message.source_sha256,
         create_time=_time(message, "create_time"),
     )

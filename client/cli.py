@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
 from ._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
-from ._models import EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match
+from ._models import CompareResult, EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match, VerifyResult
 
 __all__ = ["main", "LazyGroup", "EXPORT_FORMAT", "IMAGE_SUFFIXES"]
 
@@ -229,6 +229,23 @@ def enroll(
         session.emit(data, text)
 
 
+def _threshold_option(default_of: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--threshold``: an L2 decision threshold >= 0 overriding that of ``default_of`` (gallery/model)."""
+    return click.option(
+        "--threshold", type=click.FloatRange(min=0), default=None, help=f"Decision threshold (L2 distance); default: the {default_of}'s."
+    )
+
+
+def _decision_data(result: VerifyResult | CompareResult) -> dict[str, Any]:
+    return {"distance": result.distance, "threshold": result.threshold, "is_match": result.is_match}
+
+
+def _decision_text(result: VerifyResult | CompareResult, match: str, no_match: str) -> str:
+    """``"<match> (distance d <= threshold t)"``, or ``no_match`` with ``>``; L2 distances, 3 decimals."""
+    verdict, op = (match, "<=") if result.is_match else (no_match, ">")
+    return f"{verdict} (distance {result.distance:.3f} {op} threshold {result.threshold:.3f})"
+
+
 def _face_text(face: FaceIdentification) -> str:
     box = _fmt_box(face.face.box) if face.face else "[]"
     if face.identity_id is not None:
@@ -242,7 +259,7 @@ def _face_text(face: FaceIdentification) -> str:
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=_image_path)
 @click.option("--top-k", type=click.IntRange(1, 100), default=5, show_default=True, help="Candidates per face.")
-@click.option("--threshold", type=click.FloatRange(min=0), default=None, help="Decision threshold (L2 distance); default: the gallery's.")
+@_threshold_option("gallery")
 @_client_command
 def identify(session: _Session, images: tuple[Path, ...], top_k: int, threshold: float | None) -> None:
     """Identify every face in each IMAGE against the gallery (1:N).
@@ -273,39 +290,25 @@ def identify(session: _Session, images: tuple[Path, ...], top_k: int, threshold:
 @main.command()
 @click.argument("identity_id")
 @click.argument("image", type=_image_path)
-@click.option("--threshold", type=click.FloatRange(min=0), default=None, help="Decision threshold (L2 distance); default: the gallery's.")
+@_threshold_option("gallery")
 @_client_command
 def verify(session: _Session, identity_id: str, image: Path, threshold: float | None) -> None:
     """Check whether the largest face of IMAGE is the person IDENTITY_ID (1:1)."""
     result = session.client.verify(identity_id, image, threshold=threshold)
-    data = {
-        "identity_id": result.identity_id,
-        "distance": result.distance,
-        "threshold": result.threshold,
-        "is_match": result.is_match,
-    }
-    verdict = "match" if result.is_match else "no match"
-    op = "<=" if result.is_match else ">"
-    session.emit(data, f"{identity_id}: {verdict} (distance {result.distance:.3f} {op} threshold {result.threshold:.3f})")
+    data = {"identity_id": result.identity_id, **_decision_data(result)}
+    session.emit(data, f"{identity_id}: {_decision_text(result, 'match', 'no match')}")
 
 
 @main.command()
 @click.argument("image_a", type=_image_path)
 @click.argument("image_b", type=_image_path)
-@click.option("--threshold", type=click.FloatRange(min=0), default=None, help="Decision threshold (L2 distance); default: the model's.")
+@_threshold_option("model")
 @_client_command
 def compare(session: _Session, image_a: Path, image_b: Path, threshold: float | None) -> None:
     """Compare the largest faces of IMAGE_A and IMAGE_B (no gallery involved)."""
     result = session.client.compare(image_a, image_b, threshold=threshold)
-    data = {
-        "distance": result.distance,
-        "threshold": result.threshold,
-        "is_match": result.is_match,
-        "probability_same": result.probability_same,
-    }
-    verdict = "same person" if result.is_match else "different people"
-    op = "<=" if result.is_match else ">"
-    text = f"{verdict} (distance {result.distance:.3f} {op} threshold {result.threshold:.3f})"
+    data = {**_decision_data(result), "probability_same": result.probability_same}
+    text = _decision_text(result, "same person", "different people")
     if result.probability_same is not None:
         text += f", P(same) = {result.probability_same:.3f}"
     session.emit(data, text)

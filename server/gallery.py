@@ -15,53 +15,53 @@ derived from the store) and the face pipeline (pipeline.py), and keeps them cons
 
 Distances are Euclidean (L2) between embeddings; a probe matches an identity when the distance
 to its nearest template is <= the threshold (0.6 for the default dlib model).
+Results are the frozen dataclasses of results.py; arguments are checked by validation.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import enum
 import hashlib
 import itertools
 import logging
-import math
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .errors import AlreadyExists, EmbeddingShapeError, InvalidInput, ModelMismatchError, MultipleFacesError, NoFaceError, NotFound
+from .errors import AlreadyExists, InvalidInput, MultipleFacesError, NoFaceError, NotFound
 from .face import Face, ImageKind
 from .index import DEFAULT_FACTORY, IdentityHit, VectorIndex, make_index, open_gallery_index, search_identities, write_snapshot
 from .manifest import ModelManifest
+from .results import Comparison, EnrollResult, GalleryDeletion, IdentityPage, Identification, ImportResult, Match, Verification
+from .rwlock import ReadWriteLock
 from .store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, SqliteTemplateStore, TemplateStore
+from .validation import (
+    check_embedding,
+    check_gallery_name,
+    check_identity_id,
+    check_max_faces,
+    check_model,
+    check_page_size,
+    check_top_k,
+    decision_threshold,
+    decode_page_token,
+    encode_page_token,
+    gallery_threshold,
+)
 
 __all__ = [
     "DEFAULT_GALLERY",
     "DEFAULT_TOP_K",
-    "MAX_TOP_K",
     "DEFAULT_PAGE_SIZE",
-    "MAX_PAGE_SIZE",
-    "MAX_ID_LENGTH",
     "STORE_FILE",
     "INDEX_DIR",
     "FaceAnalyzer",
     "FacePolicy",
-    "Match",
-    "EnrollResult",
-    "Identification",
-    "Verification",
-    "Comparison",
-    "IdentityPage",
-    "GalleryDeletion",
-    "ImportResult",
     "GalleryManager",
     "snapshot_path",
 ]
@@ -70,14 +70,10 @@ LOG = logging.getLogger(__name__)
 
 #: The gallery that always exists.
 DEFAULT_GALLERY = "default"
+#: Candidate identities per probe when the caller gives none (at most validation.MAX_TOP_K).
 DEFAULT_TOP_K = 5
-MAX_TOP_K = 100
+#: Identities per listed page when the caller gives none (at most validation.MAX_PAGE_SIZE).
 DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-#: Longest identity id, in characters.
-MAX_ID_LENGTH = 256
-_GALLERY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Imported templates per store transaction.
 _IMPORT_BATCH = 256
 #: Data directory layout.
@@ -104,140 +100,7 @@ class FacePolicy(enum.Enum):
 
 
 # ---------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclasses.dataclass(frozen=True)
-class Match:
-    """A candidate identity: L2 ``distance`` from the probe to its nearest template ``template_id``."""
-
-    identity_id: str
-    display_name: str
-    distance: float
-    template_id: int
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class EnrollResult:
-    """An enrolled template.
-
-    ``face`` is None for an enrolled embedding; ``possible_duplicate`` the nearest *other*
-    identity when within the gallery threshold; ``source_sha256`` hex of the image bytes or ``""``.
-    """
-
-    identity_id: str
-    template_id: int
-    face: Face | None
-    identity_created: bool
-    possible_duplicate: Match | None
-    source_sha256: str
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Identification:
-    """The 1:N search result of one probe.
-
-    ``matches`` ranked by distance (at most top_k, over-threshold ones included; empty for an
-    empty gallery); ``identity_id`` the decision (nearest identity when its distance <=
-    ``threshold``, else None = unknown); ``distance`` to the nearest identity (+inf when none).
-    """
-
-    face: Face | None
-    matches: list[Match]
-    identity_id: str | None
-    distance: float
-    threshold: float
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Verification:
-    """1:1 result: L2 distance of the probe's largest face to the identity's nearest template."""
-
-    identity_id: str
-    distance: float
-    threshold: float
-    is_match: bool
-    face: Face
-    probability_same: float | None
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Comparison:
-    """L2 distance between the largest faces of two images."""
-
-    distance: float
-    threshold: float
-    is_match: bool
-    face_a: Face
-    face_b: Face
-    probability_same: float | None
-
-
-@dataclasses.dataclass(frozen=True)
-class IdentityPage:
-    """One page of identities in enrollment order; ``next_page_token`` is ``""`` on the last page."""
-
-    identities: list[IdentityRecord]
-    next_page_token: str
-
-
-@dataclasses.dataclass(frozen=True)
-class GalleryDeletion:
-    """What deleting a gallery removed."""
-
-    deleted_identities: int
-    deleted_templates: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ImportResult:
-    """Templates imported, and templates skipped because the identity already had that embedding."""
-
-    imported: int
-    skipped: int
-
-
-# ---------------------------------------------------------------------------------------------
 # Per-gallery state
-
-
-class _ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 class _Gallery:
@@ -250,7 +113,7 @@ class _Gallery:
         self.threshold = record.threshold
         self.embedding_dim = record.embedding_dim
         self.index = index
-        self.lock = _ReadWriteLock()
+        self.lock = ReadWriteLock()
         self.applied_seq = record.last_seq  # newest change the index holds
         self.snapshot_seq = -1  # newest change on disk in a snapshot (-1: none written by us)
         self.deleted = False
@@ -351,11 +214,8 @@ class GalleryManager:
         AlreadyExists
             The name is taken (ALREADY_EXISTS).
         """
-        _check_gallery_name(name)
-        if threshold is None:
-            threshold = self.model.threshold
-        elif not (math.isfinite(threshold) and threshold > 0):
-            raise InvalidInput(f"threshold must be a positive L2 distance, got {threshold}")
+        check_gallery_name(name)
+        threshold = gallery_threshold(threshold, self.model.threshold)
         with self._lock:
             record = self.store.create_gallery(
                 name, model_id=self.model.model_id, threshold=threshold, metric=self.model.metric, embedding_dim=self.model.embedding_dim
@@ -439,7 +299,7 @@ class GalleryManager:
             Unknown gallery.
         """
         state = self._gallery(gallery)
-        _check_identity_id(identity_id)
+        check_identity_id(identity_id)
         self._check_model(state)
         if (image is None) == (embedding is None):
             raise InvalidInput("enroll needs exactly one of an image or an embedding")
@@ -450,18 +310,18 @@ class GalleryManager:
             vector = face.embedding.astype(np.float32)
             sha = hashlib.sha256(image).hexdigest()
         else:
-            vector = _check_embedding(embedding, state.embedding_dim)
+            vector = check_embedding(embedding, state.embedding_dim)
         with state.lock.read():
             state.check_live()
             hits = search_identities(state.index, self.store.template_owners, vector[None], 2)[0]
-        duplicate = next((h for h in hits if h.identity_id != identity_id and h.distance <= state.threshold), None)
+        duplicate = next((Match.from_hit(h) for h in hits if h.identity_id != identity_id and h.distance <= state.threshold), None)
         item = NewTemplate(identity_id, vector, display_name=display_name, metadata=dict(metadata or {}), source_sha256=sha, face=face)
         with state.lock.write():
             state.check_live()
             (added,), seq = self.store.add_templates(state.name, [item])
             self._apply(state, seq, add=(np.array([added.template_id]), vector[None]))
         LOG.debug("enrolled template %d of %r in %r", added.template_id, identity_id, state.name)
-        return EnrollResult(identity_id, added.template_id, face, added.identity_created, _match(duplicate), sha)
+        return EnrollResult(identity_id, added.template_id, face, added.identity_created, duplicate, sha)
 
     def _enrollment_face(self, image: bytes, kind: ImageKind, policy: FacePolicy) -> Face:
         faces = self.pipeline.analyze(image, kind=kind, max_faces=2 if policy is FacePolicy.REJECT_MULTIPLE else 1)
@@ -505,10 +365,9 @@ class GalleryManager:
         """
         state = self._gallery(gallery)
         self._check_model(state)
-        _check_top_k(top_k)
-        threshold = _threshold(threshold, state.threshold)
-        if max_faces < 0:
-            raise InvalidInput(f"max_faces must be >= 0, got {max_faces}")
+        check_top_k(top_k)
+        threshold = decision_threshold(threshold, state.threshold)
+        check_max_faces(max_faces)
         started = time.perf_counter()
         faces = self.pipeline.analyze(image, kind=kind, max_faces=max_faces)
         analyzed = time.perf_counter()
@@ -518,7 +377,7 @@ class GalleryManager:
         ranked = self._search(state, x, top_k)
         searched = time.perf_counter()
         LOG.debug("identify %r: %d faces, analyze %.1f ms, search %.1f ms", state.name, len(faces), (analyzed - started) * 1e3, (searched - analyzed) * 1e3)
-        return [_identification(face, hits, threshold) for face, hits in zip(faces, ranked, strict=True)]
+        return [Identification.from_hits(face, hits, threshold) for face, hits in zip(faces, ranked, strict=True)]
 
     def identify_embedding(self, gallery: str, embedding: np.ndarray, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None) -> Identification:
         """1:N search of one embedding ``(D,) float32``; ``face`` of the result is None.
@@ -528,11 +387,11 @@ class GalleryManager:
         """
         state = self._gallery(gallery)
         self._check_model(state)
-        _check_top_k(top_k)
-        threshold = _threshold(threshold, state.threshold)
-        vector = _check_embedding(embedding, state.embedding_dim)
+        check_top_k(top_k)
+        threshold = decision_threshold(threshold, state.threshold)
+        vector = check_embedding(embedding, state.embedding_dim)
         (hits,) = self._search(state, vector[None], top_k)
-        return _identification(None, hits, threshold)
+        return Identification.from_hits(None, hits, threshold)
 
     def _search(self, state: _Gallery, x: np.ndarray, top_k: int) -> list[list[IdentityHit]]:
         with state.lock.read():
@@ -551,9 +410,9 @@ class GalleryManager:
         ModelMismatchError (FAILED_PRECONDITION); ImageTooLargeError (RESOURCE_EXHAUSTED).
         """
         state = self._gallery(gallery)
-        _check_identity_id(identity_id)
+        check_identity_id(identity_id)
         self._check_model(state)
-        threshold = _threshold(threshold, state.threshold)
+        threshold = decision_threshold(threshold, state.threshold)
         with state.lock.read():
             state.check_live()
             _, templates = self.store.identity_embeddings(state.name, identity_id)
@@ -580,7 +439,7 @@ class GalleryManager:
         Raises NoFaceError naming the image without a face, ImageDecodeError, InvalidInput
         (INVALID_ARGUMENT); ImageTooLargeError (RESOURCE_EXHAUSTED).
         """
-        threshold = _threshold(threshold, self.model.threshold)
+        threshold = decision_threshold(threshold, self.model.threshold)
         faces = []
         for label, image, kind in (("image_a", image_a, kind_a), ("image_b", image_b, kind_b)):
             found = self.pipeline.analyze(image, kind=kind, max_faces=1)
@@ -593,8 +452,7 @@ class GalleryManager:
 
     def embed(self, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, max_faces: int = 0) -> list[Face]:
         """Every face of an image with its embedding, largest first (``[]`` when none)."""
-        if max_faces < 0:
-            raise InvalidInput(f"max_faces must be >= 0, got {max_faces}")
+        check_max_faces(max_faces)
         return self.pipeline.analyze(image, kind=kind, max_faces=max_faces)
 
     def _probability_same(self, a: np.ndarray, b: np.ndarray) -> float | None:
@@ -606,7 +464,7 @@ class GalleryManager:
     def get_identity(self, gallery: str, identity_id: str) -> IdentityRecord:
         """One identity with its templates. Raises NotFound / InvalidInput."""
         self._gallery(gallery)
-        _check_identity_id(identity_id)
+        check_identity_id(identity_id)
         return self.store.get_identity(gallery, identity_id)
 
     def list_identities(self, gallery: str, *, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> IdentityPage:
@@ -616,13 +474,12 @@ class GalleryManager:
         (opaque; bound to the gallery). Raises InvalidInput for a bad size or token, NotFound.
         """
         state = self._gallery(gallery)
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidInput(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
-        after = _decode_page_token(page_token, state.key)
+        check_page_size(page_size)
+        after = decode_page_token(page_token, state.key)
         rows = self.store.list_identities(gallery, after_key=after, limit=page_size + 1)
         more = len(rows) > page_size
         rows = rows[:page_size]
-        token = _encode_page_token(state.key, rows[-1].key) if more else ""
+        token = encode_page_token(state.key, rows[-1].key) if more else ""
         return IdentityPage(rows, token)
 
     def update_identity(self, gallery: str, identity_id: str, *, display_name: str | None = None, metadata: dict[str, str] | None = None) -> IdentityRecord:
@@ -631,14 +488,14 @@ class GalleryManager:
         Returns the identity with its templates. Raises NotFound / InvalidInput.
         """
         self._gallery(gallery)
-        _check_identity_id(identity_id)
+        check_identity_id(identity_id)
         self.store.update_identity(gallery, identity_id, display_name=display_name, metadata=None if metadata is None else dict(metadata))
         return self.store.get_identity(gallery, identity_id)
 
     def delete_identity(self, gallery: str, identity_id: str) -> int:
         """Delete an identity and its templates; returns how many templates. Raises NotFound."""
         state = self._gallery(gallery)
-        _check_identity_id(identity_id)
+        check_identity_id(identity_id)
         with state.lock.write():
             state.check_live()
             ids, seq = self.store.delete_identity(state.name, identity_id)
@@ -678,27 +535,25 @@ class GalleryManager:
         InvalidInput, EmbeddingShapeError
             Empty ``model_id``, a malformed identity id or embedding (INVALID_ARGUMENT).
         """
-        _check_gallery_name(gallery)
+        check_gallery_name(gallery)
         if not model_id:
             raise InvalidInput("model_id is required: the model the embeddings were computed with")
         with self._lock:
             exists = gallery in self._galleries
         if not exists:
-            if model_id != self.model.model_id:
-                raise ModelMismatchError(_mismatch_message(gallery, model_id, self.model.model_id, "the embeddings come from"))
+            check_model(gallery, self.model.model_id, model_id, "the embeddings come from")  # a new gallery gets the server's model
             try:
                 self.create_gallery(gallery)
             except AlreadyExists:  # created concurrently: use it
                 pass
         state = self._gallery(gallery)
-        if model_id != state.model_id:
-            raise ModelMismatchError(_mismatch_message(gallery, state.model_id, model_id, "the embeddings come from"))
+        check_model(gallery, state.model_id, model_id, "the embeddings come from")
         imported = skipped = 0
         items = iter(templates)
         while batch := list(itertools.islice(items, _IMPORT_BATCH)):
             for item in batch:
-                _check_identity_id(item.identity_id)
-            batch = [dataclasses.replace(item, embedding=_check_embedding(item.embedding, state.embedding_dim)) for item in batch]
+                check_identity_id(item.identity_id)
+            batch = [dataclasses.replace(item, embedding=check_embedding(item.embedding, state.embedding_dim)) for item in batch]
             with state.lock.write():
                 state.check_live()
                 results, seq = self.store.add_templates(state.name, batch, skip_duplicates=True)
@@ -763,7 +618,7 @@ class GalleryManager:
     # -- helpers -----------------------------------------------------------------------------
 
     def _gallery(self, name: str) -> _Gallery:
-        _check_gallery_name(name)
+        check_gallery_name(name)
         with self._lock:
             state = self._galleries.get(name)
         if state is None:
@@ -771,8 +626,7 @@ class GalleryManager:
         return state
 
     def _check_model(self, state: _Gallery) -> None:
-        if state.model_id != self.model.model_id:
-            raise ModelMismatchError(_mismatch_message(state.name, state.model_id, self.model.model_id, "this server runs"))
+        check_model(state.name, state.model_id, self.model.model_id, "this server runs")
 
     def _apply(self, state: _Gallery, seq: int, *, add: tuple[np.ndarray, np.ndarray] | None = None, remove: np.ndarray | None = None) -> None:
         """Apply committed change ``seq`` to the index (write lock held): ``add`` = (ids, x), ``remove`` = ids.
@@ -803,83 +657,6 @@ class GalleryManager:
                 path.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation and conversions
-
-
 def snapshot_path(index_dir: str | Path, gallery_key: int) -> Path:
     """Where the index snapshot of the gallery with store key ``gallery_key`` lives."""
     return Path(index_dir) / f"gallery-{gallery_key}{_SNAPSHOT_SUFFIX}"
-
-
-def _check_gallery_name(name: str) -> None:
-    if not isinstance(name, str) or not _GALLERY_NAME.fullmatch(name):
-        raise InvalidInput(f"gallery name must be 1..128 characters of [A-Za-z0-9_.-], got {name!r}")
-
-
-def _check_identity_id(identity_id: str) -> None:
-    if not isinstance(identity_id, str) or not identity_id:
-        raise InvalidInput("identity_id must not be empty")
-    if len(identity_id) > MAX_ID_LENGTH:
-        raise InvalidInput(f"identity_id must be at most {MAX_ID_LENGTH} characters, got {len(identity_id)}")
-    if _CONTROL.search(identity_id):
-        raise InvalidInput(f"identity_id must not contain control characters, got {identity_id!r}")
-
-
-def _check_top_k(top_k: int) -> None:
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidInput(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
-
-
-def _threshold(override: float | None, default: float) -> float:
-    if override is None:
-        return float(default)
-    if not (math.isfinite(override) and override >= 0):
-        raise InvalidInput(f"threshold must be a finite L2 distance >= 0, got {override}")
-    return float(override)
-
-
-def _check_embedding(embedding: np.ndarray | None, dim: int) -> np.ndarray:
-    """``(dim,) float32`` copy of ``embedding``; EmbeddingShapeError if it has another length or non-finite values."""
-    vector = np.asarray(embedding, dtype=np.float32)
-    if vector.ndim != 1 or vector.shape[0] != dim:
-        raise EmbeddingShapeError(f"embedding must have {dim} values (float32), got shape {vector.shape}")
-    if not np.all(np.isfinite(vector)):
-        raise EmbeddingShapeError("embedding values must be finite (no NaN or infinity)")
-    return vector.copy()
-
-
-def _mismatch_message(gallery: str, gallery_model: str, other_model: str, other_label: str) -> str:
-    return (
-        f"gallery {gallery!r} holds embeddings of model {gallery_model[:16]}, but {other_label} model {other_model[:16]}; "
-        "embeddings of different models cannot be compared (serve the gallery with its model, or re-enroll it)"
-    )
-
-
-def _match(hit: IdentityHit | None) -> Match | None:
-    return None if hit is None else Match(hit.identity_id, hit.display_name, hit.distance, hit.template_id)
-
-
-def _identification(face: Face | None, hits: list[IdentityHit], threshold: float) -> Identification:
-    matches = [Match(h.identity_id, h.display_name, h.distance, h.template_id) for h in hits]
-    distance = matches[0].distance if matches else math.inf
-    decision = matches[0].identity_id if matches and distance <= threshold else None
-    return Identification(face, matches, decision, distance, threshold)
-
-
-def _encode_page_token(gallery_key: int, identity_key: int) -> str:
-    return base64.urlsafe_b64encode(f"{gallery_key}:{identity_key}".encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, gallery_key: int) -> int:
-    """The identity key a page starts after (0 for ``""``); InvalidInput for a foreign or malformed token."""
-    if not token:
-        return 0
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        key, after = (int(part) for part in raw.split(":"))
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("page_token is malformed; pass a next_page_token from a previous response") from None
-    if key != gallery_key:
-        raise InvalidInput("page_token belongs to another gallery")
-    return after

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -24,8 +25,9 @@ from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
 from .errors import FaceGalleryError, InvalidInput
 from .face import Face, ImageKind
-from .gallery import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager, Identification, Match
+from .gallery import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
 from .interceptors import INTERNAL_MESSAGE
+from .results import Identification, Match
 from .store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
 
 __all__ = ["GalleryServicer", "server_version"]
@@ -44,6 +46,7 @@ _FACE_POLICIES = {
     pb.FACE_POLICY_REJECT_MULTIPLE: FacePolicy.REJECT_MULTIPLE,
 }
 _UPDATABLE = {"display_name", "metadata"}
+_E = TypeVar("_E", ImageKind, FacePolicy)
 
 
 def server_version() -> str:
@@ -64,8 +67,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
 
     def CreateGallery(self, request: pb.CreateGalleryRequest, context: grpc.ServicerContext) -> pb.Gallery:
         """OK; INVALID_ARGUMENT bad name or threshold; ALREADY_EXISTS name taken."""
-        threshold = request.threshold if request.HasField("threshold") else None
-        return _gallery(self.manager.create_gallery(request.name, threshold=threshold))
+        return _gallery(self.manager.create_gallery(request.name, threshold=_threshold(request)))
 
     def GetGallery(self, request: pb.GetGalleryRequest, context: grpc.ServicerContext) -> pb.Gallery:
         """OK; INVALID_ARGUMENT bad name; NOT_FOUND unknown gallery."""
@@ -114,17 +116,14 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             metadata=dict(request.metadata),
             face_policy=_face_policy(request.face_policy),
         )
-        response = pb.EnrollResponse(
+        return pb.EnrollResponse(
             identity_id=result.identity_id,
             template_id=result.template_id,
             identity_created=result.identity_created,
             source_sha256=result.source_sha256,
+            face=_optional_face(result.face),
+            possible_duplicate=None if result.possible_duplicate is None else _match(result.possible_duplicate),
         )
-        if result.face is not None:
-            response.face.CopyFrom(_face(result.face))
-        if result.possible_duplicate is not None:
-            response.possible_duplicate.CopyFrom(_match(result.possible_duplicate))
-        return response
 
     # -- search ------------------------------------------------------------------------------
 
@@ -137,7 +136,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             image,
             kind=kind,
             top_k=request.top_k or DEFAULT_TOP_K,
-            threshold=request.threshold if request.HasField("threshold") else None,
+            threshold=_threshold(request),
             max_faces=request.max_faces,
         )
         return pb.IdentifyResponse(faces=[_identification(r) for r in results], model_id=self.manager.model.model_id)
@@ -148,7 +147,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             _gallery_name(request.gallery),
             _vector(request.embedding),
             top_k=request.top_k or DEFAULT_TOP_K,
-            threshold=request.threshold if request.HasField("threshold") else None,
+            threshold=_threshold(request),
         )
         return pb.IdentifyEmbeddingResponse(result=_identification(result))
 
@@ -161,35 +160,37 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             request.identity_id,
             image,
             kind=kind,
-            threshold=request.threshold if request.HasField("threshold") else None,
+            threshold=_threshold(request),
         )
-        response = pb.VerifyResponse(
-            identity_id=result.identity_id, distance=result.distance, threshold=result.threshold, is_match=result.is_match, face=_face(result.face)
+        return pb.VerifyResponse(
+            identity_id=result.identity_id,
+            distance=result.distance,
+            threshold=result.threshold,
+            is_match=result.is_match,
+            face=_face(result.face),
+            probability_same=result.probability_same,  # None leaves the optional field unset
         )
-        if result.probability_same is not None:
-            response.probability_same = result.probability_same
-        return response
 
     def Compare(self, request: pb.CompareRequest, context: grpc.ServicerContext) -> pb.CompareResponse:
         """OK; INVALID_ARGUMENT no face in either image, undecodable image; RESOURCE_EXHAUSTED."""
         image_a, kind_a = _image(request, "image_a")
         image_b, kind_b = _image(request, "image_b")
-        result = self.manager.compare(
-            image_a, image_b, kind_a=kind_a, kind_b=kind_b, threshold=request.threshold if request.HasField("threshold") else None
+        result = self.manager.compare(image_a, image_b, kind_a=kind_a, kind_b=kind_b, threshold=_threshold(request))
+        return pb.CompareResponse(
+            distance=result.distance,
+            threshold=result.threshold,
+            is_match=result.is_match,
+            face_a=_face(result.face_a),
+            face_b=_face(result.face_b),
+            probability_same=result.probability_same,  # None leaves the optional field unset
         )
-        response = pb.CompareResponse(
-            distance=result.distance, threshold=result.threshold, is_match=result.is_match, face_a=_face(result.face_a), face_b=_face(result.face_b)
-        )
-        if result.probability_same is not None:
-            response.probability_same = result.probability_same
-        return response
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         """OK (no face -> empty ``faces``); INVALID_ARGUMENT undecodable image; RESOURCE_EXHAUSTED."""
         image, kind = _image(request, "image")
         faces = self.manager.embed(image, kind=kind, max_faces=request.max_faces)
         return pb.EmbedResponse(
-            faces=[pb.EmbeddedFace(face=_face(f), embedding=pb.Embedding(values=f.embedding.tolist())) for f in faces],
+            faces=[pb.EmbeddedFace(face=_face(f), embedding=_embedding(f.embedding)) for f in faces],
             model_id=self.manager.model.model_id,
         )
 
@@ -278,17 +279,24 @@ def _gallery_name(name: str) -> str:
 
 
 def _image_kind(kind: int) -> ImageKind:
-    try:
-        return _IMAGE_KINDS[kind]
-    except KeyError:
-        raise InvalidInput(f"unknown image kind {kind}") from None
+    return _enum_value(_IMAGE_KINDS, kind, "image kind")
 
 
 def _face_policy(policy: int) -> FacePolicy:
+    return _enum_value(_FACE_POLICIES, policy, "face policy")
+
+
+def _enum_value(table: dict[int, _E], value: int, what: str) -> _E:
+    """The engine's member for proto enum ``value``; InvalidInput for a number the table lacks."""
     try:
-        return _FACE_POLICIES[policy]
+        return table[value]
     except KeyError:
-        raise InvalidInput(f"unknown face policy {policy}") from None
+        raise InvalidInput(f"unknown {what} {value}") from None
+
+
+def _threshold(request) -> float | None:
+    """The request's optional ``threshold`` field; None when unset (the default applies)."""
+    return request.threshold if request.HasField("threshold") else None
 
 
 def _image(request, field: str) -> tuple[bytes, ImageKind]:
@@ -300,6 +308,10 @@ def _image(request, field: str) -> tuple[bytes, ImageKind]:
 
 def _vector(embedding: pb.Embedding) -> np.ndarray:
     return np.asarray(embedding.values, dtype=np.float32)
+
+
+def _embedding(vector: np.ndarray) -> pb.Embedding:
+    return pb.Embedding(values=vector.tolist())
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -317,17 +329,23 @@ def _face(face: Face) -> pb.Face:
     )
 
 
+def _optional_face(face: Face | None) -> pb.Face | None:
+    """None for no face: a protobuf constructor leaves a field passed as None unset."""
+    return None if face is None else _face(face)
+
+
 def _match(match: Match) -> pb.Match:
     return pb.Match(identity_id=match.identity_id, display_name=match.display_name, distance=match.distance, template_id=match.template_id)
 
 
 def _identification(result: Identification) -> pb.FaceIdentification:
-    out = pb.FaceIdentification(
-        matches=[_match(m) for m in result.matches], identity_id=result.identity_id or "", distance=result.distance, threshold=result.threshold
+    return pb.FaceIdentification(
+        face=_optional_face(result.face),
+        matches=[_match(m) for m in result.matches],
+        identity_id=result.identity_id or "",
+        distance=result.distance,
+        threshold=result.threshold,
     )
-    if result.face is not None:
-        out.face.CopyFrom(_face(result.face))
-    return out
 
 
 def _gallery(record: GalleryRecord) -> pb.Gallery:
@@ -344,15 +362,13 @@ def _gallery(record: GalleryRecord) -> pb.Gallery:
 
 
 def _template(template: TemplateRecord) -> pb.Template:
-    out = pb.Template(
+    return pb.Template(
         template_id=template.template_id,
         identity_id=template.identity_id,
         source_sha256=template.source_sha256,
+        face=_optional_face(template.face),
         create_time=_timestamp(template.created),
     )
-    if template.face is not None:
-        out.face.CopyFrom(_face(template.face))
-    return out
 
 
 def _identity(record: IdentityRecord) -> pb.Identity:
@@ -373,7 +389,7 @@ def _exported(template: ExportedTemplate) -> pb.ExportedTemplate:
         display_name=template.display_name,
         metadata=template.metadata,
         template_id=template.template_id,
-        embedding=pb.Embedding(values=template.embedding.tolist()),
+        embedding=_embedding(template.embedding),
         source_sha256=template.source_sha256,
         create_time=_timestamp(template.created),
     )
