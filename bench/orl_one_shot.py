@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--chip-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--miner", default="batch-hard")
     parser.add_argument("--compare-default", action="store_true")
     parser.add_argument("--orl", type=Path, default=SHARED / "faces" / "orl")
     args = parser.parse_args()
@@ -66,8 +67,8 @@ def main() -> None:
             (data / f"s{i}").symlink_to(args.orl / f"s{i}")
         model_dir = args.out or work / "model"
         result = train_main(TrainArgs(data_dir=data, out=model_dir, kind="face-crop", p=8, k=4, epochs=args.epochs,
-                                      chip_size=args.chip_size, lr=args.lr, threads=1, progress=False))
-        print(f"trained on ORL s1-s30: {args.epochs} epochs, chip {args.chip_size}, {result.train_seconds:.0f} s, "
+                                      chip_size=args.chip_size, lr=args.lr, miner=args.miner, threads=1, progress=False))
+        print(f"trained on ORL s1-s30: {args.epochs} epochs, {args.miner}, chip {args.chip_size}, {result.train_seconds:.0f} s, "
               f"loss {result.history[1]['loss']:.4f} -> {result.history[-1]['loss']:.4f}")
     figures = one_shot(model_dir, args.orl)
     print(f"trained model  rank-1 {100 * figures['rank1']:.1f}%  accepted+correct at the model threshold "

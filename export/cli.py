@@ -139,6 +139,13 @@ def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | Non
     from .evaluate import tar_at_far, verification_10fold
     from .lfw import embed_lfw_images, read_pairs
 
+    if plot is not None:
+        from .plots import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except RuntimeError as exc:
+            raise click.UsageError(f"--plot: {exc}") from exc
     pairs = read_pairs(pairs_file)
     pipeline = _load_pipeline(model_dir)
     embeddings = embed_lfw_images(pipeline, images_dir, pairs.image_paths(), workers=workers)
@@ -154,10 +161,6 @@ def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | Non
         "pairs": int(len(distances)),
         "no_face": int(missing),
     }
-    if plot is not None:
-        from .plots import plot_roc
-
-        plot_roc(distances, pairs.same, plot, title=f"{pipeline.manifest.name} on {pairs_file.name}")
     if as_json:
         click.echo(json.dumps(summary))
     else:
@@ -165,3 +168,9 @@ def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | Non
         click.echo(f"accuracy: {100 * result['accuracy']:.2f}% ± {100 * result['std']:.2f}% (10-fold)")
         click.echo(f"threshold (chosen on training folds, mean): {result['threshold']:.4f}")
         click.echo(f"TAR @ FAR={far:g}: {100 * tar['tar']:.2f}% (threshold {tar['threshold']:.4f}, achieved FAR {tar['far']:.2e})")
+    if plot is not None:
+        from .plots import plot_roc
+
+        plot_roc(distances, pairs.same, plot, title=f"{pipeline.manifest.name} on {pairs_file.name}")
+        if not as_json:
+            click.echo(f"ROC curve written to {plot}")

@@ -6,7 +6,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["roc_curve", "plot_roc"]
+__all__ = ["roc_curve", "plot_roc", "require_matplotlib"]
+
+
+def require_matplotlib() -> None:
+    """Fail early (before hours of embedding) when matplotlib is missing.
+
+    Raises
+    ------
+    RuntimeError
+        matplotlib cannot be imported.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("plotting needs matplotlib: pip install 'facegallery[plot]'") from exc
 
 
 def roc_curve(distances: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,13 +47,12 @@ def roc_curve(distances: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.n
 
 def plot_roc(distances: np.ndarray, same: np.ndarray, out: str | Path, *, title: str = "ROC") -> Path:
     """Write the ROC curve (TAR against FAR, log-scaled FAR) to a PNG file."""
-    try:
-        import matplotlib
+    require_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("--plot needs matplotlib: pip install 'facegallery[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     far, tar = roc_curve(distances, same)
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     keep = far > 0
