@@ -5,7 +5,9 @@ Trains a model on ORL s1-s30 (unless ``--model-dir`` is given), serves it in-pro
 of each of s31-s40 through the gRPC client, identifies their other nine photos and prints rank-1
 (share of probes whose nearest identity is the right one) and the share accepted under the
 model's threshold. ``--compare-default`` repeats it with the default dlib model for reference.
-Images are sent as ``FACE_CROP`` (ORL photos are tight face crops).
+Images are sent as ``PHOTO``: ORL photos are tight crops, but detection still finds every face and
+aligns it far better than ``FACE_CROP`` (landmarks fitted to the whole image); dlib's own rank-1
+here is 100 % with detection and 57 % without.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def one_shot(model_dir: Path, orl: Path) -> dict:
-    from facegallery.client import GalleryClient, ImageKind
+    from facegallery.client import GalleryClient
     from facegallery.server.app import ServerConfig, create_server
 
     with tempfile.TemporaryDirectory() as data_dir:
@@ -29,12 +31,12 @@ def one_shot(model_dir: Path, orl: Path) -> dict:
             with GalleryClient(f"127.0.0.1:{server.port}", timeout=60) as client:
                 client.create_gallery("orl")
                 for i in range(31, 41):
-                    client.enroll(f"s{i}", orl / f"s{i}" / f"s{i}_1.png", kind=ImageKind.FACE_CROP, gallery="orl")
+                    client.enroll(f"s{i}", orl / f"s{i}" / f"s{i}_1.png", gallery="orl")
                 correct = accepted = total = 0
                 started = time.perf_counter()
                 for i in range(31, 41):
                     for j in range(2, 11):
-                        (face,) = client.identify(orl / f"s{i}" / f"s{i}_{j}.png", kind=ImageKind.FACE_CROP, top_k=1, gallery="orl")
+                        (face,) = client.identify(orl / f"s{i}" / f"s{i}_{j}.png", top_k=1, gallery="orl")
                         correct += face.matches[0].identity_id == f"s{i}"
                         accepted += face.identity_id == f"s{i}"
                         total += 1
@@ -51,7 +53,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--chip-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--miner", default="batch-hard")
+    parser.add_argument("--miner", default="semi-hard")
     parser.add_argument("--compare-default", action="store_true")
     parser.add_argument("--orl", type=Path, default=SHARED / "faces" / "orl")
     args = parser.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
         for i in range(1, 31):
             (data / f"s{i}").symlink_to(args.orl / f"s{i}")
         model_dir = args.out or work / "model"
-        result = train_main(TrainArgs(data_dir=data, out=model_dir, kind="face-crop", p=8, k=4, epochs=args.epochs,
+        result = train_main(TrainArgs(data_dir=data, out=model_dir, kind="photo", p=8, k=4, epochs=args.epochs,
                                       chip_size=args.chip_size, lr=args.lr, miner=args.miner, threads=1, progress=False))
         print(f"trained on ORL s1-s30: {args.epochs} epochs, {args.miner}, chip {args.chip_size}, {result.train_seconds:.0f} s, "
               f"loss {result.history[1]['loss']:.4f} -> {result.history[-1]['loss']:.4f}")

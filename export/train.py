@@ -77,7 +77,7 @@ ONNX_OPSET = 17
 ONNX_ATOL = 1e-4  # issue 4: onnxruntime vs PyTorch max |diff| <= 1e-4
 HEAD_KINDS_CLI = {"abs-diff": "abs_diff", "chi2": "chi2", "none": None}
 IMAGE_KINDS_CLI = {"photo": ImageKind.PHOTO, "face-crop": ImageKind.FACE_CROP, "aligned-chip": ImageKind.ALIGNED_CHIP}
-DEFAULT_LR = 1e-3  # AdamW from random weights
+DEFAULT_LR = 3e-3  # AdamW from random weights (LFW A-F: held-out accuracy 0.72 vs 0.64 at 1e-3 after 22 epochs)
 DEFAULT_INIT_LR = 1e-5  # fine-tuning an existing model: small steps keep what it knows
 
 
@@ -106,7 +106,7 @@ class TrainArgs:
     chip_size, padding : int, float
         Chip of a new network (dlib's 5-point template).
     lr, weight_decay : float, optional
-        AdamW settings; ``lr`` defaults to 1e-3 (new network) or 1e-5 (``init``), cosine-decayed.
+        AdamW settings; ``lr`` defaults to 3e-3 (new network) or 1e-5 (``init``), cosine-decayed.
     seed : int
     resume : bool
         Continue from ``out/checkpoints/checkpoint.pth``.
@@ -137,11 +137,11 @@ class TrainArgs:
     data_dir: Path
     out: Path
     init: Path | None = None
-    miner: str = "batch-hard"
+    miner: str = "semi-hard"
     margin: float = 0.2
     dim: int = 128
     width: int = 32
-    epochs: int = 30
+    epochs: int = 100
     p: int = 16
     k: int = 4
     batches_per_epoch: int | None = None

@@ -63,17 +63,17 @@ def _with(options):
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model directory to write.")
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Fine-tune this model directory's embedder (the default dlib model too) instead of a new network.")
-@click.option("--miner", type=click.Choice(["batch-hard", "semi-hard"]), default="batch-hard", show_default=True,
+@click.option("--miner", type=click.Choice(["batch-hard", "semi-hard"]), default="semi-hard", show_default=True,
               help="Online triplet mining inside each P x K batch.")
 @click.option("--margin", type=float, default=0.2, show_default=True, help="Triplet margin alpha (squared L2 of unit embeddings).")
 @click.option("--dim", type=int, default=128, show_default=True, help="Embedding dimension of a new network (--init fixes it).")
 @click.option("--width", type=int, default=32, show_default=True, help="First-stage width of a new network.")
-@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--p", "p", type=int, default=16, show_default=True, help="Identities per batch.")
 @click.option("--k", "k", type=int, default=4, show_default=True, help="Images per identity in a batch.")
 @click.option("--batches-per-epoch", type=int, default=None, help="Default: about one pass over the images.")
 @click.option("--chip-size", type=int, default=64, show_default=True, help="Chip side in pixels of a new network (--init fixes it).")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed [default: 1e-3, with --init 1e-5].")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed [default: 3e-3, with --init 1e-5].")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data and settings: same run.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/checkpoint.pth.")

@@ -6,7 +6,7 @@ Embedding-only enrollment, so the numbers are the server's own cost (gRPC + SQLi
 latency (ms, mean ± std after warm-up, p50/p99), ``IdentifyEmbedding`` latency at the final
 size, and the throughput of ``--threads`` concurrent enrolling clients.
 
-    python bench/bench_enroll.py [--n 2000] [--threads 4] [--model-dir DIR]
+    python bench/enroll.py [--n 2000] [--threads 4] [--model-dir DIR]
 """
 
 from __future__ import annotations
