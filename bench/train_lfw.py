@@ -47,7 +47,7 @@ def eval_gl(model_dir: Path, lfw: Path, pairs_file: Path, threads: int) -> dict:
     result = verification_10fold(distances, pairs.same, pairs.folds)
     tar = tar_at_far(distances, pairs.same, 1e-3)
     return {"accuracy": result["accuracy"], "std": result["std"], "threshold_10fold": result["threshold"],
-            "tar_at_far_1e-3": tar["tar"], "pairs": int(len(pairs)), "same": int(pairs.same.sum()),
+            "tar_at_far_1e-3": tar["tar"], "pairs": len(pairs), "same": int(pairs.same.sum()),
             "no_face_pairs": int(missing), "eval_seconds": time.perf_counter() - started}
 
 
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--lfw", type=Path, default=SHARED / "faces" / "lfw")
     parser.add_argument("--pairs", type=Path, default=SHARED / "faces" / "lfw_protocol" / "pairs_dev.tsv")
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--init-epochs", type=int, default=3)
-    parser.add_argument("--init-lr", type=float, default=1e-5)
+    parser.add_argument("--init-epochs", type=int, default=1)
+    parser.add_argument("--init-lr", type=float, default=3e-6)
     parser.add_argument("--chip-size", type=int, default=64)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--miner", default="semi-hard")

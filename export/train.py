@@ -58,12 +58,12 @@ from .train_model import EmbeddingNet, build_model
 __all__ = [
     "TrainArgs",
     "TrainResult",
-    "main",
-    "train_one_epoch",
-    "evaluate",
     "embed_chips",
+    "evaluate",
     "export_embedder",
+    "main",
     "prepare_data",
+    "train_one_epoch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ ONNX_ATOL = 1e-4  # issue 4: onnxruntime vs PyTorch max |diff| <= 1e-4
 HEAD_KINDS_CLI = {"abs-diff": "abs_diff", "chi2": "chi2", "none": None}
 IMAGE_KINDS_CLI = {"photo": ImageKind.PHOTO, "face-crop": ImageKind.FACE_CROP, "aligned-chip": ImageKind.ALIGNED_CHIP}
 DEFAULT_LR = 3e-3  # AdamW from random weights (LFW A-F: held-out accuracy 0.72 vs 0.64 at 1e-3 after 22 epochs)
-DEFAULT_INIT_LR = 1e-5  # fine-tuning an existing model: small steps keep what it knows
+DEFAULT_INIT_LR = 3e-6  # fine-tuning: on LFW A-F, 1 epoch at 3e-6 kept dlib's G-L accuracy (+0.26 point), 2 at 1e-5 lost 0.35
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class TrainArgs:
     chip_size, padding : int, float
         Chip of a new network (dlib's 5-point template).
     lr, weight_decay : float, optional
-        AdamW settings; ``lr`` defaults to 3e-3 (new network) or 1e-5 (``init``), cosine-decayed.
+        AdamW settings; ``lr`` defaults to 3e-3 (new network) or 3e-6 (``init``), cosine-decayed.
     seed : int
     resume : bool
         Continue from ``out/checkpoints/checkpoint.pth``.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["train", "calibrate"]
+__all__ = ["calibrate", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _with(options):
 @click.option("--k", "k", type=int, default=4, show_default=True, help="Images per identity in a batch.")
 @click.option("--batches-per-epoch", type=int, default=None, help="Default: about one pass over the images.")
 @click.option("--chip-size", type=int, default=64, show_default=True, help="Chip side in pixels of a new network (--init fixes it).")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed [default: 3e-3, with --init 1e-5].")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate, cosine-decayed [default: 3e-3, with --init 3e-6].")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same data and settings: same run.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/checkpoint.pth.")

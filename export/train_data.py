@@ -44,17 +44,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "ImageRecord",
-    "ChipSet",
-    "PipelineChipper",
     "AlignedChipReader",
     "AugmentConfig",
+    "ChipSet",
+    "ImageRecord",
     "PKBatchSampler",
-    "parse_name_range",
-    "scan_identity_folders",
+    "PipelineChipper",
+    "augment",
     "default_cache_dir",
     "load_chips",
-    "augment",
+    "parse_name_range",
+    "scan_identity_folders",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class ChipSet:
     def __len__(self) -> int:
         return int(self.labels.size)
 
-    def subset(self, identities: Sequence[str]) -> "ChipSet":
+    def subset(self, identities: Sequence[str]) -> ChipSet:
         """The chips of the named identities, relabelled 0..len(identities)-1 in sorted order."""
         keep = sorted(set(identities))
         old = {name: i for i, name in enumerate(self.identities)}

@@ -35,7 +35,7 @@ from torch import nn
 
 from facegallery.server.same_head import HEAD_INPUTS, HEAD_KINDS, HEAD_OUTPUT
 
-__all__ = ["CHI2_EPS", "HeadFit", "SameHeadNet", "pair_features", "sample_pairs", "fit_head", "export_head"]
+__all__ = ["CHI2_EPS", "HeadFit", "SameHeadNet", "export_head", "fit_head", "pair_features", "sample_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def fit_head(
         final = float(F.binary_cross_entropy_with_logits(logits, target))
         accuracy = float(((logits >= 0) == target.bool()).float().mean())
     logger.info("head %s: %d pairs, BCE %.4f, accuracy %.4f", kind, len(same), final, accuracy)
-    return HeadFit(head, final, accuracy, int(len(same)))
+    return HeadFit(head, final, accuracy, len(same))
 
 
 def export_head(head: SameHeadNet, path: str | os.PathLike, *, atol: float = 1e-5) -> float:

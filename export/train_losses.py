@@ -33,12 +33,12 @@ import torch
 
 __all__ = [
     "MINERS",
-    "Triplets",
-    "TripletLossOutput",
     "TripletLoss",
-    "pairwise_squared_distances",
+    "TripletLossOutput",
+    "Triplets",
     "mine_batch_hard",
     "mine_semi_hard",
+    "pairwise_squared_distances",
     "triplet_loss",
 ]
 

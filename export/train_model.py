@@ -10,7 +10,7 @@ network is a four-stage ResNet (He et al., CVPR 2016) with one basic block per s
 32-64-128-256 and batch normalisation, on 64 x 64 chips by default: 1.26 M parameters and 64 M
 multiply-adds per chip (the dlib ResNet takes 271 M on 150 x 150 chips); one epoch of 1,560 LFW
 chips takes about 7 s on one core. Residual blocks with batch normalisation train reliably
-from scratch with Adam at a fixed learning rate; depthwise convolutions (MobileFaceNet style)
+from scratch with AdamW; depthwise convolutions (MobileFaceNet style)
 would need fewer multiply-adds but run slower per FLOP in PyTorch's CPU kernels.
 
 :class:`OnnxEmbedder` rebuilds an ONNX embedder graph (the converted dlib ResNet among others) as a
@@ -40,9 +40,9 @@ __all__ = [
     "DEFAULT_WIDTH",
     "INPUT_MEAN",
     "INPUT_SCALE",
-    "SmallFaceResNet",
-    "OnnxEmbedder",
     "EmbeddingNet",
+    "OnnxEmbedder",
+    "SmallFaceResNet",
     "build_model",
     "load_onnx_embedder",
 ]

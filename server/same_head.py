@@ -24,7 +24,7 @@ import onnxruntime as ort
 from .errors import EmbeddingShapeError, ModelError
 from .manifest import ModelManifest
 
-__all__ = ["HEAD_KINDS", "HEAD_INPUTS", "HEAD_OUTPUT", "SameHead"]
+__all__ = ["HEAD_INPUTS", "HEAD_KINDS", "HEAD_OUTPUT", "SameHead"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class SameHead:
         logger.info("loaded %r", self)
 
     @classmethod
-    def from_manifest(cls, model_dir: str | os.PathLike, manifest: ModelManifest) -> "SameHead | None":
+    def from_manifest(cls, model_dir: str | os.PathLike, manifest: ModelManifest) -> SameHead | None:
         """The head of a model directory, or None when ``model.json`` declares none.
 
         Raises
