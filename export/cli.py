@@ -29,14 +29,19 @@ model_dir_option = click.option(
 )
 
 
-def _load_pipeline(model_dir: Path | None, upsample: int | None = None):
+flip_option = click.option(
+    "--flip-augment", is_flag=True, help="Average each face's embedding with its mirror image's (see PipelineConfig.flip_augment)."
+)
+
+
+def _load_pipeline(model_dir: Path | None, upsample: int | None = None, flip_augment: bool = False):
     from ..server.detect import DetectionConfig
     from ..server.model import ensure_default_model
     from ..server.pipeline import FacePipeline, PipelineConfig
 
     model_dir = model_dir or ensure_default_model()
     detection = DetectionConfig() if upsample is None else DetectionConfig(upsample=upsample, rescale=False)
-    return FacePipeline.from_model_dir(model_dir, PipelineConfig(detection=detection))
+    return FacePipeline.from_model_dir(model_dir, PipelineConfig(detection=detection, flip_augment=flip_augment))
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -73,8 +78,9 @@ def export_dlib_command(out_dir: Path | None, source_dir: Path | None, force: bo
               help="Detect like dlib at exactly N 2x upsamplings (off: the scale is chosen from the image size).")
 @click.option("--kind", type=click.Choice(sorted(IMAGE_KINDS)), default="photo", show_default=True,
               help="photo: detect faces; crop: the image is one cropped face; chip: an aligned face chip.")
+@flip_option
 @model_dir_option
-def embed(images: tuple[Path, ...], as_json: bool, upsample: int | None, kind: str, model_dir: Path | None) -> None:
+def embed(images: tuple[Path, ...], as_json: bool, upsample: int | None, kind: str, flip_augment: bool, model_dir: Path | None) -> None:
     """Detect, align and embed every face of each IMAGE.
 
     With --json each line is {"image": path, "faces": [{"box": [left, top, right, bottom],
@@ -84,7 +90,7 @@ def embed(images: tuple[Path, ...], as_json: bool, upsample: int | None, kind: s
     from ..server.errors import FaceGalleryError
     from ..server.face import ImageKind
 
-    pipeline = _load_pipeline(model_dir, upsample)
+    pipeline = _load_pipeline(model_dir, upsample, flip_augment)
     failed = 0
     for path in images:
         try:
@@ -129,8 +135,9 @@ def eval_group() -> None:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the ROC curve to this PNG.")
 @click.option("--far", type=float, default=1e-3, show_default=True, help="Target FAR for the TAR@FAR figure.")
 @click.option("--workers", type=int, default=os.cpu_count() or 1, show_default=True, help="Images embedded in parallel.")
+@flip_option
 @model_dir_option
-def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | None, far: float, workers: int, model_dir: Path | None) -> None:
+def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | None, far: float, workers: int, flip_augment: bool, model_dir: Path | None) -> None:
     """10-fold LFW verification accuracy, threshold and TAR@FAR.
 
     Each image's face is the one nearest the image centre (LFW's convention); a pair with a
@@ -147,7 +154,7 @@ def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | Non
         except RuntimeError as exc:
             raise click.UsageError(f"--plot: {exc}") from exc
     pairs = read_pairs(pairs_file)
-    pipeline = _load_pipeline(model_dir)
+    pipeline = _load_pipeline(model_dir, flip_augment=flip_augment)
     embeddings = embed_lfw_images(pipeline, images_dir, pairs.image_paths(), workers=workers)
     distances, missing = pairs.distances(embeddings)
     result = verification_10fold(distances, pairs.same, pairs.folds)

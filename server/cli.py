@@ -48,6 +48,7 @@ _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 @click.option("--max-detect-pixels", type=click.IntRange(10_000), default=None, help="Largest image area the detector runs on; bigger photos are detected on a downscaled copy  [default: 1250000]")
 @click.option("--max-image-bytes", type=click.IntRange(1), default=None, help="Larger images are refused with RESOURCE_EXHAUSTED  [default: 64 MiB]")
 @click.option("--max-image-pixels", type=click.IntRange(1), default=None, help="Images with more pixels are refused with RESOURCE_EXHAUSTED  [default: 120 MP]")
+@click.option("--flip-augment", is_flag=True, help="Embed each face chip and its mirror image and average (better accuracy, 2x embedding cost; embeddings then differ from dlib's).")
 @click.option("--intra-op-threads", type=click.IntRange(0), default=0, show_default=True, help="onnxruntime threads per model (0 = one per core).")
 @click.option("--search-threads", type=click.IntRange(1), default=1, show_default=True, help="faiss threads per search.")
 @click.option("--snapshot-interval", type=click.FloatRange(0, min_open=True), default=300.0, show_default=True, help="Seconds between index snapshots.")
@@ -65,6 +66,7 @@ def serve(
     max_detect_pixels: int | None,
     max_image_bytes: int | None,
     max_image_pixels: int | None,
+    flip_augment: bool,
     intra_op_threads: int,
     search_threads: int,
     snapshot_interval: float,
@@ -92,7 +94,7 @@ def serve(
         batch_max_size=batch_size,
         batch_max_delay_ms=batch_delay_ms,
         search_threads=search_threads,
-        pipeline=PipelineConfig(intra_op_threads=intra_op_threads, detection=DetectionConfig(**detection), **limits),
+        pipeline=PipelineConfig(intra_op_threads=intra_op_threads, flip_augment=flip_augment, detection=DetectionConfig(**detection), **limits),
         snapshot_interval_s=snapshot_interval,
         grace_s=grace,
     )

@@ -59,12 +59,19 @@ class PipelineConfig:
         Detector scale policy, upsampling, minimum face size, score threshold (detect.py).
     intra_op_threads : int
         onnxruntime intra-op threads of the detector and embedder sessions; 0 = one per core.
+    flip_augment : bool
+        Test-time augmentation: a face's embedding is the mean of the embeddings of its chip and
+        of the chip mirrored left-right (twice the embedding cost, ~4 ms per face on one core).
+        Off by default, so embeddings equal dlib's ``compute_face_descriptor``. Measured on
+        ``pairs_dev.tsv`` (2,865 LFW pairs, 150x150 images) with the default model: 10-fold
+        accuracy 98.68 % -> 98.88 %, accuracy at the fixed threshold 0.6 98.15 % -> 98.85 %.
     """
 
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
     intra_op_threads: int = 0
+    flip_augment: bool = False
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -203,11 +210,21 @@ class FacePipeline:
                 boxes, scores = _largest_first(detections.boxes, detections.scores, max_faces)
             landmarks = self.landmarks.predict(rgb, boxes)
             chips = extract_chips(rgb, landmarks, self.manifest.chip)
-        embeddings = self.embedder.embed(chips) if len(chips) else np.zeros((0, self.manifest.embedding_dim), np.float32)
+        embeddings = self._embed(chips)
         return [
             Face(box=boxes[i].astype(np.float32), landmarks=landmarks[i].astype(np.float32), score=float(scores[i]), embedding=embeddings[i])
             for i in range(len(boxes))
         ]
+
+    def _embed(self, chips: np.ndarray) -> np.ndarray:
+        """``(N,S,S,3) uint8`` chips -> ``(N,D) float32``, with the flip augmentation if configured."""
+        n = len(chips)
+        if n == 0:
+            return np.zeros((0, self.manifest.embedding_dim), np.float32)
+        if not self.config.flip_augment:
+            return self.embedder.embed(chips)
+        both = self.embedder.embed(np.concatenate([chips, chips[:, :, ::-1]]))
+        return ((both[:n] + both[n:]) / 2).astype(np.float32)
 
     def probability_same(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
         """P(same person) from the model's learned head (export/train_head.py).

@@ -124,3 +124,19 @@ def test_bad_input_is_a_typed_error(shared_dir, pipeline):
         pipeline.analyze(_png_header_only(30000, 30000))
     with pytest.raises(InvalidInput):
         pipeline.analyze(data, max_faces=-1)
+
+
+def test_flip_augment_averages_the_mirrored_chip(shared_dir, model_dir, pipeline, obama):
+    import dataclasses
+
+    from facegallery.server.align import extract_chips
+    from facegallery.server.pipeline import FacePipeline
+
+    rgb, plain = obama
+    flipped = FacePipeline.from_model_dir(model_dir, dataclasses.replace(pipeline.config, flip_augment=True))
+    (face,) = flipped.analyze(rgb)
+    assert np.array_equal(face.box, plain.box) and np.array_equal(face.landmarks, plain.landmarks)
+    chip = extract_chips(rgb, plain.landmarks[None], pipeline.manifest.chip)
+    mirrored = pipeline.embedder.embed(np.ascontiguousarray(chip[:, :, ::-1]))[0]
+    np.testing.assert_allclose(face.embedding, (plain.embedding + mirrored) / 2, atol=1e-6)
+    assert 0.01 < _distance(face, plain) < 0.15  # a real change, still the same face
