@@ -50,3 +50,15 @@ def pipeline(model_dir: Path):
     from facegallery.server.pipeline import FacePipeline
 
     return FacePipeline.from_model_dir(model_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests run torch on one thread: on the shared 2-core CI machine a second thread
+    makes small training steps several times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -20,13 +20,7 @@ from facegallery.server.manifest import ModelFile, ModelManifest, sha256_file
 from facegallery.server.same_head import SameHead
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On the shared 2-core CI machine a second torch thread makes these small steps ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
