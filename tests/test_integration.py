@@ -134,11 +134,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
+def server(tmp_path_factory, model_dir) -> str:
     """A ``facegallery serve`` process on a free port; yields its address once SERVING."""
-    from facegallery.server.model import ensure_default_model
-
-    model_dir = ensure_default_model()
     base = tmp_path_factory.mktemp("integration")
     port = _free_port()
     log_path = base / "server.log"
