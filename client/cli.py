@@ -330,6 +330,28 @@ def galleries(session: _Session) -> None:
         )
 
 
+@main.command("create-gallery")
+@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Decision threshold (L2 distance) of the new gallery  [default: the model's, 0.6 for dlib]")
+@_client_command
+def create_gallery(session: _Session, threshold: float | None) -> None:
+    """Create the gallery named by --gallery, bound to the server's model."""
+    gallery = session.client.create_gallery(session.client.gallery, threshold=threshold)
+    session.emit(gallery.to_dict(), f"created gallery {gallery.name} (threshold {gallery.threshold:.3f}, model {gallery.model_id[:12]})")
+
+
+@main.command("delete-gallery")
+@click.confirmation_option(prompt="Delete the gallery with all its identities and templates?")
+@_client_command
+def delete_gallery(session: _Session) -> None:
+    """Delete the gallery named by --gallery with all its identities and templates."""
+    deleted = session.client.delete_gallery(session.client.gallery)
+    session.emit(
+        {"gallery": session.client.gallery, **deleted.to_dict()},
+        f"deleted gallery {session.client.gallery} ({deleted.deleted_identities} identities, {deleted.deleted_templates} templates)",
+    )
+
+
 @main.command()
 @_client_command
 def identities(session: _Session) -> None:

@@ -245,3 +245,17 @@ def test_import_embeddings_rejects_a_malformed_file(run, tmp_path):
     path.write_text(json.dumps({"format": EXPORT_FORMAT, "gallery": {"model_id": MODEL_ID}}) + "\n{\"identity_id\": 1}\n")
     result = run("import-embeddings", str(path))
     assert result.exit_code == 1 and "line 2" in result.stderr
+
+
+def test_create_and_delete_gallery(run, fake, faces_dir):
+    created = _json_lines(run("create-gallery", "--gallery", "staff", "--threshold", "0.5", "--json").stdout)
+    assert created[0]["name"] == "staff" and created[0]["threshold"] == pytest.approx(0.5)
+    assert fake.servicer.galleries["staff"]["threshold"] == pytest.approx(0.5)
+    again = run("create-gallery", "--gallery", "staff")
+    assert again.exit_code == 1 and "ALREADY_EXISTS" in again.output
+    assert run("enroll", "ann", str(faces_dir / "barack_obama" / "obama.jpg"), "--gallery", "staff").exit_code == 0
+    refused = run("delete-gallery", "--gallery", "staff")  # no confirmation on stdin
+    assert refused.exit_code != 0 and "staff" in fake.servicer.galleries
+    deleted = _json_lines(run("delete-gallery", "--gallery", "staff", "--yes", "--json").stdout)
+    assert deleted == [{"gallery": "staff", "deleted_identities": 1, "deleted_templates": 1}]
+    assert "staff" not in fake.servicer.galleries
