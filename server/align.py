@@ -28,6 +28,7 @@ from .errors import InvalidInput
 from .manifest import ChipSpec
 
 __all__ = [
+    "template_in_chip",
     "DLIB_5POINT_TEMPLATE",
     "ChipDetails",
     "similarity_transform",
@@ -122,6 +123,17 @@ def _check_landmarks(landmarks: np.ndarray, spec: ChipSpec) -> np.ndarray:
     return points
 
 
+def template_in_chip(spec: ChipSpec) -> np.ndarray:
+    """The template landmarks in chip pixels, ``(K, 2) float64``.
+
+    Template point ``p`` (unit coordinates) sits at ``(padding + p) / (2 * padding + 1) * size``
+    (dlib ``get_face_chip_details``, interpolation.h l.2062-2153): where an aligned chip's
+    landmarks are.
+    """
+    template = np.asarray(spec.template, dtype=np.float64)
+    return (spec.padding + template) / (2 * spec.padding + 1) * spec.size
+
+
 def chip_transform(landmarks: np.ndarray, spec: ChipSpec) -> ChipDetails:
     """The chip rectangle and angle for one face (dlib ``get_face_chip_details``).
 
@@ -148,9 +160,7 @@ def chip_transform(landmarks: np.ndarray, spec: ChipSpec) -> ChipDetails:
         ``landmarks`` is not a finite (K, 2) array, or all landmarks coincide.
     """
     points = _check_landmarks(landmarks, spec)
-    template = np.asarray(spec.template, dtype=np.float64)
-    chip_points = (spec.padding + template) / (2 * spec.padding + 1) * spec.size
-    m, t = similarity_transform(chip_points, points)
+    m, t = similarity_transform(template_in_chip(spec), points)
     px, py = float(m[0, 0]), float(m[1, 0])  # T applied to the unit vector (1, 0)
     angle = math.atan2(py, px)
     scale = math.sqrt(px * px + py * py)

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from .align import extract_chips
+from .align import extract_chips, template_in_chip
 from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DecodeLimits, decode_image
 from .detect import DetectionConfig, FaceDetector
 from .embed import Embedder
@@ -197,9 +197,7 @@ class FacePipeline:
                 raise InvalidInput(f"an aligned chip must be {size}x{size} pixels, got {width}x{height}")
             boxes = np.array([[0, 0, width - 1, height - 1]], dtype=np.float32)
             scores = np.zeros(1, dtype=np.float32)
-            padding = self.manifest.chip.padding
-            template = np.asarray(self.manifest.chip.template, dtype=np.float32)
-            landmarks = ((padding + template) / (2 * padding + 1) * size)[None].astype(np.float32)
+            landmarks = template_in_chip(self.manifest.chip)[None].astype(np.float32)
             chips = rgb[None]
         else:
             if kind is ImageKind.FACE_CROP:
