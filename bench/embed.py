@@ -30,10 +30,10 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from facegallery.export.convert_dlib import DLIB_SOURCES, find_dlib_models
-from facegallery.export.dlib_resnet import convert_resnet
-from facegallery.server.embed import Embedder
-from facegallery.server.manifest import ModelManifest
+from facegallery.export.dlib.convert import DLIB_SOURCES, find_dlib_models
+from facegallery.export.dlib.resnet import convert_resnet
+from facegallery.server.face.embed import Embedder
+from facegallery.server.contract.manifest import ModelManifest
 
 CHIPS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden_dlib" / "chips"
 RESNET_DAT = DLIB_SOURCES["embedder"]

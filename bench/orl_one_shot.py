@@ -23,7 +23,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 def one_shot(model_dir: Path, orl: Path) -> dict:
     from facegallery.client import GalleryClient
-    from facegallery.server.app import ServerConfig, create_server
+    from facegallery.server.service.app import ServerConfig, create_server
 
     with tempfile.TemporaryDirectory() as data_dir:
         server = create_server(ServerConfig(data_dir=Path(data_dir), host="127.0.0.1", port=0, model_dir=model_dir))
@@ -61,7 +61,7 @@ def main() -> None:
     model_dir = args.model_dir
     work = Path(tempfile.mkdtemp(prefix="orl_one_shot_"))
     if model_dir is None:
-        from facegallery.export.train import TrainArgs, main as train_main
+        from facegallery.export.train.run import TrainArgs, main as train_main
 
         data = work / "s1-s30"
         data.mkdir()
@@ -76,7 +76,7 @@ def main() -> None:
     print(f"trained model  rank-1 {100 * figures['rank1']:.1f}%  accepted+correct at the model threshold "
           f"{100 * figures['accepted_correct']:.1f}%  ({figures['probes']} probes, {figures['ms_per_identify']:.1f} ms/identify)")
     if args.compare_default:
-        from facegallery.server.model import ensure_default_model
+        from facegallery.export.dlib.default_model import ensure_default_model
 
         figures = one_shot(ensure_default_model(), args.orl)
         print(f"default dlib   rank-1 {100 * figures['rank1']:.1f}%  accepted+correct {100 * figures['accepted_correct']:.1f}%")

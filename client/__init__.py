@@ -14,7 +14,7 @@ gRPC status code. Distances are Euclidean (L2) between embeddings: lower is more
 probe matches when ``distance <= threshold`` (0.6 for the default dlib model).
 """
 
-from ._client import (
+from facegallery.client._client import (
     DEFAULT_ADDRESS,
     DEFAULT_GALLERY,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -24,7 +24,7 @@ from ._client import (
     GalleryClient,
     UseClientDefault,
 )
-from ._exceptions import (
+from facegallery.client._exceptions import (
     AlreadyExists,
     Cancelled,
     ClientClosedError,
@@ -39,7 +39,7 @@ from ._exceptions import (
     Unavailable,
     Unimplemented,
 )
-from ._models import (
+from facegallery.client._models import (
     BulkEnrollItem,
     CompareResult,
     EmbeddedFace,

@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
-from . import _convert
-from ._exceptions import ClientClosedError, DeadlineExceeded, NotFound, ServerError, Unavailable, from_rpc_error
-from ._models import (
+from facegallery.client import _convert
+from facegallery.client._exceptions import ClientClosedError, DeadlineExceeded, NotFound, ServerError, Unavailable, from_rpc_error
+from facegallery.client._models import (
     BulkEnrollItem,
     CompareResult,
     EmbeddedFace,
@@ -56,7 +56,7 @@ DEFAULT_TIMEOUT = 30.0
 #: Retries of idempotent calls on UNAVAILABLE; gRPC caps attempts at 5, i.e. 4 retries.
 DEFAULT_RETRIES = 3
 DEFAULT_GALLERY = "default"
-#: 80 MiB: the server's default image byte limit (64 MiB, server/decode.py) plus headroom, so an
+#: 80 MiB: the server's default image byte limit (64 MiB, server/face/decode.py) plus headroom, so an
 #: oversized image gets the server's RESOURCE_EXHAUSTED message rather than a transport error.
 DEFAULT_MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from facegallery.v1 import gallery_service_pb2 as pb
 
-from ._models import (
+from facegallery.client._models import (
     BulkEnrollItem,
     CompareResult,
     EmbeddedFace,

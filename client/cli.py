@@ -28,9 +28,9 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from ._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
-from ._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
-from ._models import CompareResult, EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match, VerifyResult
+from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
+from facegallery.client._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
+from facegallery.client._models import CompareResult, EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match, VerifyResult
 
 __all__ = ["main", "LazyGroup", "EXPORT_FORMAT", "IMAGE_SUFFIXES"]
 
@@ -38,12 +38,12 @@ LOG = logging.getLogger(__name__)
 
 #: Commands implemented elsewhere: name -> "module:attribute" of a click command, imported lazily.
 LAZY_COMMANDS = {
-    "serve": "facegallery.server.cli:serve",
-    "export": "facegallery.export.cli:export",
-    "embed": "facegallery.export.cli:embed",
-    "eval": "facegallery.export.cli:eval_group",
-    "train": "facegallery.export.train_cli:train",
-    "calibrate": "facegallery.export.train_cli:calibrate",
+    "serve": "facegallery.client.cli:serve_command",
+    "export": "facegallery.export.dlib.cli:export",
+    "embed": "facegallery.export.embed_cli:embed",
+    "eval": "facegallery.export.evaluate.cli:eval_group",
+    "train": "facegallery.export.train.cli:train",
+    "calibrate": "facegallery.export.train.cli:calibrate",
 }
 
 #: First-line ``format`` of ``export-gallery`` files (JSON Lines, see :func:`export_gallery`).
@@ -58,7 +58,7 @@ class LazyGroup(click.Group):
     Parameters
     ----------
     lazy_commands : mapping of str to str
-        Command name -> ``"module:attribute"`` of a ``click.Command``. A command whose module
+        Command name -> ``"module:attribute"`` of a ``click.Command`` or of a function that returns one. A command whose module
         fails to import is listed as unavailable, with the reason, instead of breaking the group.
     """
 
@@ -86,8 +86,22 @@ class LazyGroup(click.Group):
             LOG.debug("command %s (%s) unavailable: %s", name, target, exc)
             return _unavailable_command(name, f"{type(exc).__name__}: {exc}")
         if not isinstance(command, click.Command):
-            raise TypeError(f"{target} must be a click command, got {type(command).__name__}")
+            command = command()  # a factory that builds the command
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} must be a click command or build one, got {type(command).__name__}")
         return command
+
+
+def serve_command() -> click.Command:
+    """``facegallery serve``, wired to the default-model bootstrap of ``facegallery.export.dlib``.
+
+    The CLI is where the packages meet: the server never imports export, so the converter that
+    makes the default model on first start is handed to it here.
+    """
+    from facegallery.export.dlib.default_model import ensure_default_model
+    from facegallery.server.service.cli import make_serve_command
+
+    return make_serve_command(default_model=ensure_default_model)
 
 
 def _unavailable_command(name: str, reason: str) -> click.Command:

@@ -30,7 +30,7 @@ def _converter_fingerprint() -> str:
 
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for path in sorted((root / "export").glob("dlib_*.py")) + sorted((root / "export").glob("onnx_*.py")) + [root / "export" / "convert_dlib.py"]:
+    for path in sorted((root / "export" / "dlib").glob("*.py")) + [root / "export" / "onnx_common.py"]:
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -38,7 +38,7 @@ def _converter_fingerprint() -> str:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The default dlib model, converted once and cached under tests/.model-cache (git-ignored)."""
-    from facegallery.server.model import ensure_default_model
+    from facegallery.export.dlib.default_model import ensure_default_model
 
     cache = Path(__file__).resolve().parent / ".model-cache" / f"dlib_resnet_v1-{_converter_fingerprint()}"
     return ensure_default_model(cache)
@@ -47,7 +47,7 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def pipeline(model_dir: Path):
     """A FacePipeline on the default model with default settings."""
-    from facegallery.server.pipeline import FacePipeline
+    from facegallery.server.face.pipeline import FacePipeline
 
     return FacePipeline.from_model_dir(model_dir)
 

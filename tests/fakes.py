@@ -15,9 +15,9 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from facegallery.server.errors import ImageDecodeError, ImageTooLargeError
-from facegallery.server.face import Face, ImageKind
-from facegallery.server.manifest import ChipSpec, ModelFile, ModelManifest
+from facegallery.server.contract.errors import ImageDecodeError, ImageTooLargeError
+from facegallery.server.contract.face import Face, ImageKind
+from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest
 
 TILE = 32
 DIM = 128

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from facegallery.server.batching import BatchingEmbedder
+from facegallery.server.face.batching import BatchingEmbedder
 
 S = 4  # chip side of the toy embedder
 

@@ -390,13 +390,13 @@ def test_wait_ready_waits_for_serving(fake):
 
 
 # ---------------------------------------------------------------------------------------------
-# Against the real server (server/app.py) with the fake face pipeline of tests/fakes.py: the
+# Against the real server (server/service/app.py) with the fake face pipeline of tests/fakes.py: the
 # client and the real servicer agree on the wire contract.
 
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
-    from facegallery.server.app import ServerConfig, create_server
+    from facegallery.server.service.app import ServerConfig, create_server
     from fakes import FakePipeline
 
     config = ServerConfig(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fakes import FakePipeline, person_embedding, photo
 
-from facegallery.server.app import ServerConfig, create_server
+from facegallery.server.service.app import ServerConfig, create_server
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 

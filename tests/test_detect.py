@@ -18,10 +18,10 @@ import onnx
 import pytest
 from PIL import Image
 
-from facegallery.export.dlib_mmod import convert_mmod
-from facegallery.server.detect import DetectionConfig, Detections, FaceDetector, plan_scale
-from facegallery.server.errors import InvalidInput
-from facegallery.server.image_pyramid import pyramid_up_size, tiled_pyramid_layout
+from facegallery.export.dlib.mmod import convert_mmod
+from facegallery.server.face.detect import DetectionConfig, Detections, FaceDetector, plan_scale
+from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.face.image_pyramid import pyramid_up_size, tiled_pyramid_layout
 
 MODELS_DIR = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
 MMOD_DAT = MODELS_DIR / "mmod_human_face_detector.dat"

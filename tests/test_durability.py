@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from fakes import DIM
 
-from facegallery.server.gallery import DEFAULT_GALLERY, INDEX_DIR, STORE_FILE, snapshot_path
-from facegallery.server.index import open_gallery_index
-from facegallery.server.store import SqliteTemplateStore
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, INDEX_DIR, STORE_FILE, snapshot_path
+from facegallery.server.gallery.index import open_gallery_index
+from facegallery.server.gallery.store import SqliteTemplateStore
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
@@ -36,7 +36,7 @@ SERVER_SCRIPT = """
 import logging, sys
 from pathlib import Path
 from fakes import FakePipeline
-from facegallery.server.app import ServerConfig, serve
+from facegallery.server.service.app import ServerConfig, serve
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 serve(ServerConfig(data_dir=Path(sys.argv[1]), port=0, snapshot_interval_s=0.3, grace_s=2.0), pipeline=FakePipeline())
 """
@@ -146,7 +146,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, caplog):
         record = store.get_gallery(DEFAULT_GALLERY)
         path = snapshot_path(data_dir / INDEX_DIR, record.key)
         assert path.is_file(), "no index snapshot was written while serving"
-        with caplog.at_level(logging.INFO, logger="facegallery.server.index"):
+        with caplog.at_level(logging.INFO, logger="facegallery.server.gallery.index"):
             index = open_gallery_index(store, record, path)
         assert "(snapshot)" in caplog.text  # snapshot + replayed changes, not a fallback rebuild
         assert index.ids().tolist() == sorted(stored)

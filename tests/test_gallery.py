@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fakes import DIM, THRESHOLD, FakePipeline, person_embedding, photo
 
-from facegallery.server.errors import (
+from facegallery.server.contract.errors import (
     AlreadyExists,
     EmbeddingShapeError,
     ImageDecodeError,
@@ -19,8 +19,8 @@ from facegallery.server.errors import (
     NoFaceError,
     NotFound,
 )
-from facegallery.server.gallery import DEFAULT_GALLERY, FacePolicy, GalleryManager
-from facegallery.server.store import NewTemplate
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, FacePolicy, GalleryManager
+from facegallery.server.gallery.store import NewTemplate
 
 ANN, BOB, CAT, DAN = (200, 10), (10, 200), (120, 120), (60, 250)  # (red, green) = a person
 

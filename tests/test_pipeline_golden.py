@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegallery.server.detect import DetectionConfig
+from facegallery.server.face.detect import DetectionConfig
 
 
 def iou(a, b) -> float:

@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from facegallery.server.app import SERVICE_NAME, ServerConfig, create_server
-from facegallery.server.interceptors import INTERNAL_MESSAGE
+from facegallery.server.service.app import SERVICE_NAME, ServerConfig, create_server
+from facegallery.server.service.status import INTERNAL_MESSAGE
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
@@ -257,7 +257,7 @@ def test_resource_exhausted(stub):
 
 
 def test_internal_error_is_generic_and_logged(stub, caplog):
-    with caplog.at_level(logging.ERROR, logger="facegallery.server.interceptors"):
+    with caplog.at_level(logging.ERROR, logger="facegallery.server.service.interceptors"):
         code, details = status_of(stub.Embed, pb.EmbedRequest(image=image(b"explode")))
     assert code == grpc.StatusCode.INTERNAL and details == INTERNAL_MESSAGE and "boom" not in details
     assert "ZeroDivisionError" in caplog.text and "/facegallery.v1.GalleryService/Embed" in caplog.text

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facegallery.server.errors import AlreadyExists, EmbeddingShapeError, NotFound
-from facegallery.server.face import Face
-from facegallery.server.store import NewTemplate, SqliteTemplateStore
+from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, NotFound
+from facegallery.server.contract.face import Face
+from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
 
 D = 8
 

@@ -1,4 +1,4 @@
-"""The learned same-person head (export/train_head.py) and its server runtime (server/same_head.py).
+"""The learned same-person head (export/train/head.py) and its server runtime (server/face/same_head.py).
 
 Real embeddings: dlib's own 128-D descriptors of the shared photos (``golden_dlib/golden.jsonl``,
 raw, not L2-normalised, signed components), one face per image, identity = source/folder. The head
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from facegallery.export.train_head import CHI2_EPS, SameHeadNet, export_head, fit_head, pair_features
-from facegallery.server.errors import EmbeddingShapeError, ModelError
-from facegallery.server.manifest import ModelFile, ModelManifest, sha256_file
-from facegallery.server.same_head import SameHead
+from facegallery.export.train.head import CHI2_EPS, SameHeadNet, export_head, fit_head, pair_features
+from facegallery.server.contract.errors import EmbeddingShapeError, ModelError
+from facegallery.server.contract.manifest import ModelFile, ModelManifest, sha256_file
+from facegallery.server.face.same_head import SameHead
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,4 +1,4 @@
-"""Triplet loss and the batch-hard / semi-hard miners on hand-made embeddings (export/train_losses.py).
+"""Triplet loss and the batch-hard / semi-hard miners on hand-made embeddings (export/train/losses.py).
 
 The embeddings are 1-D points x = [0, 1, 3, 3.5, 6] with identities [0, 0, 0, 1, 1], so every
 squared distance is known by hand:
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facegallery.export.train_losses import (
+from facegallery.export.train.losses import (
     TripletLoss,
     mine_batch_hard,
     mine_semi_hard,

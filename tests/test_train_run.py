@@ -1,7 +1,7 @@
-"""A small real training run (export/train.py) on ORL s1-s30, judged on the unseen people s31-s40.
+"""A small real training run (export/train/run.py) on ORL s1-s30, judged on the unseen people s31-s40.
 
-Also: the P x K sampler and augmentation (export/train_data.py), the ONNX -> torch conversion of
-the default dlib embedder used by ``--init`` (export/train_model.py), seed determinism and
+Also: the P x K sampler and augmentation (export/train/data.py), the ONNX -> torch conversion of
+the default dlib embedder used by ``--init`` (export/train/model.py), seed determinism and
 ``--resume``, the exported model directory as the server loads it, and the click commands.
 """
 
@@ -15,16 +15,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from facegallery.export.evaluate import best_threshold, rank1
-from facegallery.export.train import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainArgs, balanced_pairs, main
-from facegallery.export.train_cli import calibrate, train
-from facegallery.export.train_data import AugmentConfig, PipelineChipper, PKBatchSampler, augment, load_chips, scan_identity_folders
-from facegallery.export.train_model import build_model
-from facegallery.server.embed import Embedder
-from facegallery.server.face import ImageKind
-from facegallery.server.manifest import ModelManifest
-from facegallery.server.pipeline import FacePipeline
-from facegallery.server.same_head import SameHead
+from facegallery.export.evaluate.metrics import best_threshold, rank1
+from facegallery.export.train.run import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainArgs, balanced_pairs, main
+from facegallery.export.train.cli import calibrate, train
+from facegallery.export.train.data import AugmentConfig, PipelineChipper, PKBatchSampler, augment, load_chips, scan_identity_folders
+from facegallery.export.train.model import build_model
+from facegallery.server.face.embed import Embedder
+from facegallery.server.contract.face import ImageKind
+from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.pipeline import FacePipeline
+from facegallery.server.face.same_head import SameHead
 
 EPOCHS = 15
 
@@ -129,7 +129,7 @@ def test_exported_model_dir_is_servable_and_matches_torch(runs, unseen_chips):
 
 
 def test_same_seed_same_run_and_resume(orl_split, model_dir, cache_dir, tmp_path, monkeypatch):
-    import facegallery.export.train as train_module
+    import facegallery.export.train.run as train_module
 
     quick = dict(epochs=2, batches_per_epoch=2, head="none")
     a = main(_args(orl_split[0], tmp_path / "a", model_dir, cache_dir, **quick))
@@ -224,8 +224,8 @@ def test_init_from_default_dlib_model_is_exact(model_dir, unseen_chips):
 
 
 def _dlib_chip(pipeline, path: Path) -> np.ndarray:
-    from facegallery.server.align import extract_chips
-    from facegallery.server.decode import decode_image
+    from facegallery.server.face.align import extract_chips
+    from facegallery.server.face.decode import decode_image
 
     rgb = decode_image(path.read_bytes())
     face = pipeline.analyze(rgb)[0]

@@ -1,0 +1,1 @@
+"""dlib model conversion: the .dat reader, the ResNet/MMOD/shape-predictor converters and ONNX builders."""

@@ -1,0 +1,157 @@
+"""Dynamic batching of face-chip embedding across concurrent requests.
+
+A CNN embedder runs a batch of N chips in much less than N times the time of one chip, and a
+server handles many requests at once. :class:`BatchingEmbedder` queues the chips of concurrent
+callers and lets one worker thread embed them together: a batch is closed when it holds
+``max_batch_size`` chips or ``max_delay_ms`` after its first request arrived, whichever comes
+first (the TensorFlow Serving / Triton dynamic-batching policy). Each caller blocks until its own
+rows are back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from facegallery.server.face.pipeline import ChipEmbedder
+
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_DELAY_MS", "BatchingEmbedder"]
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_DELAY_MS = 5.0
+
+
+class _Request:
+    __slots__ = ("chips", "future")
+
+    def __init__(self, chips: np.ndarray) -> None:
+        self.chips = chips
+        self.future: Future[np.ndarray] = Future()
+
+
+_STOP = object()
+
+
+class BatchingEmbedder:
+    """Wraps an embedder so that concurrent ``embed`` calls share batches.
+
+    Parameters
+    ----------
+    embedder : ChipEmbedder
+        The wrapped embedder, ``embed(chips (N,S,S,3) uint8) -> (N,D) float32``; only the
+        worker thread calls it.
+    max_batch_size : int
+        Chips per batch, >= 1. A single request with more chips is embedded as its own batch.
+    max_delay_ms : float
+        Longest wait (milliseconds) for more requests after the first one of a batch, >= 0.
+
+    ``embed`` has the wrapped embedder's surface. If a batch fails, its requests are retried one
+    by one so that each caller gets its own result or its own exception. :meth:`close` embeds
+    what is queued, then stops the worker; ``embed`` after ``close`` raises RuntimeError.
+    """
+
+    def __init__(self, embedder: ChipEmbedder, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_delay_ms: float = DEFAULT_MAX_DELAY_MS) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        self.embedder = embedder
+        self.max_batch_size = int(max_batch_size)
+        self.max_delay_ms = float(max_delay_ms)
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._worker = threading.Thread(target=self._run, name="batching-embedder", daemon=True)
+        self._worker.start()
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        """Embed ``chips`` ``(N,S,S,3)`` with other callers' chips; returns ``(N,D) float32``.
+
+        Raises whatever the wrapped embedder raises for these chips, and RuntimeError after
+        :meth:`close`.
+        """
+        request = _Request(np.asarray(chips))
+        with self._close_lock:
+            if self._closed:
+                raise RuntimeError("the batching embedder is closed")
+            self._queue.put(request)
+        return request.future.result()
+
+    def close(self) -> None:
+        """Finish the queued requests and stop the worker thread (idempotent)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._worker.join()
+
+    def __enter__(self) -> BatchingEmbedder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BatchingEmbedder({self.embedder!r}, max_batch_size={self.max_batch_size}, max_delay_ms={self.max_delay_ms})"
+
+    # -- worker ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch, stopping = self._collect(first)
+            self._embed_batch(batch)
+
+    def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
+        """``first`` plus the requests that arrive within the delay and fit in the batch."""
+        batch, size = [first], len(first.chips)
+        deadline = time.monotonic() + self.max_delay_ms / 1000.0
+        while size < self.max_batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            if size + len(item.chips) > self.max_batch_size:
+                self._embed_batch(batch)
+                batch, size = [item], len(item.chips)
+                deadline = time.monotonic() + self.max_delay_ms / 1000.0
+                continue
+            batch.append(item)
+            size += len(item.chips)
+        return batch, False
+
+    def _embed_batch(self, batch: list[_Request]) -> None:
+        if len(batch) > 1:
+            try:
+                chips = np.concatenate([r.chips for r in batch])
+                started = time.perf_counter()
+                embeddings = self.embedder.embed(chips)
+                LOG.debug("embedded %d chips of %d requests in %.1f ms", len(chips), len(batch), (time.perf_counter() - started) * 1e3)
+            except Exception:  # one request's bad chips must not fail the others: retry one by one
+                LOG.debug("batch of %d requests failed; embedding them one by one", len(batch), exc_info=True)
+            else:
+                start = 0
+                for request in batch:
+                    request.future.set_result(embeddings[start : start + len(request.chips)])
+                    start += len(request.chips)
+                return
+        for request in batch:
+            try:
+                request.future.set_result(self.embedder.embed(request.chips))
+            except Exception as exc:
+                request.future.set_exception(exc)

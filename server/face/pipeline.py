@@ -1,0 +1,250 @@
+"""The face pipeline: decode -> detect -> landmarks -> align -> embed, one image at a time.
+
+:class:`FacePipeline` composes the stages (each in its own module) for one model directory:
+
+    decode.py      bytes -> (H,W,3) uint8 RGB, EXIF orientation applied, size limits
+    detect.py      MMOD CNN -> boxes and scores (scale chosen from image size)
+    landmarks.py   5-point ERT shape predictor -> (N,5,2) landmarks
+    align.py       similarity alignment -> (N,S,S,3) face chips (S = 150 for the default model)
+    embed.py       ONNX embedder -> (N,D) float32 embeddings
+
+The gallery (gallery.py) and the CLI call :meth:`FacePipeline.analyze`; the server may wrap the
+embedder in a batching layer shared by concurrent requests (batching.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from facegallery.server.face.align import extract_chips, template_in_chip
+from facegallery.server.face.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DecodeLimits, decode_image
+from facegallery.server.face.detect import DetectionConfig, FaceDetector
+from facegallery.server.face.embed import Embedder
+from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.contract.face import Face, ImageKind
+from facegallery.server.face.landmarks import LandmarkPredictor
+from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.same_head import SameHead
+
+__all__ = ["PipelineConfig", "FacePipeline", "ChipEmbedder"]
+
+LOG = logging.getLogger(__name__)
+
+ImageInput = bytes | Image.Image | np.ndarray
+
+
+class ChipEmbedder(Protocol):
+    """Anything that embeds face chips: ``(N,S,S,3) uint8 -> (N,D) float32``."""
+
+    def embed(self, chips: np.ndarray) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of the face pipeline (all keyword; defaults are the module constants).
+
+    Attributes
+    ----------
+    max_image_bytes, max_image_pixels : int
+        Decode limits (decode.py); over them -> ImageTooLargeError (RESOURCE_EXHAUSTED).
+    detection : DetectionConfig
+        Detector scale policy, upsampling, minimum face size, score threshold (detect.py).
+    intra_op_threads : int
+        onnxruntime intra-op threads of the detector and embedder sessions; 0 = one per core.
+    flip_augment : bool
+        Test-time augmentation: a face's embedding is the mean of the embeddings of its chip and
+        of the chip mirrored left-right (twice the embedding cost, ~4 ms per face on one core).
+        Off by default, so embeddings equal dlib's ``compute_face_descriptor``. Measured on
+        ``pairs_dev.tsv`` (2,865 LFW pairs, 150x150 images) with the default model: 10-fold
+        accuracy 98.68 % -> 98.88 %, accuracy at the fixed threshold 0.6 98.15 % -> 98.85 %.
+    """
+
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    intra_op_threads: int = 0
+    flip_augment: bool = False
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+
+class FacePipeline:
+    """Every face of an image with its box, landmarks, score and embedding, for one model.
+
+    Build it with :meth:`from_model_dir`. Thread-safe: the stages hold no per-call state and
+    onnxruntime sessions may be run concurrently.
+    """
+
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        model_dir: Path,
+        *,
+        detector: FaceDetector,
+        landmarks: LandmarkPredictor,
+        embedder: ChipEmbedder,
+        head: SameHead | None,
+        config: PipelineConfig,
+    ) -> None:
+        self.manifest = manifest
+        self.model_dir = model_dir
+        self.detector = detector
+        self.landmarks = landmarks
+        self.embedder = embedder
+        self.head = head
+        self.config = config
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: str | os.PathLike,
+        config: PipelineConfig | None = None,
+        *,
+        embedder: ChipEmbedder | None = None,
+        verify_checksums: bool = True,
+    ) -> "FacePipeline":
+        """Load a model directory (``model.json`` + files, see manifest.py).
+
+        Parameters
+        ----------
+        model_dir : path
+            A directory written by ``facegallery export dlib`` or ``facegallery train``.
+        config : PipelineConfig, optional
+        embedder : optional
+            Replaces the plain ONNX embedder (the server passes a batching wrapper around
+            :meth:`load_embedder`'s result).
+        verify_checksums : bool
+            Check every file's sha256 against the manifest (about 0.1 s).
+
+        Raises
+        ------
+        ModelError
+            Missing/corrupt files or a manifest that disagrees with the ONNX graphs.
+        """
+        config = config or PipelineConfig()
+        model_dir = Path(model_dir)
+        manifest = ModelManifest.load(model_dir, verify=verify_checksums)
+        started = time.perf_counter()
+        pipeline = cls(
+            manifest,
+            model_dir,
+            detector=FaceDetector.from_manifest(model_dir, manifest, intra_op_threads=config.intra_op_threads),
+            landmarks=LandmarkPredictor.from_manifest(model_dir, manifest),
+            embedder=embedder or cls.load_embedder(model_dir, manifest, config),
+            head=SameHead.from_manifest(model_dir, manifest),
+            config=config,
+        )
+        LOG.info("loaded model %s (%s) from %s in %.2f s", manifest.name, manifest.model_id[:12], model_dir, time.perf_counter() - started)
+        return pipeline
+
+    @staticmethod
+    def load_embedder(model_dir: Path, manifest: ModelManifest, config: PipelineConfig) -> Embedder:
+        """The plain onnxruntime embedder of a model directory."""
+        return Embedder.from_manifest(model_dir, manifest, intra_op_threads=config.intra_op_threads)
+
+    # ------------------------------------------------------------------------------------------
+    def analyze(
+        self,
+        image: ImageInput,
+        *,
+        kind: ImageKind = ImageKind.PHOTO,
+        max_faces: int = 0,
+        detection: DetectionConfig | None = None,
+    ) -> list[Face]:
+        """Detect, align and embed every face of one image.
+
+        Parameters
+        ----------
+        image : bytes | PIL.Image.Image | (H,W,3) uint8 ndarray
+            Encoded bytes, a PIL image or RGB pixels (see decode.py for modes and EXIF handling).
+        kind : ImageKind
+            PHOTO: detect faces. FACE_CROP: the image is one face; landmarks are predicted in the
+            whole image. ALIGNED_CHIP: the image is already an aligned ``S x S`` chip
+            (S = ``manifest.chip.size``) and is embedded as is.
+        max_faces : int
+            Keep at most this many faces, largest box first; 0 keeps all.
+        detection : DetectionConfig, optional
+            Overrides the pipeline's detection settings for this call.
+
+        Returns
+        -------
+        list[Face]
+            Largest box first; boxes and landmarks in pixels of the decoded image after EXIF
+            orientation. ``[]`` when no face is found.
+
+        Raises
+        ------
+        ImageDecodeError, ImageTooLargeError, InvalidInput
+            Undecodable input, input over the limits, a chip of the wrong size.
+        """
+        if max_faces < 0:
+            raise InvalidInput(f"max_faces must be >= 0, got {max_faces}")
+        rgb = decode_image(image, self.config.decode_limits)
+        height, width = rgb.shape[:2]
+        size = self.manifest.chip.size
+        if kind is ImageKind.ALIGNED_CHIP:
+            if (height, width) != (size, size):
+                raise InvalidInput(f"an aligned chip must be {size}x{size} pixels, got {width}x{height}")
+            boxes = np.array([[0, 0, width - 1, height - 1]], dtype=np.float32)
+            scores = np.zeros(1, dtype=np.float32)
+            landmarks = template_in_chip(self.manifest.chip)[None].astype(np.float32)
+            chips = rgb[None]
+        else:
+            if kind is ImageKind.FACE_CROP:
+                boxes = np.array([[0, 0, width - 1, height - 1]], dtype=np.float32)
+                scores = np.zeros(1, dtype=np.float32)
+            else:
+                detections = self.detector.detect(rgb, detection or self.config.detection)
+                boxes, scores = _largest_first(detections.boxes, detections.scores, max_faces)
+            landmarks = self.landmarks.predict(rgb, boxes)
+            chips = extract_chips(rgb, landmarks, self.manifest.chip)
+        embeddings = self._embed(chips)
+        return [
+            Face(box=boxes[i].astype(np.float32), landmarks=landmarks[i].astype(np.float32), score=float(scores[i]), embedding=embeddings[i])
+            for i in range(len(boxes))
+        ]
+
+    def _embed(self, chips: np.ndarray) -> np.ndarray:
+        """``(N,S,S,3) uint8`` chips -> ``(N,D) float32``, with the flip augmentation if configured."""
+        n = len(chips)
+        if n == 0:
+            return np.zeros((0, self.manifest.embedding_dim), np.float32)
+        if not self.config.flip_augment:
+            return self.embedder.embed(chips)
+        both = self.embedder.embed(np.concatenate([chips, chips[:, :, ::-1]]))
+        return ((both[:n] + both[n:]) / 2).astype(np.float32)
+
+    def probability_same(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+        """P(same person) from the model's learned head (export/train/head.py).
+
+        Parameters
+        ----------
+        a, b : (N, D) float32
+            Embeddings, row i of ``a`` paired with row i of ``b``.
+
+        Returns
+        -------
+        (N,) float32 in [0, 1], or None when the model has no head.
+        """
+        if self.head is None:
+            return None
+        return self.head.probability_same(a, b)
+
+
+def _largest_first(boxes: np.ndarray, scores: np.ndarray, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Order detections by box area (descending), keep ``max_faces`` (0 = all)."""
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    order = np.argsort(-areas, kind="stable")
+    if max_faces:
+        order = order[:max_faces]
+    return boxes[order], scores[order]

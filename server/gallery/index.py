@@ -1,0 +1,435 @@
+"""The vector index of a gallery: FAISS search over template embeddings, snapshots, identity search.
+
+The index is derived data; the store (store.py) is the truth. Three parts:
+
+* :class:`VectorIndex`, the interface the gallery searches through, and :class:`FaissIndex`, its
+  FAISS implementation, built from a faiss factory string (default ``"IDMap2,Flat"``: exact L2
+  over ``IndexFlatL2`` with template ids kept by ``IndexIDMap2``, so HNSW/IVF can come later by
+  changing the string).
+* Snapshots: :func:`write_snapshot` writes the serialized index with the last change ``seq`` it
+  contains, atomically (temp file, fsync, rename, fsync of the directory). At start-up
+  :func:`open_gallery_index` loads the snapshot and replays the store's newer changes, or rebuilds
+  from the store when the snapshot is missing, corrupt or does not match; either way the index's
+  template ids are then checked against the store's.
+* :func:`search_identities`: an identity's distance is the minimum over its templates, so the
+  index is searched for ``k' > k`` templates, which are grouped by identity; ``k'`` grows until
+  ``k`` distinct identities are found or the index is exhausted.
+
+Distances are plain Euclidean (L2) distances (faiss returns squared L2; we take the square root).
+Short names as in faiss: n probes, d dimension, k neighbours, D distances, I ids.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from facegallery.server.gallery.store import GalleryRecord, TemplateOwner, TemplateStore
+
+__all__ = [
+    "DEFAULT_FACTORY",
+    "VectorIndex",
+    "FaissIndex",
+    "make_index",
+    "set_search_threads",
+    "SnapshotError",
+    "SnapshotHeader",
+    "write_snapshot",
+    "read_snapshot",
+    "open_gallery_index",
+    "IdentityHit",
+    "search_identities",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: Exact L2 search, template ids kept by IndexIDMap2 (add_with_ids / remove_ids / id list).
+DEFAULT_FACTORY = "IDMap2,Flat"
+_MAGIC = b"FGIDX\x00\x01\n"
+_FORMAT = "facegallery-index/1"
+#: First fetch of templates per identity wanted; multiplied by this while identities are missing.
+_TEMPLATE_FANOUT = 4
+
+# OpenMP threads per faiss call. OpenMP keeps this setting per calling thread, so setting it once
+# in the main thread does not reach the server's handler threads: each thread sets it itself on
+# its first search (else every handler thread would fan out to all cores and oversubscribe them).
+_search_threads: int | None = None
+_thread_state = threading.local()
+
+
+def set_search_threads(n: int | None) -> None:
+    """OpenMP threads each faiss search uses, in every thread (None = OpenMP's default, all cores)."""
+    global _search_threads
+    if n is not None and n < 1:
+        raise ValueError(f"search threads must be >= 1, got {n}")
+    _search_threads = n
+
+
+def _pin_search_threads() -> None:
+    if _search_threads is not None and getattr(_thread_state, "omp_threads", None) != _search_threads:
+        faiss.omp_set_num_threads(_search_threads)
+        _thread_state.omp_threads = _search_threads
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector index
+
+
+class VectorIndex(abc.ABC):
+    """Nearest-neighbour search over ``(id, vector)`` pairs with Euclidean distance.
+
+    Not synchronised: callers must keep writes (add, remove) apart from everything else;
+    concurrent searches are safe.
+    """
+
+    #: Dimension d of the vectors.
+    d: int
+    #: The faiss factory string the index was built from (recorded in snapshots).
+    factory: str
+
+    @property
+    @abc.abstractmethod
+    def ntotal(self) -> int:
+        """Number of vectors in the index."""
+
+    @abc.abstractmethod
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        """Add vectors ``x`` ``(n, d) float32`` under ids ``(n,) int64`` (not already present)."""
+
+    @abc.abstractmethod
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the given ids ``(n,) int64`` (absent ids are ignored); returns how many were removed."""
+
+    @abc.abstractmethod
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest vectors of each query.
+
+        Parameters
+        ----------
+        x : (n, d) float32
+            Query vectors.
+        k : int
+            Neighbours per query, >= 1.
+
+        Returns
+        -------
+        D : (n, k) float32
+            Plain L2 distances, ascending per row; +inf where there is no neighbour.
+        I : (n, k) int64
+            Ids of the neighbours; -1 where there is no neighbour (k > ntotal).
+        """
+
+    @abc.abstractmethod
+    def ids(self) -> np.ndarray:
+        """Every id in the index, ascending, ``(ntotal,) int64``."""
+
+    @abc.abstractmethod
+    def serialize(self) -> bytes:
+        """The index as bytes (:func:`make_index`'s ``data`` argument restores it)."""
+
+
+class FaissIndex(VectorIndex):
+    """:class:`VectorIndex` over a faiss ``IndexIDMap2`` with an L2 inner index.
+
+    Parameters
+    ----------
+    d : int
+        Vector dimension.
+    factory : str
+        faiss ``index_factory`` string; it must yield an ``IndexIDMap2`` (start with ``"IDMap2,"``)
+        with the L2 metric, e.g. ``"IDMap2,Flat"`` (exact).
+    data : bytes, optional
+        A serialized index (:meth:`serialize`) to restore instead of building an empty one.
+
+    Raises
+    ------
+    ValueError
+        The factory string or the data gives another kind of index, or a different ``d``.
+    """
+
+    def __init__(self, d: int, factory: str = DEFAULT_FACTORY, *, data: bytes | None = None) -> None:
+        self.d = int(d)
+        self.factory = factory
+        if data is None:
+            index = faiss.index_factory(self.d, factory, faiss.METRIC_L2)
+        else:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise ValueError(f"index factory {factory!r} must give an IndexIDMap2 (start with 'IDMap2,'), got {type(index).__name__}")
+        if index.d != self.d or index.metric_type != faiss.METRIC_L2:
+            raise ValueError(f"expected an L2 index of d={self.d}, got d={index.d} metric={index.metric_type}")
+        self._index = index
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
+        x = self._vectors(x)
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) != len(x):
+            raise ValueError(f"got {len(ids)} ids for {len(x)} vectors")
+        if len(ids):
+            self._index.add_with_ids(x, ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 0:
+            return 0
+        return int(self._index.remove_ids(ids))
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        x = self._vectors(x)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if len(x) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        _pin_search_threads()
+        squared, I = self._index.search(x, k)
+        D = np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
+        D[I < 0] = np.inf
+        return D, I.astype(np.int64)
+
+    def ids(self) -> np.ndarray:
+        return np.sort(faiss.vector_to_array(self._index.id_map).astype(np.int64))
+
+    def serialize(self) -> bytes:
+        return faiss.serialize_index(self._index).tobytes()
+
+    def _vectors(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"vectors must have shape (n, {self.d}), got {x.shape}")
+        return x
+
+    def __repr__(self) -> str:
+        return f"FaissIndex(d={self.d}, factory={self.factory!r}, ntotal={self.ntotal})"
+
+
+def make_index(d: int, factory: str = DEFAULT_FACTORY, *, data: bytes | None = None) -> VectorIndex:
+    """An empty (or, with ``data``, restored) index of dimension ``d`` for ``factory``."""
+    return FaissIndex(d, factory, data=data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots
+
+
+class SnapshotError(Exception):
+    """A snapshot file is missing, truncated, corrupt, or of another format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotHeader:
+    """What a snapshot holds: the index of gallery ``gallery_key`` after change ``last_seq``."""
+
+    gallery_key: int
+    gallery: str
+    last_seq: int
+    d: int
+    ntotal: int
+    factory: str
+    sha256: str
+    format: str = _FORMAT
+
+
+def write_snapshot(path: str | os.PathLike, index: VectorIndex, *, gallery_key: int, gallery: str, last_seq: int) -> SnapshotHeader:
+    """Write ``index`` to ``path`` atomically: temp file, fsync, rename, fsync of the directory.
+
+    File layout: 8 magic bytes, a little-endian uint32 header length, the UTF-8 JSON
+    :class:`SnapshotHeader`, then the serialized index (whose sha256 the header records).
+    A crash at any point leaves either the old file or the new one.
+    """
+    path = Path(path)
+    payload = index.serialize()
+    header = SnapshotHeader(gallery_key, gallery, int(last_seq), index.d, index.ntotal, index.factory, hashlib.sha256(payload).hexdigest())
+    header_bytes = json.dumps(dataclasses.asdict(header)).encode()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(_MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes)
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return header
+
+
+def read_snapshot(path: str | os.PathLike) -> tuple[SnapshotHeader, VectorIndex]:
+    """Load a snapshot written by :func:`write_snapshot`.
+
+    Raises
+    ------
+    SnapshotError
+        Missing file, bad magic or header, checksum mismatch, or an index faiss cannot read.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SnapshotError(f"no snapshot at {path}") from None
+    prefix = len(_MAGIC) + 4
+    if len(data) < prefix or not data.startswith(_MAGIC):
+        raise SnapshotError(f"{path} is not a facegallery index snapshot")
+    (length,) = struct.unpack("<I", data[len(_MAGIC) : prefix])
+    try:
+        header = SnapshotHeader(**json.loads(data[prefix : prefix + length]))
+    except (ValueError, TypeError) as exc:
+        raise SnapshotError(f"{path} has a malformed header: {exc}") from exc
+    payload = data[prefix + length :]
+    if header.format != _FORMAT or hashlib.sha256(payload).hexdigest() != header.sha256:
+        raise SnapshotError(f"{path} is corrupt (format or checksum mismatch)")
+    try:
+        index = make_index(header.d, header.factory, data=payload)
+    except (RuntimeError, ValueError) as exc:
+        raise SnapshotError(f"{path}: faiss cannot read the index: {exc}") from exc
+    if index.ntotal != header.ntotal:
+        raise SnapshotError(f"{path} holds {index.ntotal} vectors, its header says {header.ntotal}")
+    return header, index
+
+
+def open_gallery_index(store: TemplateStore, gallery: GalleryRecord, path: str | os.PathLike, factory: str = DEFAULT_FACTORY) -> VectorIndex:
+    """The index of ``gallery`` as of its ``last_seq``: snapshot plus replay, or a rebuild.
+
+    The snapshot is used when it belongs to this gallery (same key, dimension and factory) and
+    is not newer than the store; changes after its ``last_seq`` are replayed (removals, then the
+    additions that still exist). The result's ids must equal the store's template ids, otherwise
+    (or when the snapshot is unusable) the index is rebuilt from every stored embedding.
+    Call it while the gallery receives no writes.
+    """
+    started = time.perf_counter()
+    try:
+        index = _from_snapshot(store, gallery, Path(path), factory)
+        how = "snapshot"
+    except SnapshotError as exc:
+        LOG.info("gallery %r: %s; rebuilding the index from the store", gallery.name, exc)
+        index = _rebuild(store, gallery, factory)
+        how = "rebuild"
+    LOG.info("gallery %r: index of %d templates ready (%s) in %.3f s", gallery.name, index.ntotal, how, time.perf_counter() - started)
+    return index
+
+
+def _from_snapshot(store: TemplateStore, gallery: GalleryRecord, path: Path, factory: str) -> VectorIndex:
+    header, index = read_snapshot(path)
+    if (header.gallery_key, header.d, header.factory) != (gallery.key, gallery.embedding_dim, factory):
+        raise SnapshotError(f"{path} is for another gallery, dimension or index type")
+    if header.last_seq > gallery.last_seq:
+        raise SnapshotError(f"{path} is newer (seq {header.last_seq}) than the store (seq {gallery.last_seq})")
+    changes = store.changes_since(gallery.name, header.last_seq)
+    removed = {c.template_id for c in changes if c.op == "remove"}
+    added = {c.template_id for c in changes if c.op == "add"} - removed
+    index.remove(np.fromiter(removed, dtype=np.int64, count=len(removed)))
+    for ids, x in store.embeddings(gallery.name, added):
+        index.add(ids, x)
+    if not np.array_equal(index.ids(), store.template_ids(gallery.name)):
+        raise SnapshotError(f"{path} plus {len(changes)} replayed changes does not match the store")
+    LOG.debug("gallery %r: snapshot seq %d, replayed %d changes", gallery.name, header.last_seq, len(changes))
+    return index
+
+
+def _rebuild(store: TemplateStore, gallery: GalleryRecord, factory: str) -> VectorIndex:
+    index = make_index(gallery.embedding_dim, factory)
+    for ids, x in store.embeddings(gallery.name):
+        index.add(ids, x)
+    return index
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity search
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityHit:
+    """One candidate identity for a probe: ``distance`` (L2) to its nearest template ``template_id``."""
+
+    identity_key: int
+    identity_id: str
+    display_name: str
+    template_id: int
+    distance: float
+
+
+def search_identities(
+    index: VectorIndex,
+    owners_of: Callable[[list[int]], Mapping[int, TemplateOwner]],
+    x: np.ndarray,
+    k: int,
+) -> list[list[IdentityHit]]:
+    """The ``k`` nearest identities of each probe, an identity's distance being its nearest template's.
+
+    Parameters
+    ----------
+    index : VectorIndex
+        Template ids -> embeddings.
+    owners_of : callable
+        Template ids -> their :class:`TemplateOwner` (e.g. ``store.template_owners``); ids it
+        leaves out are ignored.
+    x : (n, d) float32
+        Probe embeddings.
+    k : int
+        Identities per probe, >= 1.
+
+    Returns
+    -------
+    list (length n) of lists of IdentityHit
+        Ascending distance, at most ``k`` each (fewer when the gallery has fewer identities;
+        empty for an empty gallery).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = len(x)
+    ntotal = index.ntotal
+    results: list[list[IdentityHit] | None] = [None] * n
+    if ntotal == 0:
+        return [[] for _ in range(n)]
+    owners: dict[int, TemplateOwner] = {}
+    pending = np.arange(n)
+    fetch = min(ntotal, _TEMPLATE_FANOUT * k)
+    while len(pending):
+        D, I = index.search(x[pending], fetch)
+        unknown = [int(i) for i in np.unique(I) if i >= 0 and int(i) not in owners]
+        owners.update(owners_of(unknown))
+        still = []
+        for row, probe in enumerate(pending):
+            hits = _group_by_identity(D[row], I[row], owners, k)
+            if len(hits) >= k or fetch >= ntotal:
+                results[probe] = hits
+            else:
+                still.append(probe)
+        pending = np.asarray(still, dtype=np.int64)
+        fetch = min(ntotal, fetch * _TEMPLATE_FANOUT)
+    return [r if r is not None else [] for r in results]
+
+
+def _group_by_identity(D: np.ndarray, I: np.ndarray, owners: Mapping[int, TemplateOwner], k: int) -> list[IdentityHit]:
+    """First (nearest) template of each identity in one ranked row, at most ``k`` identities."""
+    hits: list[IdentityHit] = []
+    seen: set[int] = set()
+    for distance, template_id in zip(D.tolist(), I.tolist(), strict=True):
+        owner = owners.get(template_id) if template_id >= 0 else None
+        if owner is None or owner.identity_key in seen:
+            continue
+        seen.add(owner.identity_key)
+        hits.append(IdentityHit(owner.identity_key, owner.identity_id, owner.display_name, template_id, distance))
+        if len(hits) == k:
+            break
+    return hits

@@ -1,0 +1,711 @@
+"""The durable source of truth of every gallery: SQLite (stdlib ``sqlite3``) in the data directory.
+
+Tables (schema version :data:`SCHEMA_VERSION`)::
+
+    galleries   gallery_key, name, model_id, threshold, metric, embedding_dim, created, last_seq
+    identities  identity_key, gallery_key, identity_id, display_name, metadata (JSON), created, updated
+    templates   template_id, identity_key, gallery_key, embedding (float32 BLOB), source_sha256,
+                face (JSON box/landmarks/score), created
+    changes     seq, gallery_key, op ('add' | 'remove'), template_id
+
+``template_id`` is the id the vector index stores. It and ``seq`` are ``AUTOINCREMENT`` keys,
+so neither is ever reused, even after deletions: an index snapshot that still holds a deleted
+template can be brought up to date by replaying ``changes`` after the snapshot's ``seq``
+(index.py). ``galleries.last_seq`` is the newest change of each gallery.
+
+Durability: WAL journal with ``synchronous=FULL``, so a write method that has returned is on
+disk and survives ``kill -9`` or power loss (sqlite.org/pragma.html#pragma_synchronous). One
+writer connection serialised by a lock does every write in one ``BEGIN IMMEDIATE`` transaction;
+each reading thread has its own connection, and WAL lets those read while a write is under way.
+
+Times are Unix seconds (float). Embeddings are little-endian float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn, Protocol
+
+import numpy as np
+
+from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, NotFound
+from facegallery.server.contract.face import Face
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "GalleryRecord",
+    "TemplateRecord",
+    "IdentityRecord",
+    "NewTemplate",
+    "AddedTemplate",
+    "ExportedTemplate",
+    "TemplateOwner",
+    "Change",
+    "TemplateStore",
+    "SqliteTemplateStore",
+]
+
+LOG = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+#: Template ids per ``IN (...)`` query (SQLite's default host-parameter limit is 32766).
+_IN_CHUNK = 500
+#: Rows per fetch when streaming embeddings.
+_FETCH_ROWS = 4096
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS galleries (
+    gallery_key   INTEGER PRIMARY KEY AUTOINCREMENT,
+    name          TEXT NOT NULL UNIQUE,
+    model_id      TEXT NOT NULL,
+    threshold     REAL NOT NULL,
+    metric        TEXT NOT NULL,
+    embedding_dim INTEGER NOT NULL,
+    created       REAL NOT NULL,
+    last_seq      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS identities (
+    identity_key  INTEGER PRIMARY KEY AUTOINCREMENT,
+    gallery_key   INTEGER NOT NULL REFERENCES galleries(gallery_key),
+    identity_id   TEXT NOT NULL,
+    display_name  TEXT NOT NULL,
+    metadata      TEXT NOT NULL,
+    created       REAL NOT NULL,
+    updated       REAL NOT NULL,
+    UNIQUE (gallery_key, identity_id)
+);
+CREATE TABLE IF NOT EXISTS templates (
+    template_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity_key  INTEGER NOT NULL REFERENCES identities(identity_key),
+    gallery_key   INTEGER NOT NULL REFERENCES galleries(gallery_key),
+    embedding     BLOB NOT NULL,
+    source_sha256 TEXT NOT NULL,
+    face          TEXT,
+    created       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS templates_by_identity ON templates(identity_key);
+CREATE INDEX IF NOT EXISTS templates_by_gallery ON templates(gallery_key, template_id);
+CREATE TABLE IF NOT EXISTS changes (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    gallery_key   INTEGER NOT NULL,
+    op            TEXT NOT NULL CHECK (op IN ('add', 'remove')),
+    template_id   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_gallery ON changes(gallery_key, seq);
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryRecord:
+    """One gallery row with its counts.
+
+    ``threshold`` is an L2 distance; ``created`` Unix seconds; ``last_seq`` the newest change
+    (0 before the first template).
+    """
+
+    key: int
+    name: str
+    model_id: str
+    threshold: float
+    metric: str
+    embedding_dim: int
+    created: float
+    last_seq: int
+    identity_count: int
+    template_count: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TemplateRecord:
+    """One stored template.
+
+    ``embedding`` is ``(D,) float32``; ``face`` the enrolled face (its ``embedding`` is the same
+    vector) or None for imported embeddings; ``source_sha256`` hex or ``""``.
+    """
+
+    template_id: int
+    identity_id: str
+    embedding: np.ndarray
+    source_sha256: str
+    face: Face | None
+    created: float
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityRecord:
+    """One identity; ``templates`` is filled by :meth:`TemplateStore.get_identity` only.
+
+    ``key`` is the store's enrollment-ordered row key (for paging).
+    """
+
+    key: int
+    identity_id: str
+    display_name: str
+    metadata: dict[str, str]
+    template_count: int
+    created: float
+    updated: float
+    templates: tuple[TemplateRecord, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NewTemplate:
+    """A template to add, with the identity data it carries.
+
+    ``display_name`` is set on the identity when it is created, or replaces it when non-empty;
+    ``metadata`` is merged into the identity's. ``created`` (Unix seconds) defaults to now
+    (imports keep the exported time).
+    """
+
+    identity_id: str
+    embedding: np.ndarray
+    display_name: str = ""
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    source_sha256: str = ""
+    face: Face | None = None
+    created: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AddedTemplate:
+    """The outcome of one stored :class:`NewTemplate`."""
+
+    template_id: int
+    identity_created: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExportedTemplate:
+    """One template with its identity's data, as streamed by export. ``embedding`` (D,) float32."""
+
+    identity_id: str
+    display_name: str
+    metadata: dict[str, str]
+    template_id: int
+    embedding: np.ndarray
+    source_sha256: str
+    created: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateOwner:
+    """The identity a template belongs to (search-result resolution)."""
+
+    template_id: int
+    identity_key: int
+    identity_id: str
+    display_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One entry of the change log: template ``template_id`` was added or removed at ``seq``."""
+
+    seq: int
+    op: str
+    template_id: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Interface
+
+
+class TemplateStore(Protocol):
+    """What the gallery and the index need from a durable store (SQLite now, distributed later).
+
+    Every write method is durable when it returns and returns the change ``seq`` it wrote (the
+    gallery's ``last_seq`` after the write). Unknown galleries, identities and templates raise
+    :class:`NotFound` (gRPC NOT_FOUND).
+    """
+
+    def create_gallery(self, name: str, *, model_id: str, threshold: float, metric: str, embedding_dim: int) -> GalleryRecord: ...
+    def get_gallery(self, name: str) -> GalleryRecord: ...
+    def list_galleries(self) -> list[GalleryRecord]: ...
+    def delete_gallery(self, name: str) -> tuple[int, int]: ...
+    def add_templates(self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False) -> tuple[list[AddedTemplate | None], int]: ...
+    def get_identity(self, gallery: str, identity_id: str) -> IdentityRecord: ...
+    def list_identities(self, gallery: str, *, after_key: int, limit: int) -> list[IdentityRecord]: ...
+    def update_identity(self, gallery: str, identity_id: str, *, display_name: str | None = None, metadata: dict[str, str] | None = None) -> IdentityRecord: ...
+    def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]: ...
+    def delete_template(self, gallery: str, template_id: int) -> tuple[bool, int]: ...
+    def identity_embeddings(self, gallery: str, identity_id: str) -> tuple[np.ndarray, np.ndarray]: ...
+    def template_owners(self, template_ids: Iterable[int]) -> dict[int, TemplateOwner]: ...
+    def template_ids(self, gallery: str) -> np.ndarray: ...
+    def embeddings(self, gallery: str, template_ids: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def changes_since(self, gallery: str, seq: int) -> list[Change]: ...
+    def prune_changes(self, gallery: str, upto_seq: int) -> int: ...
+    def export_templates(self, gallery: str) -> Iterator[ExportedTemplate]: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite implementation
+
+
+class SqliteTemplateStore:
+    """:class:`TemplateStore` on one SQLite file (WAL, ``synchronous=FULL``).
+
+    Parameters
+    ----------
+    path : path
+        The database file; created with its schema when missing.
+
+    Thread-safe: writes go through one connection under a lock; each thread reads on its own
+    connection (created on first use, closed by :meth:`close`).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._writer = self._connect()
+        self._writer.execute("PRAGMA journal_mode=WAL")
+        self._writer.execute("PRAGMA synchronous=FULL")
+        self._writer.execute("PRAGMA foreign_keys=ON")
+        version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise RuntimeError(f"{self.path} has schema version {version}; this server reads version {SCHEMA_VERSION}")
+        self._writer.executescript(_SCHEMA)
+        self._writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        LOG.info("opened store %s", self.path)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    # -- connections -------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One serialised write transaction; committed (and fsynced) on normal exit."""
+        with self._write_lock:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every statement inside sees the same committed state."""
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection (a WAL checkpoint happens as the last one closes)."""
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+            self._writer.close()
+        LOG.info("closed store %s", self.path)
+
+    # -- galleries ---------------------------------------------------------------------------
+
+    _GALLERY_SELECT = (
+        "SELECT g.gallery_key, g.name, g.model_id, g.threshold, g.metric, g.embedding_dim, g.created, g.last_seq, "
+        "(SELECT COUNT(*) FROM identities i WHERE i.gallery_key = g.gallery_key), "
+        "(SELECT COUNT(*) FROM templates t WHERE t.gallery_key = g.gallery_key) FROM galleries g"
+    )
+
+    def create_gallery(self, name: str, *, model_id: str, threshold: float, metric: str, embedding_dim: int) -> GalleryRecord:
+        """Insert an empty gallery. Raises AlreadyExists (ALREADY_EXISTS) when ``name`` is taken."""
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO galleries (name, model_id, threshold, metric, embedding_dim, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, model_id, float(threshold), metric, int(embedding_dim), time.time()),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"gallery {name!r} already exists") from None
+            row = conn.execute(self._GALLERY_SELECT + " WHERE g.name = ?", (name,)).fetchone()
+        return GalleryRecord(*row)
+
+    def get_gallery(self, name: str) -> GalleryRecord:
+        """The gallery ``name`` with its identity and template counts. Raises NotFound."""
+        row = self._reader().execute(self._GALLERY_SELECT + " WHERE g.name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"gallery {name!r} does not exist")
+        return GalleryRecord(*row)
+
+    def list_galleries(self) -> list[GalleryRecord]:
+        """Every gallery, in creation order."""
+        rows = self._reader().execute(self._GALLERY_SELECT + " ORDER BY g.gallery_key").fetchall()
+        return [GalleryRecord(*row) for row in rows]
+
+    def delete_gallery(self, name: str) -> tuple[int, int]:
+        """Delete a gallery with its identities, templates and change log.
+
+        Returns ``(deleted_identities, deleted_templates)``. Raises NotFound.
+        """
+        with self._write() as conn:
+            key = _gallery_key(conn, name)
+            templates = conn.execute("DELETE FROM templates WHERE gallery_key = ?", (key,)).rowcount
+            identities = conn.execute("DELETE FROM identities WHERE gallery_key = ?", (key,)).rowcount
+            conn.execute("DELETE FROM changes WHERE gallery_key = ?", (key,))
+            conn.execute("DELETE FROM galleries WHERE gallery_key = ?", (key,))
+        return identities, templates
+
+    # -- templates ---------------------------------------------------------------------------
+
+    def add_templates(
+        self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False
+    ) -> tuple[list[AddedTemplate | None], int]:
+        """Store templates (creating their identities as needed) in one transaction.
+
+        Parameters
+        ----------
+        gallery : str
+        items : sequence of NewTemplate
+            Embeddings of length ``embedding_dim`` of the gallery.
+        skip_duplicates : bool
+            Skip an item whose identity already has a template with exactly the same embedding
+            (its result is None).
+
+        Returns
+        -------
+        results : list of AddedTemplate or None, one per item
+        seq : int
+            The gallery's last change after the write.
+
+        Raises
+        ------
+        NotFound
+            Unknown gallery.
+        EmbeddingShapeError
+            An embedding of the wrong length (nothing is stored).
+        """
+        with self._write() as conn:
+            row = conn.execute("SELECT gallery_key, embedding_dim, last_seq FROM galleries WHERE name = ?", (gallery,)).fetchone()
+            key, dim, seq = row or _missing(gallery)
+            results: list[AddedTemplate | None] = []
+            for item in items:
+                blob = _embedding_blob(item.embedding, dim)
+                now = time.time()
+                created = item.created if item.created is not None else now
+                row = conn.execute(
+                    "SELECT identity_key, metadata FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, item.identity_id)
+                ).fetchone()
+                if row is None:
+                    identity_key = conn.execute(
+                        "INSERT INTO identities (gallery_key, identity_id, display_name, metadata, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                        (key, item.identity_id, item.display_name, _dump_metadata(item.metadata), created, now),
+                    ).lastrowid
+                    identity_created = True
+                else:
+                    identity_key, metadata_json = row
+                    if skip_duplicates and conn.execute(
+                        "SELECT 1 FROM templates WHERE identity_key = ? AND embedding = ?", (identity_key, blob)
+                    ).fetchone():
+                        results.append(None)
+                        continue
+                    identity_created = False
+                    if item.display_name or item.metadata:
+                        metadata = {**json.loads(metadata_json), **item.metadata}
+                        conn.execute(
+                            "UPDATE identities SET display_name = CASE WHEN ? != '' THEN ? ELSE display_name END, metadata = ?, updated = ? "
+                            "WHERE identity_key = ?",
+                            (item.display_name, item.display_name, _dump_metadata(metadata), now, identity_key),
+                        )
+                template_id = conn.execute(
+                    "INSERT INTO templates (identity_key, gallery_key, embedding, source_sha256, face, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (identity_key, key, blob, item.source_sha256, _dump_face(item.face), created),
+                ).lastrowid
+                seq = conn.execute("INSERT INTO changes (gallery_key, op, template_id) VALUES (?, 'add', ?)", (key, template_id)).lastrowid
+                results.append(AddedTemplate(template_id, identity_created))
+            conn.execute("UPDATE galleries SET last_seq = ? WHERE gallery_key = ?", (seq, key))
+        return results, seq
+
+    def delete_template(self, gallery: str, template_id: int) -> tuple[bool, int]:
+        """Delete one template; an identity left without templates is deleted too.
+
+        Returns ``(identity_deleted, seq)``. Raises NotFound for a template not in ``gallery``.
+        """
+        with self._write() as conn:
+            key = _gallery_key(conn, gallery)
+            row = conn.execute("SELECT identity_key FROM templates WHERE template_id = ? AND gallery_key = ?", (int(template_id), key)).fetchone()
+            if row is None:
+                raise NotFound(f"template {template_id} does not exist in gallery {gallery!r}")
+            (identity_key,) = row
+            conn.execute("DELETE FROM templates WHERE template_id = ?", (int(template_id),))
+            seq = conn.execute("INSERT INTO changes (gallery_key, op, template_id) VALUES (?, 'remove', ?)", (key, int(template_id))).lastrowid
+            conn.execute("UPDATE galleries SET last_seq = ? WHERE gallery_key = ?", (seq, key))
+            left = conn.execute("SELECT COUNT(*) FROM templates WHERE identity_key = ?", (identity_key,)).fetchone()[0]
+            if left == 0:
+                conn.execute("DELETE FROM identities WHERE identity_key = ?", (identity_key,))
+        return left == 0, seq
+
+    # -- identities --------------------------------------------------------------------------
+
+    _IDENTITY_SELECT = (
+        "SELECT i.identity_key, i.identity_id, i.display_name, i.metadata, "
+        "(SELECT COUNT(*) FROM templates t WHERE t.identity_key = i.identity_key), i.created, i.updated FROM identities i"
+    )
+
+    def get_identity(self, gallery: str, identity_id: str) -> IdentityRecord:
+        """One identity with all its templates (oldest first). Raises NotFound."""
+        with self._read() as conn:
+            key = _gallery_key(conn, gallery)
+            row = conn.execute(self._IDENTITY_SELECT + " WHERE i.gallery_key = ? AND i.identity_id = ?", (key, identity_id)).fetchone()
+            if row is None:
+                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+            dim = conn.execute("SELECT embedding_dim FROM galleries WHERE gallery_key = ?", (key,)).fetchone()[0]
+            rows = conn.execute(
+                "SELECT template_id, embedding, source_sha256, face, created FROM templates WHERE identity_key = ? ORDER BY template_id",
+                (row[0],),
+            ).fetchall()
+        templates = tuple(_template_record(identity_id, dim, *r) for r in rows)
+        return dataclasses.replace(_identity_record(row), templates=templates)
+
+    def list_identities(self, gallery: str, *, after_key: int, limit: int) -> list[IdentityRecord]:
+        """Up to ``limit`` identities with ``key > after_key`` in enrollment order (no templates)."""
+        with self._read() as conn:
+            key = _gallery_key(conn, gallery)
+            rows = conn.execute(
+                self._IDENTITY_SELECT + " WHERE i.gallery_key = ? AND i.identity_key > ? ORDER BY i.identity_key LIMIT ?",
+                (key, int(after_key), int(limit)),
+            ).fetchall()
+        return [_identity_record(row) for row in rows]
+
+    def update_identity(
+        self, gallery: str, identity_id: str, *, display_name: str | None = None, metadata: dict[str, str] | None = None
+    ) -> IdentityRecord:
+        """Replace the display name and/or the whole metadata map (None leaves a field as is).
+
+        Returns the updated identity (without templates). Raises NotFound.
+        """
+        with self._write() as conn:
+            key = _gallery_key(conn, gallery)
+            row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
+            if row is None:
+                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+            if display_name is not None:
+                conn.execute("UPDATE identities SET display_name = ? WHERE identity_key = ?", (display_name, row[0]))
+            if metadata is not None:
+                conn.execute("UPDATE identities SET metadata = ? WHERE identity_key = ?", (_dump_metadata(metadata), row[0]))
+            conn.execute("UPDATE identities SET updated = ? WHERE identity_key = ?", (time.time(), row[0]))
+            updated = conn.execute(self._IDENTITY_SELECT + " WHERE i.identity_key = ?", (row[0],)).fetchone()
+        return _identity_record(updated)
+
+    def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]:
+        """Delete an identity and all its templates.
+
+        Returns the deleted template ids ``(n,) int64`` and the change ``seq``. Raises NotFound.
+        """
+        with self._write() as conn:
+            key, seq = conn.execute("SELECT gallery_key, last_seq FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+            row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
+            if row is None:
+                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+            ids = [r[0] for r in conn.execute("SELECT template_id FROM templates WHERE identity_key = ?", (row[0],))]
+            conn.execute("DELETE FROM templates WHERE identity_key = ?", (row[0],))
+            for template_id in ids:
+                seq = conn.execute("INSERT INTO changes (gallery_key, op, template_id) VALUES (?, 'remove', ?)", (key, template_id)).lastrowid
+            conn.execute("UPDATE galleries SET last_seq = ? WHERE gallery_key = ?", (seq, key))
+            conn.execute("DELETE FROM identities WHERE identity_key = ?", (row[0],))
+        return np.array(ids, dtype=np.int64), seq
+
+    # -- reads for search and the index ------------------------------------------------------
+
+    def identity_embeddings(self, gallery: str, identity_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Template ids ``(n,) int64`` and embeddings ``(n, D) float32`` of one identity. Raises NotFound."""
+        with self._read() as conn:
+            key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+            row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
+            if row is None:
+                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+            rows = conn.execute("SELECT template_id, embedding FROM templates WHERE identity_key = ? ORDER BY template_id", (row[0],)).fetchall()
+        return _stack(rows, dim)
+
+    def template_owners(self, template_ids: Iterable[int]) -> dict[int, TemplateOwner]:
+        """The identity of each existing template id (ids that do not exist are left out)."""
+        ids = [int(i) for i in template_ids]
+        owners: dict[int, TemplateOwner] = {}
+        conn = self._reader()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            rows = conn.execute(
+                "SELECT t.template_id, i.identity_key, i.identity_id, i.display_name FROM templates t "
+                f"JOIN identities i ON i.identity_key = t.identity_key WHERE t.template_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                owners[row[0]] = TemplateOwner(*row)
+        return owners
+
+    def template_ids(self, gallery: str) -> np.ndarray:
+        """Every template id of a gallery, ascending, ``(n,) int64``. Raises NotFound."""
+        with self._read() as conn:
+            key = _gallery_key(conn, gallery)
+            ids = conn.execute("SELECT template_id FROM templates WHERE gallery_key = ? ORDER BY template_id", (key,)).fetchall()
+        return np.array([r[0] for r in ids], dtype=np.int64)
+
+    def embeddings(self, gallery: str, template_ids: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Template embeddings in blocks ``(ids (n,) int64, x (n, D) float32)``, ascending ids.
+
+        ``template_ids`` restricts the output to those ids (ids not in the gallery are skipped);
+        None streams the whole gallery, a block per query (keyset paging, so no transaction stays
+        open between blocks). Raises NotFound.
+        """
+        conn = self._reader()
+        key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+        if template_ids is not None:
+            ids = sorted(int(i) for i in template_ids)
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                rows = conn.execute(
+                    "SELECT template_id, embedding FROM templates WHERE gallery_key = ? "
+                    f"AND template_id IN ({','.join('?' * len(chunk))}) ORDER BY template_id",
+                    [key, *chunk],
+                ).fetchall()
+                if rows:
+                    yield _stack(rows, dim)
+            return
+        last = -1
+        while rows := conn.execute(
+            "SELECT template_id, embedding FROM templates WHERE gallery_key = ? AND template_id > ? ORDER BY template_id LIMIT ?",
+            (key, last, _FETCH_ROWS),
+        ).fetchall():
+            last = rows[-1][0]
+            yield _stack(rows, dim)
+
+    def changes_since(self, gallery: str, seq: int) -> list[Change]:
+        """Change-log entries of a gallery with ``seq`` greater than the given one, oldest first."""
+        with self._read() as conn:
+            key = _gallery_key(conn, gallery)
+            rows = conn.execute("SELECT seq, op, template_id FROM changes WHERE gallery_key = ? AND seq > ? ORDER BY seq", (key, int(seq))).fetchall()
+        return [Change(*row) for row in rows]
+
+    def prune_changes(self, gallery: str, upto_seq: int) -> int:
+        """Drop change-log entries up to ``upto_seq`` (an index snapshot holds them); returns the count."""
+        with self._write() as conn:
+            key = _gallery_key(conn, gallery)
+            return conn.execute("DELETE FROM changes WHERE gallery_key = ? AND seq <= ?", (key, int(upto_seq))).rowcount
+
+    def export_templates(self, gallery: str) -> Iterator[ExportedTemplate]:
+        """Every template of a gallery with its identity's data, by template id.
+
+        Reads on a connection of its own inside one read transaction, so the stream is one
+        consistent state of the gallery while writers go on (WAL). Raises NotFound at the first
+        ``next()`` when the gallery is unknown. Close the iterator to release the connection.
+        """
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+            cursor = conn.execute(
+                "SELECT i.identity_id, i.display_name, i.metadata, t.template_id, t.embedding, t.source_sha256, t.created "
+                "FROM templates t JOIN identities i ON i.identity_key = t.identity_key WHERE t.gallery_key = ? ORDER BY t.template_id",
+                (key,),
+            )
+            while rows := cursor.fetchmany(_FETCH_ROWS):
+                for identity_id, display_name, metadata, template_id, blob, sha, created in rows:
+                    yield ExportedTemplate(identity_id, display_name, json.loads(metadata), template_id, _embedding(blob, dim), sha, created)
+        finally:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _missing(gallery: str) -> NoReturn:
+    raise NotFound(f"gallery {gallery!r} does not exist")
+
+
+def _gallery_key(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT gallery_key FROM galleries WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        _missing(name)
+    return row[0]
+
+
+def _embedding_blob(embedding: np.ndarray, dim: int) -> bytes:
+    vector = np.asarray(embedding, dtype="<f4").reshape(-1)
+    if vector.shape != (dim,):
+        raise EmbeddingShapeError(f"embedding must have {dim} values, got {vector.size}")
+    return vector.tobytes()
+
+
+def _embedding(blob: bytes, dim: int) -> np.ndarray:
+    vector = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    if vector.shape != (dim,):
+        raise RuntimeError(f"stored embedding has {vector.size} values, gallery says {dim}")
+    return vector
+
+
+def _stack(rows: Sequence[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").astype(np.float32).reshape(len(rows), dim)
+    return ids, x
+
+
+def _dump_metadata(metadata: dict[str, str]) -> str:
+    return json.dumps({str(k): str(v) for k, v in metadata.items()}, sort_keys=True)
+
+
+def _dump_face(face: Face | None) -> str | None:
+    if face is None:
+        return None
+    return json.dumps({"box": np.asarray(face.box, float).tolist(), "landmarks": np.asarray(face.landmarks, float).tolist(), "score": float(face.score)})
+
+
+def _template_record(identity_id: str, dim: int, template_id: int, blob: bytes, sha: str, face_json: str | None, created: float) -> TemplateRecord:
+    embedding = _embedding(blob, dim)
+    face = None
+    if face_json is not None:
+        data = json.loads(face_json)
+        face = Face(
+            box=np.asarray(data["box"], np.float32),
+            landmarks=np.asarray(data["landmarks"], np.float32).reshape(-1, 2),
+            score=float(data["score"]),
+            embedding=embedding,
+        )
+    return TemplateRecord(template_id, identity_id, embedding, sha, face, created)
+
+
+def _identity_record(row: tuple) -> IdentityRecord:
+    key, identity_id, display_name, metadata, count, created, updated = row
+    return IdentityRecord(key, identity_id, display_name, json.loads(metadata), count, created, updated)

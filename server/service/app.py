@@ -1,0 +1,275 @@
+"""Building and running the gRPC server: configuration, start-up, health, graceful shutdown.
+
+:func:`create_server` binds the port and starts answering at once (health NOT_SERVING, gallery
+calls UNAVAILABLE), loads the model and every gallery's index, then switches health to SERVING.
+:func:`serve` runs that until SIGTERM/SIGINT, then stops accepting calls, lets in-flight calls
+finish within a grace period, writes index snapshots and closes the store.
+
+Data directory layout (``ServerConfig.data_dir``): ``gallery.sqlite3`` (the store) and
+``index/`` (index snapshots), see gallery.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import platformdirs
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from facegallery.v1 import gallery_service_pb2 as pb
+from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
+
+from facegallery.server.contract.errors import ModelError
+from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, BatchingEmbedder
+from facegallery.server.gallery.manager import FaceAnalyzer, GalleryManager
+from facegallery.server.gallery.index import DEFAULT_FACTORY, set_search_threads
+from facegallery.server.service.interceptors import ErrorInterceptor, ReadinessInterceptor
+from facegallery.server.service.servicer import GalleryServicer
+
+if TYPE_CHECKING:
+    from facegallery.server.face.pipeline import PipelineConfig
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DEFAULT_MAX_WORKERS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_GRACE_S",
+    "DEFAULT_SNAPSHOT_INTERVAL_S",
+    "SERVICE_NAME",
+    "default_data_dir",
+    "ServerConfig",
+    "GalleryServer",
+    "create_server",
+    "serve",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: Loopback only: the API has no authentication, so exposing it is an explicit choice
+#: (``--host 0.0.0.0`` / ``[::]``). "localhost" binds both 127.0.0.1 and ::1.
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 50051
+#: gRPC handler threads = calls served at once.
+DEFAULT_MAX_WORKERS = 16
+#: Largest request/response (bytes); above the pipeline's 64 MiB image limit (decode.py).
+DEFAULT_MAX_MESSAGE_BYTES = 96 * 1024 * 1024
+#: Seconds in-flight calls get to finish on shutdown.
+DEFAULT_GRACE_S = 10.0
+#: Seconds between index snapshots of changed galleries.
+DEFAULT_SNAPSHOT_INTERVAL_S = 300.0
+#: faiss OpenMP threads per search: requests already run in parallel on the gRPC threads.
+DEFAULT_SEARCH_THREADS = 1
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GalleryService"].full_name
+
+
+def default_data_dir() -> Path:
+    """``<user data dir>/facegallery`` (platformdirs), e.g. ``~/.local/share/facegallery``."""
+    return Path(platformdirs.user_data_dir("facegallery"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server is built from (defaults are the module constants).
+
+    Attributes
+    ----------
+    data_dir : Path
+        Store and index snapshots.
+    host, port : str, int
+        Where to listen; port 0 picks a free port (tests).
+    model_dir : Path or None
+        A model directory (``facegallery.server.contract.manifest``). Required unless
+        :func:`create_server` is handed a ready pipeline; ``facegallery serve`` resolves the
+        default model (converted on first use by ``facegallery.export.dlib``) before building this.
+    max_workers : int
+        gRPC handler threads.
+    max_message_bytes : int
+        Largest gRPC message either way; larger ones fail with RESOURCE_EXHAUSTED.
+    batch_max_size, batch_max_delay_ms : int, float
+        Dynamic batching of embedding across concurrent calls (batching.py); size 1 disables it.
+    search_threads : int
+        faiss OpenMP threads per search.
+    pipeline : PipelineConfig or None
+        Image limits, detection and onnxruntime threads (pipeline.py); None = its defaults.
+    index_factory : str
+        faiss factory string of new indexes (index.py).
+    snapshot_interval_s : float or None
+        Seconds between background index snapshots; None = only at shutdown.
+    grace_s : float
+        Seconds in-flight calls get on shutdown.
+    """
+
+    data_dir: Path = dataclasses.field(default_factory=default_data_dir)
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    model_dir: Path | None = None
+    max_workers: int = DEFAULT_MAX_WORKERS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    batch_max_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_max_delay_ms: float = DEFAULT_MAX_DELAY_MS
+    search_threads: int = DEFAULT_SEARCH_THREADS
+    pipeline: PipelineConfig | None = None
+    index_factory: str = DEFAULT_FACTORY
+    snapshot_interval_s: float | None = DEFAULT_SNAPSHOT_INTERVAL_S
+    grace_s: float = DEFAULT_GRACE_S
+
+
+class GalleryServer:
+    """A started server; unpacks as ``server, port, manager = create_server(config)``.
+
+    Attributes: ``server`` (grpc.Server), ``port`` (int, the bound port), ``manager``
+    (GalleryManager), ``health`` (grpc_health HealthServicer).
+    """
+
+    def __init__(
+        self, server: grpc.Server, port: int, manager: GalleryManager, health_servicer: health.HealthServicer, embedder: BatchingEmbedder | None
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.manager = manager
+        self.health = health_servicer
+        self._embedder = embedder
+        self._stopped = False
+
+    def __iter__(self):
+        return iter((self.server, self.port, self.manager))
+
+    def stop(self, grace_s: float | None = DEFAULT_GRACE_S) -> None:
+        """Graceful shutdown: health NOT_SERVING, refuse new calls, wait up to ``grace_s``
+        seconds for in-flight ones (None = cancel them), then snapshot and close (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        started = time.perf_counter()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        LOG.info("in-flight calls drained in %.2f s", time.perf_counter() - started)
+        self.manager.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        LOG.info("server stopped")
+
+
+def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None) -> GalleryServer:
+    """Bind, start, load the model and the galleries, then report SERVING.
+
+    Parameters
+    ----------
+    config : ServerConfig
+    pipeline : optional
+        A ready face pipeline (tests pass a fake); None loads ``config.model_dir`` with a
+        batching embedder.
+
+    Returns
+    -------
+    GalleryServer
+        Started and SERVING; unpacks as ``(server, port, manager)``. Stop it with its
+        :meth:`GalleryServer.stop` (or ``server.stop()`` then ``manager.close()``).
+
+    Raises
+    ------
+    RuntimeError
+        The address cannot be bound.
+    ModelError
+        The model directory is missing or corrupt.
+    """
+    ready = threading.Event()
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        interceptors=[ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor(f"/{SERVICE_NAME}/")],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ],
+    )
+    servicer = GalleryServicer(None)  # type: ignore[arg-type]  # manager set below, before `ready`
+    pb_grpc.add_GalleryServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    server.start()
+    LOG.info("listening on %s:%d (starting)", config.host, port)
+    embedder = None
+    try:
+        set_search_threads(config.search_threads)
+        if pipeline is None:
+            pipeline, embedder = _load_pipeline(config)
+        manager = GalleryManager.open(config.data_dir, pipeline, index_factory=config.index_factory, snapshot_interval_s=config.snapshot_interval_s)
+    except BaseException:
+        server.stop(None)
+        if embedder is not None:
+            embedder.close()
+        raise
+    servicer.manager = manager
+    ready.set()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.model.model_id[:12], config.data_dir, config.host, port)
+    return GalleryServer(server, port, manager, health_servicer, embedder)
+
+
+def _load_pipeline(config: ServerConfig):
+    """The face pipeline of ``config.model_dir`` with a batching embedder. Raises ModelError."""
+    from facegallery.server.face.pipeline import FacePipeline, PipelineConfig
+
+    if config.model_dir is None:
+        raise ModelError("no model directory: ServerConfig.model_dir is required when no pipeline is given")
+    model_dir = Path(config.model_dir)
+    pipeline_config = config.pipeline or PipelineConfig()
+    embedder = None
+    if config.batch_max_size > 1:
+        manifest = ModelManifest.load(model_dir, verify=False)  # from_model_dir verifies checksums
+        embedder = BatchingEmbedder(
+            FacePipeline.load_embedder(model_dir, manifest, pipeline_config), max_batch_size=config.batch_max_size, max_delay_ms=config.batch_max_delay_ms
+        )
+    try:
+        return FacePipeline.from_model_dir(model_dir, pipeline_config, embedder=embedder), embedder
+    except BaseException:
+        if embedder is not None:
+            embedder.close()
+        raise
+
+
+def serve(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully (see the module docstring).
+
+    Must be called from the main thread (signal handlers).
+    """
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        LOG.info("received %s: shutting down (grace %.1f s)", signal.Signals(signum).name, config.grace_s)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        running = create_server(config, pipeline=pipeline)
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            running.stop(config.grace_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

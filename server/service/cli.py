@@ -1,0 +1,127 @@
+"""``facegallery serve``: the click command that runs the gRPC server.
+
+The client CLI's main group (client/cli.py) builds this command with :func:`make_serve_command`,
+handing it the default-model bootstrap: the dlib converter lives in ``facegallery.export``, which
+the server never imports. Every ``--help`` default is read from the constant the code itself uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
+from facegallery.server.face.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from facegallery.server.face.detect import DEFAULT_MAX_DETECT_PIXELS, DEFAULT_MIN_FACE_SIZE, DetectionConfig
+from facegallery.server.face.pipeline import PipelineConfig
+from facegallery.server.service.app import (
+    DEFAULT_GRACE_S,
+    DEFAULT_HOST,
+    DEFAULT_MAX_WORKERS,
+    DEFAULT_PORT,
+    DEFAULT_SEARCH_THREADS,
+    DEFAULT_SNAPSHOT_INTERVAL_S,
+    ServerConfig,
+    default_data_dir,
+)
+from facegallery.server.service.app import serve as run_server
+
+__all__ = ["make_serve_command"]
+
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
+    """The ``serve`` click command.
+
+    Parameters
+    ----------
+    default_model : callable () -> Path
+        Returns the model directory served when ``--model-dir`` is not given, converting it on
+        first use (``facegallery.export.dlib.default_model.ensure_default_model``); called only
+        when the command runs.
+    """
+
+    @click.command("serve")
+    @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help=f"Store and index directory  [default: {default_data_dir()}]")
+    @click.option("--host", default=DEFAULT_HOST, show_default=True,
+                  help="Address to listen on. The API has no authentication: use 0.0.0.0 or [::] only on a trusted network.")
+    @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+                  help="Port to listen on (0 picks a free one, logged at start).")
+    @click.option("--model-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+                  help="Model directory with model.json  [default: the dlib model, converted on first start (a few seconds)]")
+    @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
+    @click.option("--max-workers", type=click.IntRange(1), default=DEFAULT_MAX_WORKERS, show_default=True, help="Calls served at once (gRPC threads).")
+    @click.option("--batch-size", type=click.IntRange(1), default=DEFAULT_MAX_BATCH_SIZE, show_default=True,
+                  help="Most face chips per batch across concurrent calls (1 = no batching).")
+    @click.option("--batch-delay-ms", type=click.FloatRange(0), default=DEFAULT_MAX_DELAY_MS, show_default=True,
+                  help="Longest wait for more chips before a batch runs (milliseconds).")
+    @click.option("--min-face-size", type=click.IntRange(8), default=DEFAULT_MIN_FACE_SIZE, show_default=True, help="Smallest face to find, pixels.")
+    @click.option("--max-detect-pixels", type=click.IntRange(10_000), default=DEFAULT_MAX_DETECT_PIXELS, show_default=True,
+                  help="Largest image area the detector runs on; bigger photos are detected on a downscaled copy.")
+    @click.option("--max-image-bytes", type=click.IntRange(1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
+                  help="Larger images are refused with RESOURCE_EXHAUSTED.")
+    @click.option("--max-image-pixels", type=click.IntRange(1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+                  help="Images with more pixels are refused with RESOURCE_EXHAUSTED.")
+    @click.option("--flip-augment", is_flag=True,
+                  help="Embed each face chip and its mirror image and average (better accuracy, 2x embedding cost). "
+                  "It changes the model id: galleries made without it are refused, and the other way round.")
+    @click.option("--intra-op-threads", type=click.IntRange(0), default=PipelineConfig.intra_op_threads, show_default=True,
+                  help="onnxruntime threads per model (0 = one per core).")
+    @click.option("--search-threads", type=click.IntRange(1), default=DEFAULT_SEARCH_THREADS, show_default=True, help="faiss threads per search.")
+    @click.option("--snapshot-interval", type=click.FloatRange(0, min_open=True), default=DEFAULT_SNAPSHOT_INTERVAL_S, show_default=True,
+                  help="Seconds between index snapshots.")
+    @click.option("--grace", type=click.FloatRange(0), default=DEFAULT_GRACE_S, show_default=True,
+                  help="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
+    def serve(
+        data_dir: Path | None,
+        host: str,
+        port: int,
+        model_dir: Path | None,
+        log_level: str,
+        max_workers: int,
+        batch_size: int,
+        batch_delay_ms: float,
+        min_face_size: int,
+        max_detect_pixels: int,
+        max_image_bytes: int,
+        max_image_pixels: int,
+        flip_augment: bool,
+        intra_op_threads: int,
+        search_threads: int,
+        snapshot_interval: float,
+        grace: float,
+    ) -> None:
+        """Run the face gallery gRPC server until SIGTERM or Ctrl-C.
+
+        Enrolled templates are stored in DATA_DIR/gallery.sqlite3 (an acknowledged enrollment
+        survives a crash); the search indexes are rebuilt or reloaded from DATA_DIR/index at start.
+        """
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        pipeline = PipelineConfig(
+            intra_op_threads=intra_op_threads,
+            flip_augment=flip_augment,
+            detection=DetectionConfig(min_face_size=min_face_size, max_detect_pixels=max_detect_pixels),
+            max_image_bytes=max_image_bytes,
+            max_image_pixels=max_image_pixels,
+        )
+        config = ServerConfig(
+            data_dir=data_dir if data_dir is not None else default_data_dir(),
+            host=host,
+            port=port,
+            model_dir=model_dir if model_dir is not None else default_model(),
+            max_workers=max_workers,
+            batch_max_size=batch_size,
+            batch_max_delay_ms=batch_delay_ms,
+            search_threads=search_threads,
+            pipeline=pipeline,
+            snapshot_interval_s=snapshot_interval,
+            grace_s=grace,
+        )
+        run_server(config)
+
+    return serve

@@ -1,0 +1,405 @@
+"""The gRPC ``facegallery.v1.GalleryService``: protobuf <-> :class:`GalleryManager` calls, nothing else.
+
+Every method converts the request, calls the manager, converts the result. Errors are raised by
+the manager as ``FaceGalleryError`` subclasses and turned into statuses by the interceptor
+(interceptors.py); the statuses each method can end with are listed in its docstring. Wire
+defaults live here: an empty gallery name means ``default``, ``top_k`` 0 means 5, ``page_size``
+0 means 100.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from facegallery.v1 import gallery_service_pb2 as pb
+from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
+
+from facegallery.server.contract.errors import FaceGalleryError, InvalidInput
+from facegallery.server.contract.face import Face, ImageKind
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
+from facegallery.server.service.status import status_of
+from facegallery.server.gallery.results import Identification, Match
+from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
+
+__all__ = ["GalleryServicer", "server_version"]
+
+LOG = logging.getLogger(__name__)
+
+_IMAGE_KINDS = {
+    pb.IMAGE_KIND_UNSPECIFIED: ImageKind.PHOTO,
+    pb.IMAGE_KIND_PHOTO: ImageKind.PHOTO,
+    pb.IMAGE_KIND_FACE_CROP: ImageKind.FACE_CROP,
+    pb.IMAGE_KIND_ALIGNED_CHIP: ImageKind.ALIGNED_CHIP,
+}
+_FACE_POLICIES = {
+    pb.FACE_POLICY_UNSPECIFIED: FacePolicy.LARGEST,
+    pb.FACE_POLICY_LARGEST: FacePolicy.LARGEST,
+    pb.FACE_POLICY_REJECT_MULTIPLE: FacePolicy.REJECT_MULTIPLE,
+}
+_UPDATABLE = {"display_name", "metadata"}
+_E = TypeVar("_E", ImageKind, FacePolicy)
+
+
+def server_version() -> str:
+    """The installed facegallery distribution's version."""
+    try:
+        return importlib.metadata.version("facegallery")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class GalleryServicer(pb_grpc.GalleryServiceServicer):
+    """``GalleryService`` over a :class:`GalleryManager` (see gallery_service.proto for semantics)."""
+
+    def __init__(self, manager: GalleryManager) -> None:
+        self.manager = manager
+
+    # -- galleries ---------------------------------------------------------------------------
+
+    def CreateGallery(self, request: pb.CreateGalleryRequest, context: grpc.ServicerContext) -> pb.Gallery:
+        """OK; INVALID_ARGUMENT bad name or threshold; ALREADY_EXISTS name taken."""
+        return _gallery(self.manager.create_gallery(request.name, threshold=_threshold(request)))
+
+    def GetGallery(self, request: pb.GetGalleryRequest, context: grpc.ServicerContext) -> pb.Gallery:
+        """OK; INVALID_ARGUMENT bad name; NOT_FOUND unknown gallery."""
+        return _gallery(self.manager.get_gallery(request.name))
+
+    def ListGalleries(self, request: pb.ListGalleriesRequest, context: grpc.ServicerContext) -> pb.ListGalleriesResponse:
+        """OK."""
+        return pb.ListGalleriesResponse(galleries=[_gallery(g) for g in self.manager.list_galleries()])
+
+    def DeleteGallery(self, request: pb.DeleteGalleryRequest, context: grpc.ServicerContext) -> pb.DeleteGalleryResponse:
+        """OK; INVALID_ARGUMENT bad name; NOT_FOUND unknown gallery."""
+        deletion = self.manager.delete_gallery(request.name)
+        return pb.DeleteGalleryResponse(deleted_identities=deletion.deleted_identities, deleted_templates=deletion.deleted_templates)
+
+    # -- enrollment --------------------------------------------------------------------------
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        """OK once durably stored; INVALID_ARGUMENT bad id, undecodable image, no face, bad embedding;
+        NOT_FOUND unknown gallery; FAILED_PRECONDITION several faces under REJECT_MULTIPLE or
+        gallery of another model; RESOURCE_EXHAUSTED image over the limits."""
+        return self._enroll(request)
+
+    def BulkEnroll(self, request_iterator: Iterable[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResult]:
+        """One result per request, in order, each with the status Enroll would have returned; the
+        stream itself ends OK (or CANCELLED/DEADLINE_EXCEEDED from the client)."""
+        for index, item in enumerate(request_iterator):
+            try:
+                response = self._enroll(item.request)
+            except Exception as exc:  # one item must not end the stream; the interceptor's rule per item
+                code, message = status_of(exc, f"BulkEnroll item {index}")
+                yield pb.BulkEnrollResult(index=index, code=code.value[0], message=message)
+            else:
+                yield pb.BulkEnrollResult(index=index, code=grpc.StatusCode.OK.value[0], response=response)
+
+    def _enroll(self, request: pb.EnrollRequest) -> pb.EnrollResponse:
+        source = request.WhichOneof("source")
+        result = self.manager.enroll(
+            _gallery_name(request.gallery),
+            request.identity_id,
+            image=request.image.data if source == "image" else None,
+            kind=_image_kind(request.image.kind) if source == "image" else ImageKind.PHOTO,
+            embedding=_vector(request.embedding) if source == "embedding" else None,
+            display_name=request.display_name,
+            metadata=dict(request.metadata),
+            face_policy=_face_policy(request.face_policy),
+        )
+        return pb.EnrollResponse(
+            identity_id=result.identity_id,
+            template_id=result.template_id,
+            identity_created=result.identity_created,
+            source_sha256=result.source_sha256,
+            face=_optional_face(result.face),
+            possible_duplicate=None if result.possible_duplicate is None else _match(result.possible_duplicate),
+        )
+
+    # -- search ------------------------------------------------------------------------------
+
+    def Identify(self, request: pb.IdentifyRequest, context: grpc.ServicerContext) -> pb.IdentifyResponse:
+        """OK (no face -> empty ``faces``); INVALID_ARGUMENT undecodable image, bad top_k/threshold;
+        NOT_FOUND unknown gallery; FAILED_PRECONDITION gallery of another model; RESOURCE_EXHAUSTED."""
+        image, kind = _image(request, "image")
+        results = self.manager.identify(
+            _gallery_name(request.gallery),
+            image,
+            kind=kind,
+            top_k=request.top_k or DEFAULT_TOP_K,
+            threshold=_threshold(request),
+            max_faces=request.max_faces,
+        )
+        return pb.IdentifyResponse(faces=[_identification(r) for r in results], model_id=self.manager.model.model_id)
+
+    def IdentifyEmbedding(self, request: pb.IdentifyEmbeddingRequest, context: grpc.ServicerContext) -> pb.IdentifyEmbeddingResponse:
+        """OK; INVALID_ARGUMENT bad embedding, top_k or threshold; NOT_FOUND; FAILED_PRECONDITION model mismatch."""
+        result = self.manager.identify_embedding(
+            _gallery_name(request.gallery),
+            _vector(request.embedding),
+            top_k=request.top_k or DEFAULT_TOP_K,
+            threshold=_threshold(request),
+        )
+        return pb.IdentifyEmbeddingResponse(result=_identification(result))
+
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        """OK; INVALID_ARGUMENT no face, undecodable image, bad id; NOT_FOUND unknown gallery or
+        identity; FAILED_PRECONDITION model mismatch; RESOURCE_EXHAUSTED."""
+        image, kind = _image(request, "image")
+        result = self.manager.verify(
+            _gallery_name(request.gallery),
+            request.identity_id,
+            image,
+            kind=kind,
+            threshold=_threshold(request),
+        )
+        return pb.VerifyResponse(
+            identity_id=result.identity_id,
+            distance=result.distance,
+            threshold=result.threshold,
+            is_match=result.is_match,
+            face=_face(result.face),
+            probability_same=result.probability_same,  # None leaves the optional field unset
+        )
+
+    def Compare(self, request: pb.CompareRequest, context: grpc.ServicerContext) -> pb.CompareResponse:
+        """OK; INVALID_ARGUMENT no face in either image, undecodable image; RESOURCE_EXHAUSTED."""
+        image_a, kind_a = _image(request, "image_a")
+        image_b, kind_b = _image(request, "image_b")
+        result = self.manager.compare(image_a, image_b, kind_a=kind_a, kind_b=kind_b, threshold=_threshold(request))
+        return pb.CompareResponse(
+            distance=result.distance,
+            threshold=result.threshold,
+            is_match=result.is_match,
+            face_a=_face(result.face_a),
+            face_b=_face(result.face_b),
+            probability_same=result.probability_same,  # None leaves the optional field unset
+        )
+
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
+        """OK (no face -> empty ``faces``); INVALID_ARGUMENT undecodable image; RESOURCE_EXHAUSTED."""
+        image, kind = _image(request, "image")
+        faces = self.manager.embed(image, kind=kind, max_faces=request.max_faces)
+        return pb.EmbedResponse(
+            faces=[pb.EmbeddedFace(face=_face(f), embedding=_embedding(f.embedding)) for f in faces],
+            model_id=self.manager.model.model_id,
+        )
+
+    # -- identities and templates ------------------------------------------------------------
+
+    def GetIdentity(self, request: pb.GetIdentityRequest, context: grpc.ServicerContext) -> pb.Identity:
+        """OK; INVALID_ARGUMENT bad id; NOT_FOUND unknown gallery or identity."""
+        return _identity(self.manager.get_identity(_gallery_name(request.gallery), request.identity_id))
+
+    def ListIdentities(self, request: pb.ListIdentitiesRequest, context: grpc.ServicerContext) -> pb.ListIdentitiesResponse:
+        """OK; INVALID_ARGUMENT bad page_size or page_token; NOT_FOUND unknown gallery."""
+        page = self.manager.list_identities(_gallery_name(request.gallery), page_size=request.page_size or DEFAULT_PAGE_SIZE, page_token=request.page_token)
+        return pb.ListIdentitiesResponse(identities=[_identity(r) for r in page.identities], next_page_token=page.next_page_token)
+
+    def UpdateIdentity(self, request: pb.UpdateIdentityRequest, context: grpc.ServicerContext) -> pb.Identity:
+        """OK; INVALID_ARGUMENT bad id or unknown mask path; NOT_FOUND unknown gallery or identity."""
+        paths = set(request.update_mask.paths) or _UPDATABLE
+        unknown = paths - _UPDATABLE
+        if unknown:
+            raise InvalidInput(f"update_mask may name {sorted(_UPDATABLE)}, got {sorted(unknown)}")
+        identity = request.identity
+        record = self.manager.update_identity(
+            _gallery_name(request.gallery),
+            identity.identity_id,
+            display_name=identity.display_name if "display_name" in paths else None,
+            metadata=dict(identity.metadata) if "metadata" in paths else None,
+        )
+        return _identity(record)
+
+    def DeleteIdentity(self, request: pb.DeleteIdentityRequest, context: grpc.ServicerContext) -> pb.DeleteIdentityResponse:
+        """OK; INVALID_ARGUMENT bad id; NOT_FOUND unknown gallery or identity."""
+        return pb.DeleteIdentityResponse(deleted_templates=self.manager.delete_identity(_gallery_name(request.gallery), request.identity_id))
+
+    def DeleteTemplate(self, request: pb.DeleteTemplateRequest, context: grpc.ServicerContext) -> pb.DeleteTemplateResponse:
+        """OK; NOT_FOUND unknown gallery or template."""
+        return pb.DeleteTemplateResponse(identity_deleted=self.manager.delete_template(_gallery_name(request.gallery), request.template_id))
+
+    # -- export / import ---------------------------------------------------------------------
+
+    def ExportGallery(self, request: pb.ExportGalleryRequest, context: grpc.ServicerContext) -> Iterator[pb.ExportGalleryResponse]:
+        """The gallery, then every template; NOT_FOUND unknown gallery."""
+        record, templates = self.manager.export_gallery(_gallery_name(request.gallery))
+        try:
+            yield pb.ExportGalleryResponse(gallery=_gallery(record))
+            for template in templates:
+                yield pb.ExportGalleryResponse(template=_exported(template))
+        finally:
+            templates.close()
+
+    def ImportEmbeddings(self, request_iterator: Iterable[pb.ImportEmbeddingsRequest], context: grpc.ServicerContext) -> pb.ImportEmbeddingsResponse:
+        """OK with counts; INVALID_ARGUMENT empty stream, missing model_id, bad id or embedding;
+        FAILED_PRECONDITION model_id differs from the gallery's."""
+        messages = iter(request_iterator)
+        first = next(messages, None)
+        if first is None:
+            raise InvalidInput("the import stream is empty; its first message must name the gallery and model_id")
+        templates = (_new_template(m.template) for m in itertools.chain([first], messages) if m.HasField("template"))
+        result = self.manager.import_embeddings(_gallery_name(first.gallery), first.model_id, templates)
+        return pb.ImportEmbeddingsResponse(imported=result.imported, skipped=result.skipped)
+
+    # -- server info -------------------------------------------------------------------------
+
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        """OK."""
+        m = self.manager.model
+        model = pb.ModelInfo(
+            name=m.name,
+            version=m.version,
+            model_id=m.model_id,
+            embedding_dim=m.embedding_dim,
+            metric=m.metric,
+            threshold=m.threshold,
+            chip_size=m.chip.size,
+            has_head=m.head is not None,
+            manifest_json=json.dumps(m.to_json(), sort_keys=True),
+        )
+        return pb.ServerInfo(version=server_version(), model=model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions
+
+
+def _gallery_name(name: str) -> str:
+    return name or DEFAULT_GALLERY
+
+
+def _image_kind(kind: int) -> ImageKind:
+    return _enum_value(_IMAGE_KINDS, kind, "image kind")
+
+
+def _face_policy(policy: int) -> FacePolicy:
+    return _enum_value(_FACE_POLICIES, policy, "face policy")
+
+
+def _enum_value(table: dict[int, _E], value: int, what: str) -> _E:
+    """The engine's member for proto enum ``value``; InvalidInput for a number the table lacks."""
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidInput(f"unknown {what} {value}") from None
+
+
+def _threshold(request) -> float | None:
+    """The request's optional ``threshold`` field; None when unset (the default applies)."""
+    return request.threshold if request.HasField("threshold") else None
+
+
+def _image(request, field: str) -> tuple[bytes, ImageKind]:
+    if not request.HasField(field):
+        raise InvalidInput(f"{field} is required")
+    image = getattr(request, field)
+    return image.data, _image_kind(image.kind)
+
+
+def _vector(embedding: pb.Embedding) -> np.ndarray:
+    return np.asarray(embedding.values, dtype=np.float32)
+
+
+def _embedding(vector: np.ndarray) -> pb.Embedding:
+    return pb.Embedding(values=vector.tolist())
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(round(seconds * 1e9)))
+    return ts
+
+
+def _face(face: Face) -> pb.Face:
+    left, top, right, bottom = (float(v) for v in face.box)
+    return pb.Face(
+        box=pb.BoundingBox(left=left, top=top, right=right, bottom=bottom),
+        landmarks=[pb.Point(x=float(x), y=float(y)) for x, y in np.asarray(face.landmarks).reshape(-1, 2)],
+        score=float(face.score),
+    )
+
+
+def _optional_face(face: Face | None) -> pb.Face | None:
+    """None for no face: a protobuf constructor leaves a field passed as None unset."""
+    return None if face is None else _face(face)
+
+
+def _match(match: Match) -> pb.Match:
+    return pb.Match(identity_id=match.identity_id, display_name=match.display_name, distance=match.distance, template_id=match.template_id)
+
+
+def _identification(result: Identification) -> pb.FaceIdentification:
+    return pb.FaceIdentification(
+        face=_optional_face(result.face),
+        matches=[_match(m) for m in result.matches],
+        identity_id=result.identity_id or "",
+        distance=result.distance,
+        threshold=result.threshold,
+    )
+
+
+def _gallery(record: GalleryRecord) -> pb.Gallery:
+    return pb.Gallery(
+        name=record.name,
+        model_id=record.model_id,
+        threshold=record.threshold,
+        metric=record.metric,
+        embedding_dim=record.embedding_dim,
+        identity_count=record.identity_count,
+        template_count=record.template_count,
+        create_time=_timestamp(record.created),
+    )
+
+
+def _template(template: TemplateRecord) -> pb.Template:
+    return pb.Template(
+        template_id=template.template_id,
+        identity_id=template.identity_id,
+        source_sha256=template.source_sha256,
+        face=_optional_face(template.face),
+        create_time=_timestamp(template.created),
+    )
+
+
+def _identity(record: IdentityRecord) -> pb.Identity:
+    return pb.Identity(
+        identity_id=record.identity_id,
+        display_name=record.display_name,
+        metadata=record.metadata,
+        template_count=record.template_count,
+        templates=[_template(t) for t in record.templates],
+        create_time=_timestamp(record.created),
+        update_time=_timestamp(record.updated),
+    )
+
+
+def _exported(template: ExportedTemplate) -> pb.ExportedTemplate:
+    return pb.ExportedTemplate(
+        identity_id=template.identity_id,
+        display_name=template.display_name,
+        metadata=template.metadata,
+        template_id=template.template_id,
+        embedding=_embedding(template.embedding),
+        source_sha256=template.source_sha256,
+        create_time=_timestamp(template.created),
+    )
+
+
+def _new_template(template: pb.ExportedTemplate) -> NewTemplate:
+    created = template.create_time.ToNanoseconds() / 1e9 if template.HasField("create_time") else None
+    return NewTemplate(
+        template.identity_id,
+        _vector(template.embedding),
+        display_name=template.display_name,
+        metadata=dict(template.metadata),
+        source_sha256=template.source_sha256,
+        created=created,
+    )

@@ -1,0 +1,35 @@
+"""Engine exceptions to gRPC statuses: the one mapping, used by unary and streaming calls alike.
+
+The engine's exceptions (:mod:`facegallery.server.contract.errors`) carry the *name* of their
+status (``"NOT_FOUND"``); this module, inside the gRPC layer, turns it into ``grpc.StatusCode``.
+An exception that is not a deliberate engine error becomes INTERNAL with a generic message, so
+no internals reach a client; the caller logs its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from facegallery.server.contract.errors import FaceGalleryError
+
+__all__ = ["INTERNAL_MESSAGE", "status_of"]
+
+LOG = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal server error (the server log has the details)"
+
+
+def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for ``exc`` raised while serving ``method``.
+
+    A :class:`FaceGalleryError` maps to ``grpc.StatusCode[exc.code]`` with the exception's message
+    (logged at DEBUG); anything else to INTERNAL and :data:`INTERNAL_MESSAGE`, its traceback logged
+    at ERROR.
+    """
+    if isinstance(exc, FaceGalleryError):
+        LOG.debug("%s -> %s: %s", method, exc.code, exc)
+        return grpc.StatusCode[exc.code], str(exc)
+    LOG.error("unexpected error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
