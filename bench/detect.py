@@ -26,8 +26,8 @@ from PIL import Image
 
 from facegallery.export.dlib.convert import DLIB_SOURCES, find_dlib_models
 from facegallery.export.dlib.mmod import convert_mmod
-from facegallery.server.face.detect import DetectionConfig, FaceDetector, plan_scale
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.detect import DetectionConfig, FaceDetector, plan_scale
 
 FACES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "faces"
 PHOTO = FACES_DIR / "face_recognition" / "steve_wozniak" / "steve_wozniak1.jpg"

@@ -32,8 +32,8 @@ from PIL import Image
 
 from facegallery.export.dlib.convert import DLIB_SOURCES, find_dlib_models
 from facegallery.export.dlib.resnet import convert_resnet
-from facegallery.server.face.embed import Embedder
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.embed import Embedder
 
 CHIPS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden_dlib" / "chips"
 RESNET_DAT = DLIB_SOURCES["embedder"]

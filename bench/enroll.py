@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from facegallery.server.service.app import ServerConfig, create_server
 from facegallery.server.gallery.store import NewTemplate
+from facegallery.server.service.app import ServerConfig, create_server
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 

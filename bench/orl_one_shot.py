@@ -61,7 +61,8 @@ def main() -> None:
     model_dir = args.model_dir
     work = Path(tempfile.mkdtemp(prefix="orl_one_shot_"))
     if model_dir is None:
-        from facegallery.export.train.run import TrainArgs, main as train_main
+        from facegallery.export.train.run import TrainArgs
+        from facegallery.export.train.run import main as train_main
 
         data = work / "s1-s30"
         data.mkdir()

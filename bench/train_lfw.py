@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facegallery.export.evaluate.metrics import tar_at_far, verification_10fold
-from facegallery.export.evaluate.lfw import embed_lfw_images, read_pairs
 from facegallery.export.dlib.default_model import ensure_default_model
+from facegallery.export.evaluate.lfw import embed_lfw_images, read_pairs
+from facegallery.export.evaluate.metrics import tar_at_far, verification_10fold
 from facegallery.server.face.pipeline import FacePipeline, PipelineConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from facegallery.export.train.run import TrainArgs, main as train_main
+    from facegallery.export.train.run import TrainArgs
+    from facegallery.export.train.run import main as train_main
 
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)

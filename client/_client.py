@@ -13,9 +13,6 @@ import grpc
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from facegallery.v1 import gallery_service_pb2 as pb
-from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
-
 from facegallery.client import _convert
 from facegallery.client._exceptions import ClientClosedError, DeadlineExceeded, NotFound, ServerError, Unavailable, from_rpc_error
 from facegallery.client._models import (
@@ -36,6 +33,8 @@ from facegallery.client._models import (
     ServerInfo,
     VerifyResult,
 )
+from facegallery.v1 import gallery_service_pb2 as pb
+from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
 __all__ = [
     "GalleryClient",
@@ -342,6 +341,7 @@ class GalleryClient:
         metadata: Mapping[str, str] | None = None,
         kind: ImageKind = ImageKind.PHOTO,
         face_policy: FacePolicy = FacePolicy.LARGEST,
+        model_id: str | None = None,
         gallery: str | None = None,
         timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> EnrollResult:
@@ -366,6 +366,10 @@ class GalleryClient:
             What the image contains (photo, face crop, aligned chip).
         face_policy : FacePolicy
             Enroll the largest face, or refuse images with several faces.
+        model_id : str or None
+            With ``embedding`` only: the model id the embedding was computed with
+            (``server_info().model.model_id`` of the server that embedded it, or
+            ``Gallery.model_id`` of the gallery it was exported from). None = the server's own.
 
         Returns
         -------
@@ -377,13 +381,15 @@ class GalleryClient:
         InvalidArgument
             Undecodable image, no face, wrong embedding length, empty id.
         FailedPrecondition
-            Several faces under ``FacePolicy.REJECT_MULTIPLE``; gallery of another model.
+            Several faces under ``FacePolicy.REJECT_MULTIPLE``; a gallery of another model than
+            the server's (image) or ``model_id`` (embedding).
         ResourceExhausted
             Image over the server's byte or pixel limit.
         NotFound
             Unknown gallery.
         TypeError, ValueError, OSError
-            An image argument the client cannot read or encode (nothing was sent).
+            An image argument the client cannot read or encode, or ``model_id`` with an image
+            (nothing was sent).
         """
         item = EnrollItem(
             identity_id=identity_id,
@@ -393,6 +399,7 @@ class GalleryClient:
             metadata=metadata or {},
             kind=kind,
             face_policy=face_policy,
+            model_id=model_id,
         )
         request = _convert.enroll_request(item, self._gallery(gallery))
         return _convert.enroll_result(self._unary("Enroll", request, timeout))
@@ -516,10 +523,22 @@ class GalleryClient:
         *,
         top_k: int = 5,
         threshold: float | None = None,
+        model_id: str | None = None,
         gallery: str | None = None,
         timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> FaceIdentification:
         """1:N search for a ``(D,)`` float32 embedding (no image processing); ``face`` is None.
+
+        Parameters
+        ----------
+        embedding : (D,) float32 array-like
+        top_k : int
+            Candidates, 1..100.
+        threshold : float or None
+            Decision threshold (L2 distance); None = the gallery's.
+        model_id : str or None
+            The model id the embedding was computed with (``server_info().model.model_id`` of
+            the server that embedded it, or ``Gallery.model_id``). None = the server's own.
 
         Raises
         ------
@@ -527,9 +546,11 @@ class GalleryClient:
             Wrong embedding length.
         NotFound
             Unknown gallery.
+        FailedPrecondition
+            The gallery holds another model than ``model_id`` (or the server's).
         """
         request = pb.IdentifyEmbeddingRequest(
-            gallery=self._gallery(gallery), embedding=_convert.embedding_message(embedding), top_k=top_k
+            gallery=self._gallery(gallery), embedding=_convert.embedding_message(embedding), top_k=top_k, model_id=model_id or ""
         )
         if threshold is not None:
             request.threshold = threshold
@@ -602,7 +623,9 @@ class GalleryClient:
         Returns
         -------
         list of EmbeddedFace
-            Each with a ``(D,) float32`` embedding; empty when there is no face.
+            Each with a ``(D,) float32`` embedding of the server's model
+            (``server_info().model.model_id``, the ``model_id`` to send with it to another
+            server); empty when there is no face.
 
         Raises
         ------
@@ -796,7 +819,8 @@ class GalleryClient:
         templates : iterable of ExportedTemplate
             Consumed lazily; each ``embedding`` is ``(D,) float32``.
         model_id : str
-            SHA-256 of the embedder that computed the embeddings (``Gallery.model_id``).
+            Model id of the pipeline that computed the embeddings (``Gallery.model_id`` of the
+            exported gallery); must equal the target gallery's.
         timeout : float or None
             Deadline of the whole stream; default: the client's ``stream_timeout``.
 

@@ -18,8 +18,6 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from facegallery.v1 import gallery_service_pb2 as pb
-
 from facegallery.client._models import (
     BulkEnrollItem,
     CompareResult,
@@ -39,6 +37,7 @@ from facegallery.client._models import (
     Template,
     VerifyResult,
 )
+from facegallery.v1 import gallery_service_pb2 as pb
 
 _IMAGE_KIND = {
     ImageKind.PHOTO: pb.IMAGE_KIND_PHOTO,
@@ -132,9 +131,12 @@ def embedding_message(embedding: Any) -> pb.Embedding:
 
 
 def enroll_request(item: EnrollItem, gallery: str) -> pb.EnrollRequest:
-    """``pb.EnrollRequest`` of one :class:`EnrollItem` (exactly one of image / embedding)."""
+    """``pb.EnrollRequest`` of one :class:`EnrollItem` (exactly one of image / embedding;
+    ``model_id`` only with an embedding)."""
     if (item.image is None) == (item.embedding is None):
         raise ValueError("give exactly one of image and embedding")
+    if item.model_id is not None and item.embedding is None:
+        raise ValueError("model_id names the model of an embedding; an image is embedded by the server's own model")
     request = pb.EnrollRequest(
         gallery=gallery,
         identity_id=item.identity_id,
@@ -146,6 +148,7 @@ def enroll_request(item: EnrollItem, gallery: str) -> pb.EnrollRequest:
         request.image.CopyFrom(image_message(item.image, item.kind))
     else:
         request.embedding.CopyFrom(embedding_message(item.embedding))
+        request.model_id = item.model_id or ""
     return request
 
 

@@ -224,6 +224,10 @@ class EnrollItem:
         Merged into the identity's metadata.
     kind : ImageKind
     face_policy : FacePolicy
+    model_id : str or None
+        With ``embedding`` only: the model id it was computed with (``ModelInfo.model_id`` of the
+        server that embedded it, or ``Gallery.model_id`` of the gallery it was exported from);
+        the gallery must hold the same model. None = the server's own model.
     """
 
     identity_id: str
@@ -233,6 +237,7 @@ class EnrollItem:
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     kind: ImageKind = ImageKind.PHOTO
     face_policy: FacePolicy = FacePolicy.LARGEST
+    model_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,7 +339,8 @@ class Gallery(_Result):
     ----------
     name : str
     model_id : str
-        SHA-256 of the embedder that computed the gallery's templates.
+        Model id (64 hex digits) of the pipeline that computed the gallery's templates: a sha256
+        over everything that changes an embedding (embedder, chip, metric, flip augmentation).
     threshold : float
         Default decision threshold (L2 distance) for searches of this gallery.
     metric : str
@@ -458,7 +464,9 @@ class ModelInfo(_Result):
     ----------
     name, version : str
     model_id : str
-        SHA-256 of the embedder; galleries record it.
+        The server's model id (64 hex digits): a sha256 over everything that changes an
+        embedding (embedder file, embedding_dim, metric, chip, embedder input and the server's
+        flip augmentation, which ``manifest`` does not hold). Galleries record it.
     embedding_dim : int
     metric : str
     threshold : float

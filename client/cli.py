@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 a failed call or a reported failure (message on stderr)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -22,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import numpy as np
@@ -31,6 +32,8 @@ from tqdm import tqdm
 from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
 from facegallery.client._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
 from facegallery.client._models import CompareResult, EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match, VerifyResult
+from facegallery.server.contract.files import atomic_write
+from facegallery.server.contract.images import IMAGE_SUFFIXES, has_image_suffix
 
 __all__ = ["main", "LazyGroup", "EXPORT_FORMAT", "IMAGE_SUFFIXES"]
 
@@ -48,8 +51,6 @@ LAZY_COMMANDS = {
 
 #: First-line ``format`` of ``export-gallery`` files (JSON Lines, see :func:`export_gallery`).
 EXPORT_FORMAT = "facegallery-export/1"
-#: File name suffixes ``import`` picks up (case-insensitive): what the server decodes.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 
 class LazyGroup(click.Group):
@@ -406,7 +407,7 @@ class _ImportPlan:
 
 
 def _is_image_file(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    return not path.name.startswith(".") and has_image_suffix(path) and path.is_file()
 
 
 def _plan_import(client: GalleryClient, root: Path) -> _ImportPlan:
@@ -520,6 +521,19 @@ def _read_export(path: Path) -> tuple[dict[str, Any], Iterator[ExportedTemplate]
     return header, templates()
 
 
+@contextlib.contextmanager
+def _export_output(file: Path) -> Iterator[IO[str]]:
+    """The text stream ``export-gallery`` writes: stdout for ``-`` (streamed), else a temporary
+    file that replaces FILE only once the export is complete (an interrupted or failed export
+    leaves any earlier FILE as it was and no partial one)."""
+    if str(file) == "-":
+        with click.open_file("-", "w", encoding="utf-8") as out:  # stdout, left open
+            yield out
+        return
+    with atomic_write(file, "w", encoding="utf-8") as out:
+        yield out
+
+
 @main.command("export-gallery")
 @click.argument("file", type=click.Path(dir_okay=False, writable=True, path_type=Path))
 @_client_command
@@ -530,12 +544,13 @@ def export_gallery(session: _Session, file: Path) -> None:
     model_id, threshold, metric, embedding_dim, ...}}, then one line per template {"identity_id",
     "display_name", "metadata", "template_id", "embedding": [float32 values], "source_sha256",
     "create_time"}. Floats are written so that they read back bit-exact; restore with
-    import-embeddings, no photos needed.
+    import-embeddings, no photos needed. FILE is replaced only once the export is complete (an
+    interrupted export leaves no partial file); "-" streams to stdout.
     """
     gallery, templates = session.client.export_gallery(timeout=None)
-    count = 0
-    with click.open_file(str(file), "w", encoding="utf-8", atomic=True) as out:
+    with _export_output(file) as out:
         out.write(json.dumps({"format": EXPORT_FORMAT, "gallery": gallery.to_dict()}) + "\n")
+        count = 0
         for template in templates:
             # float32 -> Python float is exact and json writes a double's shortest round-trip
             # repr, so reading the value back as float32 restores the very same bits.

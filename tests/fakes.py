@@ -60,7 +60,7 @@ def photo(*colors: tuple[int, int, int]) -> bytes:
 
 
 class FakePipeline:
-    """The ``FacePipeline`` surface (manifest, analyze, probability_same) over synthetic photos.
+    """The ``FacePipeline`` surface (manifest, model_id, analyze, probability_same) over synthetic photos.
 
     ``max_image_bytes`` mimics the pipeline's byte limit (ImageTooLargeError); ``with_head``
     adds a probability_same of ``exp(-distance)``.
@@ -71,6 +71,11 @@ class FakePipeline:
         self.max_image_bytes = max_image_bytes
         self.with_head = with_head
         self.calls = 0
+
+    @property
+    def model_id(self) -> str:
+        """The embedding space, as ``FacePipeline.model_id`` (no flip augmentation)."""
+        return self.manifest.model_id
 
     def analyze(self, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, max_faces: int = 0) -> list[Face]:
         self.calls += 1

@@ -11,9 +11,12 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from facegallery.client.cli import EXPORT_FORMAT, LAZY_COMMANDS, LazyGroup, main
 from fake_gallery import MODEL_ID, running_fake_server
+
+from facegallery.client import _client
+from facegallery.client._exceptions import Unavailable
+from facegallery.client.cli import EXPORT_FORMAT, IMAGE_SUFFIXES, LAZY_COMMANDS, LazyGroup, main
+from facegallery.export.train.data import IMAGE_SUFFIXES as TRAINING_IMAGE_SUFFIXES
 
 
 @pytest.fixture(autouse=True)
@@ -235,6 +238,46 @@ def test_export_gallery_then_import_embeddings_round_trip(run, fake, faces_dir, 
     for identity in original:
         np.testing.assert_array_equal(copied[identity]["templates"][0]["embedding"], original[identity]["templates"][0]["embedding"])
         assert copied[identity]["metadata"] == original[identity]["metadata"]
+
+
+def _enroll_two(run, faces_dir) -> None:
+    for identity, name in (("joe_biden", "biden.jpg"), ("kit_harington", "john1.jpeg")):
+        run("enroll", identity, str(faces_dir / identity / name))
+
+
+def test_export_gallery_interrupted_leaves_the_previous_file(run, faces_dir, tmp_path, monkeypatch):
+    _enroll_two(run, faces_dir)
+    path = tmp_path / "gallery.jsonl"
+    path.write_text("the previous export\n")
+    real = _client.GalleryClient.export_gallery
+
+    def failing(self, *args, **kwargs):
+        gallery, templates = real(self, *args, **kwargs)
+
+        def broken():
+            yield next(templates)
+            raise Unavailable("connection lost", code=None)
+
+        return gallery, broken()
+
+    monkeypatch.setattr(_client.GalleryClient, "export_gallery", failing)
+    result = run("export-gallery", str(path))
+    assert result.exit_code == 1 and "connection lost" in result.stderr
+    assert path.read_text() == "the previous export\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["gallery.jsonl"]  # no partial temporary file
+
+
+def test_export_gallery_to_stdout_streams(run, faces_dir):
+    _enroll_two(run, faces_dir)
+    result = run("export-gallery", "-")
+    assert result.exit_code == 0, result.output
+    header, *templates = _json_lines(result.stdout.split("exported ")[0])
+    assert header["format"] == EXPORT_FORMAT and len(templates) == 2
+
+
+def test_image_suffixes_are_one_set_with_netpbm():
+    assert IMAGE_SUFFIXES is TRAINING_IMAGE_SUFFIXES
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"} == IMAGE_SUFFIXES
 
 
 def test_import_embeddings_rejects_a_malformed_file(run, tmp_path):

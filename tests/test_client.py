@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fake_gallery import DIM, MODEL_ID, THRESHOLD, embedding_of, pixels_of, running_fake_server
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
 import facegallery.client as fc
-from fake_gallery import DIM, MODEL_ID, THRESHOLD, embedding_of, pixels_of, running_fake_server
 
 
 @pytest.fixture()
@@ -120,6 +120,22 @@ def test_image_kind_and_face_policy_reach_the_server(client, fake, photo):
     request = _last_request(fake.servicer, "Enroll")
     assert request.image.kind == 2  # IMAGE_KIND_FACE_CROP
     assert request.face_policy == 2  # FACE_POLICY_REJECT_MULTIPLE
+    assert request.model_id == ""
+
+
+def test_the_model_id_of_an_embedding_reaches_the_server(client, fake):
+    client.enroll("a", embedding=_unit(1), model_id=MODEL_ID)
+    assert _last_request(fake.servicer, "Enroll").model_id == MODEL_ID
+    client.enroll("b", embedding=_unit(2))
+    assert _last_request(fake.servicer, "Enroll").model_id == ""  # unset: the server's own
+    list(client.bulk_enroll([fc.EnrollItem("c", embedding=_unit(3), model_id=MODEL_ID)]))
+    assert _last_request(fake.servicer, "BulkEnroll").model_id == MODEL_ID
+
+
+def test_a_model_id_beside_an_image_fails_on_the_client_before_sending(client, fake, photo):
+    with pytest.raises(ValueError, match="model_id"):
+        client.enroll("biden", photo, model_id=MODEL_ID)
+    assert fake.servicer.requests == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,8 +412,9 @@ def test_wait_ready_waits_for_serving(fake):
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
-    from facegallery.server.service.app import ServerConfig, create_server
     from fakes import FakePipeline
+
+    from facegallery.server.service.app import ServerConfig, create_server
 
     config = ServerConfig(
         data_dir=tmp_path_factory.mktemp("real-server"), host="127.0.0.1", port=0, snapshot_interval_s=None
@@ -416,7 +433,7 @@ def real(real_server, request):
 
 
 def test_real_server_identify_verify_and_enroll(real):
-    from fakes import photo, person_embedding
+    from fakes import person_embedding, photo
 
     real.wait_ready(10.0)
     ann = real.enroll("ann", photo((200, 10, 0)), display_name="Ann", metadata={"team": "a"})
@@ -465,6 +482,26 @@ def test_real_server_statuses_become_client_exceptions(real, call, error):
 
     with pytest.raises(error):
         call(real, photo)
+
+
+def test_real_server_refuses_embeddings_of_another_model(real):
+    from fakes import FakePipeline, person_embedding
+
+    own, other = real.server_info().model.model_id, FakePipeline("fake-b").model_id
+    vector = person_embedding(50, 60)
+    assert real.enroll("bob", embedding=vector).identity_created  # unset: the server's model
+    assert real.enroll("bob", embedding=vector, model_id=own).template_id > 0
+    with pytest.raises(fc.FailedPrecondition) as refused:
+        real.enroll("bob", embedding=vector, model_id=other)
+    assert own[:12] in refused.value.message and other[:12] in refused.value.message
+    with pytest.raises(fc.FailedPrecondition) as refused:
+        real.identify_embedding(vector, model_id=other)
+    assert own[:12] in refused.value.message and other[:12] in refused.value.message
+    [item] = real.bulk_enroll([fc.EnrollItem("bob", embedding=vector, model_id=other)])
+    assert not item.ok and item.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert real.identify_embedding(vector, model_id=own).identity_id == "bob"
+    assert real.identify_embedding(vector).identity_id == "bob"
+    assert real.get_gallery().template_count == 2
 
 
 def test_real_server_bulk_enroll_paging_export_and_import(real):

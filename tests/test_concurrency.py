@@ -1,9 +1,12 @@
-"""16 threads identify while 4 enroll and 2 delete, through the real gRPC server (fake pipeline).
+"""Concurrency: parallel calls through the real gRPC server, and snapshots beside searches.
 
-Bounded by request counts, not time. Checks: no call fails, every identification of a person
-who is never deleted finds that person at the distance the fake pipeline implies (a search
-never sees a half-applied write), matches are ranked and distinct, and at the end the index
-holds exactly the store's templates.
+* 16 threads identify while 4 enroll and 2 delete (fake pipeline). Bounded by request counts,
+  not time. Checks: no call fails, every identification of a person who is never deleted finds
+  that person at the distance the fake pipeline implies (a search never sees a half-applied
+  write), matches are ranked and distinct, and at the end the index holds exactly the store's
+  templates.
+* While a snapshot of a large gallery is being written, a write and the searches behind it
+  complete (ordering by events, not timings).
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ import numpy as np
 import pytest
 from fakes import FakePipeline, person_embedding, photo
 
+from facegallery.server.gallery import indexed_gallery
+from facegallery.server.gallery.index import DEFAULT_FACTORY, make_index
+from facegallery.server.gallery.indexed_gallery import IndexedGallery
+from facegallery.server.gallery.snapshot import read_snapshot
+from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
 from facegallery.server.service.app import ServerConfig, create_server
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
@@ -118,3 +126,67 @@ def test_parallel_identify_enroll_delete(server):
         f"\nconcurrency: {counts['identify']} identify, {counts['enroll']} enroll, {counts['delete']} delete calls "
         f"in {elapsed:.2f} s ({sum(counts.values()) / elapsed:.0f} calls/s); final gallery {len(stored)} templates"
     )
+
+
+def test_a_snapshot_write_does_not_stall_a_write_or_the_searches_behind_it(tmp_path, monkeypatch):
+    """200k templates of d=128 (a 100 MB index). The snapshot's serialization and file write are
+    held open by a patched writer; meanwhile a write and searches complete. Were the gallery's
+    lock held across them, the write would wait for the snapshot, and the searches (the lock
+    prefers writers) for the write."""
+    n, d = 200_000, 128
+    store = SqliteTemplateStore(tmp_path / "gallery.sqlite3")
+    record = store.create_gallery("g", model_id="m" * 64, threshold=0.6, metric="euclidean", embedding_dim=d)
+    index = make_index(d)
+    index.add(10**9 + np.arange(n), np.random.default_rng(0).random((n, d), dtype=np.float32))  # ids no template has
+    gallery = IndexedGallery(store, record, index, snapshot_file=tmp_path / "g.fgidx", factory=DEFAULT_FACTORY)
+    ann, bob = person_embedding(200, 10), person_embedding(10, 200)
+    gallery.add_templates([NewTemplate("ann", ann)])
+    seq_before = store.get_gallery("g").last_seq
+
+    writing, release = threading.Event(), threading.Event()
+    real_write = indexed_gallery.write_snapshot
+
+    def held_write(path, index, **header):
+        writing.set()
+        assert release.wait(30), "the test never released the snapshot write"
+        return real_write(path, index, **header)
+
+    monkeypatch.setattr(indexed_gallery, "write_snapshot", held_write)
+    headers, found, errors = [], [], []
+
+    def run(body):
+        def target():
+            try:
+                body()
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        return threading.Thread(target=target)
+
+    snapshotter = run(lambda: headers.append(gallery.snapshot()))
+    snapshotter.start()
+    assert writing.wait(30), "the snapshot never reached its write"
+    writer = run(lambda: gallery.add_templates([NewTemplate("bob", bob)]))
+    searchers = [run(lambda: found.extend(gallery.search(np.stack([ann, bob]), 1) for _ in range(3))) for _ in range(4)]
+    writer.start()
+    for thread in searchers:
+        thread.start()
+    deadline = time.monotonic() + 10
+    for thread in [writer, *searchers]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stalled = [thread for thread in [writer, *searchers] if thread.is_alive()]
+    still_writing = snapshotter.is_alive()
+    release.set()
+    for thread in [snapshotter, *stalled]:
+        thread.join(30)
+    assert not stalled, f"{len(stalled)} of the write and 4 search threads waited for the snapshot's file write"
+    assert still_writing and not errors, errors[:3]
+    assert len(found) == 4 * 3 and all(hits[0][0].identity_id == "ann" for hits in found)
+    assert gallery.search(bob[None], 1)[0][0].identity_id == "bob"  # the write is searchable
+
+    (header,) = headers
+    assert (header.last_seq, header.ntotal) == (seq_before, n + 1)  # the state copied, without the later write
+    assert read_snapshot(tmp_path / "g.fgidx")[0] == header
+    assert [c.seq for c in store.changes_since("g", 0)] == [store.get_gallery("g").last_seq]  # the write's change is kept
+    assert gallery.template_ids().size == n + 2
+    store.close()

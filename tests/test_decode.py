@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facegallery.server.face.decode import DecodeLimits, decode_image
 from facegallery.server.contract.errors import ImageDecodeError, ImageTooLargeError, InvalidInput
+from facegallery.server.face.decode import DecodeLimits, decode_image
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

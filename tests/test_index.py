@@ -1,4 +1,4 @@
-"""FAISS index against brute-force numpy, identity aggregation, snapshots, replay and rebuild."""
+"""FAISS index against brute-force numpy, identity aggregation; snapshots, replay and rebuild."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import faiss
 import numpy as np
 import pytest
 
-from facegallery.server.gallery.index import (
+from facegallery.server.gallery.index import make_index, search_identities, set_search_threads
+from facegallery.server.gallery.snapshot import (
     SnapshotError,
-    make_index,
     open_gallery_index,
     read_snapshot,
-    search_identities,
-    set_search_threads,
+    remove_stale_snapshots,
+    snapshot_path,
     write_snapshot,
 )
 from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore, TemplateOwner
@@ -124,9 +124,13 @@ def test_snapshot_roundtrip_and_corruption(tmp_path):
     index = make_index(d)
     index.add(np.arange(300, dtype=np.int64) * 3, xb)
     path = tmp_path / "g.fgidx"
-    write_snapshot(path, index, gallery_key=7, gallery="g", last_seq=42)
+    copied = index.copy()
+    index.add(np.array([10_000]), xb[:1])  # a write after the copy is not in the copy
+    written = write_snapshot(path, copied, gallery_key=7, gallery="g", last_seq=42)
     header, loaded = read_snapshot(path)
+    assert header == written and copied.ntotal == 300
     assert (header.gallery_key, header.gallery, header.last_seq, header.d, header.ntotal) == (7, "g", 42, d, 300)
+    assert index.remove(np.array([10_000])) == 1
     for a, b in zip(index.search(xb[:5], 4), loaded.search(xb[:5], 4)):
         np.testing.assert_array_equal(a, b)
     assert not list(tmp_path.glob("*.tmp"))
@@ -157,7 +161,7 @@ def add(store, vectors, owner="p"):
 
 def opened(store, path, caplog):
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="facegallery.server.gallery.index"):
+    with caplog.at_level(logging.INFO, logger="facegallery.server.gallery.snapshot"):
         index = open_gallery_index(store, store.get_gallery("g"), path)
     how = "snapshot" if "(snapshot)" in caplog.text else "rebuild"
     return index, how
@@ -220,3 +224,14 @@ def test_search_threads_reach_every_calling_thread():
     finally:
         set_search_threads(None)
     assert seen == [1]
+
+
+def test_stale_snapshots_and_leftover_temporary_files_are_removed(tmp_path):
+    index = make_index(4)
+    for key in (1, 2):
+        write_snapshot(snapshot_path(tmp_path, key), index, gallery_key=key, gallery=f"g{key}", last_seq=0)
+    leftovers = [".gallery-1.fgidx.k3j2.tmp", "gallery-1.fgidx.tmp"]  # interrupted writes (atomic_write; earlier versions)
+    for name in [*leftovers, "notes.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_snapshots(tmp_path, [1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery-1.fgidx", "notes.txt"]

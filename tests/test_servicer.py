@@ -94,7 +94,8 @@ def test_health_and_reflection(channel):
 
 def test_server_info(stub, server):
     info = stub.GetServerInfo(pb.GetServerInfoRequest())
-    assert (info.model.model_id, info.model.embedding_dim, info.model.chip_size) == (server.manager.model.model_id, DIM, 150)
+    assert (info.model.model_id, info.model.embedding_dim, info.model.chip_size) == (server.manager.pipeline.model_id, DIM, 150)
+    assert info.model.model_id == server.manager.model.embedding_id(False) != server.manager.model.files["embedder"].sha256
     assert info.model.threshold == pytest.approx(0.6) and not info.model.has_head and info.version
 
 
@@ -128,7 +129,7 @@ def test_enroll_identify_verify_compare_embed(stub):
     compared = stub.Compare(pb.CompareRequest(image_a=shot(ANN), image_b=shot(BOB)))
     assert not compared.is_match and compared.distance == pytest.approx(np.linalg.norm(person_embedding(*ANN) - person_embedding(*BOB)), abs=1e-5)
     embedded = stub.Embed(pb.EmbedRequest(image=image(photo((*ANN, 0), (*BOB, 0))), max_faces=1))
-    assert len(embedded.faces) == 1 and embedded.model_id
+    assert len(embedded.faces) == 1 and embedded.model_id == found.model_id == stub.GetServerInfo(pb.GetServerInfoRequest()).model.model_id
     np.testing.assert_allclose(embedded.faces[0].embedding.values, person_embedding(*ANN), atol=1e-7)
 
 
@@ -182,6 +183,32 @@ def test_export_import_and_bulk_enroll(stub):
     assert dict(copied.metadata) == {"x": "1"} and copied.templates[0].source_sha256 == templates[1].source_sha256
     code, _ = status_of(stub.ImportEmbeddings, stream("f" * 64))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_embeddings_carry_the_model_id_they_came_from(stub, server):
+    own, other = server.manager.pipeline.model_id, FakePipeline("fake-b").model_id
+    assert own != other
+    stub.CreateGallery(pb.CreateGalleryRequest(name="models"))
+    vector = pb.Embedding(values=person_embedding(*BOB).tolist())
+    assert stub.Enroll(pb.EnrollRequest(gallery="models", identity_id="bob", embedding=vector)).identity_created  # unset: the server's
+    assert stub.Enroll(pb.EnrollRequest(gallery="models", identity_id="bob", embedding=vector, model_id=own)).template_id > 0
+    # an image is embedded by the server's own model: a model_id beside it plays no part
+    assert stub.Enroll(pb.EnrollRequest(gallery="models", identity_id="ann", image=shot(ANN), model_id=other)).identity_created
+
+    for call, request in [
+        (stub.Enroll, pb.EnrollRequest(gallery="models", identity_id="bob", embedding=vector, model_id=other)),
+        (stub.IdentifyEmbedding, pb.IdentifyEmbeddingRequest(gallery="models", embedding=vector, model_id=other)),
+    ]:
+        code, details = status_of(call, request)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (request, code, details)
+        assert own[:12] in details and other[:12] in details, details
+    [refused] = stub.BulkEnroll(iter([pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="models", identity_id="bob", embedding=vector, model_id=other))]))
+    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and other[:12] in refused.message
+
+    assert stub.GetGallery(pb.GetGalleryRequest(name="models")).template_count == 3  # the refused ones stored nothing
+    for model_id in ("", own):
+        found = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="models", embedding=vector, model_id=model_id))
+        assert found.result.identity_id == "bob" and found.result.distance == pytest.approx(0.0, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +291,7 @@ def test_internal_error_is_generic_and_logged(stub, caplog):
 
 
 def test_model_mismatch_after_restart_with_another_model(tmp_path):
+    first_model, second_model = FakePipeline("fake-a").model_id, FakePipeline("fake-b").model_id
     first = create_server(config(tmp_path), pipeline=FakePipeline("fake-a"))
     with grpc.insecure_channel(f"localhost:{first.port}") as ch:
         pb_grpc.GalleryServiceStub(ch).Enroll(pb.EnrollRequest(identity_id="ann", image=shot(ANN)))
@@ -278,7 +306,13 @@ def test_model_mismatch_after_restart_with_another_model(tmp_path):
                 (stub.Verify, pb.VerifyRequest(identity_id="ann", image=shot(ANN))),
             ]:
                 code, details = status_of(call, request)
-                assert code == grpc.StatusCode.FAILED_PRECONDITION and "model" in details
+                assert code == grpc.StatusCode.FAILED_PRECONDITION and first_model[:12] in details and second_model[:12] in details, details
+            # an embedding of the gallery's own model needs no pipeline: searching with it works
+            vector = pb.Embedding(values=person_embedding(*ANN).tolist())
+            found = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(embedding=vector, model_id=first_model))
+            assert found.result.identity_id == "ann"
+            code, details = status_of(stub.IdentifyEmbedding, pb.IdentifyEmbeddingRequest(embedding=vector))  # unset: the server's
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and first_model[:12] in details and second_model[:12] in details
             assert stub.GetGallery(pb.GetGalleryRequest(name="default")).template_count == 1
     finally:
         second.stop(1.0)

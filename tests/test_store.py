@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,16 @@ def test_gallery_lifecycle(store):
         store.get_gallery("h")
     with pytest.raises(NotFound):
         store.delete_gallery("h")
+
+
+def test_set_model_id_rewrites_the_gallery_model_only(store):
+    store.add_templates("g", [NewTemplate("ann", vec(0))])
+    before = store.get_gallery("g")
+    after = store.set_model_id("g", "e" * 64)
+    assert after.model_id == store.get_gallery("g").model_id == "e" * 64
+    assert after == dataclasses.replace(before, model_id="e" * 64)
+    with pytest.raises(NotFound):
+        store.set_model_id("nope", "e" * 64)
 
 
 def test_add_templates_creates_identities_and_merges_identity_data(store):

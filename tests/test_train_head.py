@@ -11,14 +11,15 @@ import dataclasses
 import hashlib
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from facegallery.export.onnx_common import OPSET
 from facegallery.export.train.head import CHI2_EPS, SameHeadNet, export_head, fit_head, pair_features
 from facegallery.server.contract.errors import EmbeddingShapeError, ModelError
 from facegallery.server.contract.manifest import ModelFile, ModelManifest, sha256_file
 from facegallery.server.face.same_head import SameHead
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,6 +79,8 @@ def exported_head(tmp_path_factory, descriptors) -> tuple[SameHeadNet, object]:
     head = fit_head(embeddings, labels, kind="chi2", n_pairs=2000, steps=100, seed=1).head
     path = tmp_path_factory.mktemp("head") / "head.onnx"
     assert export_head(head, path) <= 1e-5
+    assert [p.name for p in path.parent.iterdir()] == ["head.onnx"]  # written atomically, no temp left
+    assert onnx.load(path).opset_import[0].version == OPSET
     return head, path
 
 

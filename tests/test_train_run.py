@@ -16,20 +16,30 @@ import torch
 from click.testing import CliRunner
 
 from facegallery.export.evaluate.metrics import best_threshold, rank1
-from facegallery.export.train.run import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainArgs, balanced_pairs, main
+from facegallery.export.onnx_common import EMBEDDER_INPUT
 from facegallery.export.train.cli import calibrate, train
-from facegallery.export.train.data import AugmentConfig, PipelineChipper, PKBatchSampler, augment, load_chips, scan_identity_folders
+from facegallery.export.train.data import (
+    TRAINING_RECORD,
+    AugmentConfig,
+    PipelineChipper,
+    PKBatchSampler,
+    augment,
+    load_chips,
+    scan_identity_folders,
+)
 from facegallery.export.train.model import build_model
-from facegallery.server.face.embed import Embedder
+from facegallery.export.train.run import CHECKPOINT_DIR, CHECKPOINT_FILE, TrainArgs, balanced_pairs, main
 from facegallery.server.contract.face import ImageKind
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.embed import Embedder
+from facegallery.server.face.onnx_session import open_session
 from facegallery.server.face.pipeline import FacePipeline
 from facegallery.server.face.same_head import SameHead
 
 EPOCHS = 15
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +134,9 @@ def test_exported_model_dir_is_servable_and_matches_torch(runs, unseen_chips):
     assert isinstance(pipeline.head, SameHead)
     faces = pipeline.analyze(Path(unseen_chips.paths[0]).read_bytes())
     assert len(faces) == 1 and faces[0].embedding.shape == (128,)
-    record = json.loads((model_dir / "training.json").read_text())
+    record = json.loads((model_dir / TRAINING_RECORD).read_text())
+    # every file was written through a temporary name and renamed: none is left behind
+    assert not [p.name for p in model_dir.rglob(".*")]
     assert len(record["train_identities"]) + len(record["val_identities"]) == 30 and record["val_identities"]
 
 
@@ -207,15 +219,13 @@ def test_augment(unseen_chips):
 
 
 def test_init_from_default_dlib_model_is_exact(model_dir, unseen_chips):
-    import onnxruntime as ort
-
     manifest = ModelManifest.load(model_dir, verify=False)
     net = build_model(init_onnx=manifest.path_of(model_dir, "embedder"))
     assert net.dim == 128 and sum(p.numel() for p in net.parameters()) > 5_000_000
     pipeline = FacePipeline.from_model_dir(model_dir)
     chips = np.stack([_dlib_chip(pipeline, Path(p)) for p in unseen_chips.paths[:3]])
-    session = ort.InferenceSession(str(manifest.path_of(model_dir, "embedder")), providers=["CPUExecutionProvider"])
-    (expected,) = session.run(None, {"image": chips.astype(np.float32)})
+    session = open_session(manifest.path_of(model_dir, "embedder"), intra_op_threads=1)
+    (expected,) = session.run(None, {EMBEDDER_INPUT: chips.astype(np.float32)})
     with torch.no_grad():
         raw = net.body(torch.from_numpy(chips).float()).numpy()
         normalised = net(torch.from_numpy(chips).float()).numpy()

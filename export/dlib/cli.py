@@ -26,8 +26,8 @@ def export_dlib_command(out_dir: Path | None, source_dir: Path | None, force: bo
     Reads the .dat files of face_recognition_models (nothing is downloaded) and writes
     embedder.onnx, detector.onnx, landmarks.npz and model.json.
     """
-    from facegallery.export.dlib.default_model import default_model_dir
     from facegallery.export.dlib.convert import export_dlib
+    from facegallery.export.dlib.default_model import default_model_dir
 
     out_dir = out_dir or default_model_dir()
     manifest = export_dlib(out_dir, source_dir=source_dir, overwrite=force)

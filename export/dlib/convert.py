@@ -23,14 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from facegallery.server.face.align import DLIB_5POINT_TEMPLATE
-from facegallery.server.contract.errors import ModelError
-from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
 from facegallery.export.dlib.mmod import convert_mmod
 from facegallery.export.dlib.resnet import convert_resnet
 from facegallery.export.dlib.shape_predictor import convert_shape_predictor
+from facegallery.server.contract.errors import ModelError
+from facegallery.server.contract.files import fsync_dir
+from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
+from facegallery.server.face.align import DLIB_5POINT_TEMPLATE
 
-__all__ = ["DLIB_SOURCES", "find_dlib_models", "export_dlib"]
+__all__ = ["DLIB_SOURCES", "FILE_NAMES", "find_dlib_models", "export_dlib"]
 
 LOG = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ DLIB_SOURCES = {
     "detector": "mmod_human_face_detector.dat",
     "landmarks": "shape_predictor_5_face_landmarks.dat",
 }
+#: The files of a model directory, by role (``model.json`` ``files``); training writes the same names.
+FILE_NAMES = {"embedder": "embedder.onnx", "detector": "detector.onnx", "landmarks": "landmarks.npz"}
 #: dlib get_face_chip_details default padding used by face_recognition / compute_face_descriptor.
 DLIB_CHIP_PADDING = 0.25
 MODEL_NAME = "dlib_face_recognition_resnet_model_v1"
@@ -94,13 +97,10 @@ def export_dlib(out_dir: str | os.PathLike, *, source_dir: str | os.PathLike | N
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         started = time.perf_counter()
-        embedder = convert_resnet(sources / DLIB_SOURCES["embedder"], work / "embedder.onnx")
-        detector = convert_mmod(sources / DLIB_SOURCES["detector"], work / "detector.onnx")
-        convert_shape_predictor(sources / DLIB_SOURCES["landmarks"], work / "landmarks.npz")
-        files = {
-            role: ModelFile(name, sha256_file(work / name))
-            for role, name in (("embedder", "embedder.onnx"), ("detector", "detector.onnx"), ("landmarks", "landmarks.npz"))
-        }
+        embedder = convert_resnet(sources / DLIB_SOURCES["embedder"], work / FILE_NAMES["embedder"])
+        detector = convert_mmod(sources / DLIB_SOURCES["detector"], work / FILE_NAMES["detector"])
+        convert_shape_predictor(sources / DLIB_SOURCES["landmarks"], work / FILE_NAMES["landmarks"])
+        files = {role: ModelFile(name, sha256_file(work / name)) for role, name in FILE_NAMES.items()}
         manifest = ModelManifest(
             name=MODEL_NAME,
             version=MODEL_VERSION,
@@ -116,11 +116,8 @@ def export_dlib(out_dir: str | os.PathLike, *, source_dir: str | os.PathLike | N
             sources={name: sha256_file(sources / name) for name in DLIB_SOURCES.values()},
             detector=detector,
         )
-        manifest.write(work)
-        _fsync_tree(work)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work, out_dir)
+        manifest.write(work)  # every file in work is now written and fsynced (atomic_write)
+        _replace_dir(work, out_dir)
         LOG.info("exported dlib model to %s in %.1f s", out_dir, time.perf_counter() - started)
         return manifest
     finally:
@@ -128,7 +125,23 @@ def export_dlib(out_dir: str | os.PathLike, *, source_dir: str | os.PathLike | N
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put the complete directory ``new`` in place of ``target`` (a sibling of it), durably.
+
+    An existing ``target`` is first renamed aside and removed only after the swap, so ``target``
+    never holds a partly deleted model; the parent is fsynced so the renames survive a crash.
+    """
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old is not None:  # put the previous model back
+            os.replace(old / target.name, target)
+            old.rmdir()
+        raise
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -15,9 +15,8 @@ import logging
 import os
 from pathlib import Path
 
-import platformdirs
-
 from facegallery.server.contract.manifest import MANIFEST_NAME, ModelManifest
+from facegallery.server.contract.paths import user_data_dir
 
 __all__ = ["DEFAULT_MODEL_NAME", "default_model_dir", "ensure_default_model"]
 
@@ -33,7 +32,7 @@ def default_model_dir() -> Path:
     env = os.environ.get(MODEL_DIR_ENV)
     if env:
         return Path(env)
-    return Path(platformdirs.user_data_dir("facegallery")) / "models" / DEFAULT_MODEL_NAME
+    return user_data_dir() / "models" / DEFAULT_MODEL_NAME
 
 
 def ensure_default_model(model_dir: str | os.PathLike | None = None) -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from facegallery.export.dlib.dat_format import DlibFormatError, DlibReader
-from facegallery.export.dlib.onnx_detector import ConvLayer, build_detector, save_model
+from facegallery.export.dlib.onnx_detector import INPUT_NAME, OUTPUT_NAME, ConvLayer, build_detector, save_model
 
 __all__ = ["PYRAMID_DOWN", "MmodNet", "read_mmod", "output_to_input_map", "convert_mmod"]
 
@@ -310,8 +310,8 @@ def convert_mmod(dat_path: str | os.PathLike, onnx_path: str | os.PathLike) -> d
     stride, offset = output_to_input_map(net.layers)
     params = {
         "kind": "dlib_mmod",
-        "input": "tensor",
-        "output": "score",
+        "input": INPUT_NAME,
+        "output": OUTPUT_NAME,
         "window": list(net.window),
         "stride": stride,
         "offset": offset,

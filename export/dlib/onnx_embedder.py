@@ -26,16 +26,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from facegallery.export.onnx_common import IR_VERSION, OPSET, save_model
-
 from facegallery.export.dlib.resnet import AddPrev, Affine, AvgPool, Conv, Dense, DlibResNet, MaxPool, Relu, Skip, Tag
+from facegallery.export.onnx_common import EMBEDDER_INPUT, EMBEDDER_OUTPUT, IR_VERSION, OPSET, save_model
 
 __all__ = ["OPSET", "IR_VERSION", "INPUT_NAME", "OUTPUT_NAME", "build_embedder", "save_model"]
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "embedding"
+INPUT_NAME = EMBEDDER_INPUT
+OUTPUT_NAME = EMBEDDER_OUTPUT
 _BATCH_DIM = "N"
 
 Shape = tuple[int, int, int]  # (C, H, W) of one sample

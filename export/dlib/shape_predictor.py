@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from facegallery.export.dlib.dat_format import DlibFormatError, DlibReader
+from facegallery.server.contract.files import atomic_write
 
 __all__ = ["read_shape_predictor", "convert_shape_predictor"]
 
@@ -141,7 +142,7 @@ def convert_shape_predictor(dat_path: str | os.PathLike, npz_path: str | os.Path
     dat_path : path
         dlib's file, e.g. ``shape_predictor_5_face_landmarks.dat``.
     npz_path : path
-        Output file; written through a temporary name and renamed.
+        Output file; replaced atomically and durably (``atomic_write``).
 
     Returns
     -------
@@ -155,10 +156,8 @@ def convert_shape_predictor(dat_path: str | os.PathLike, npz_path: str | os.Path
         See :func:`read_shape_predictor`.
     """
     arrays = read_shape_predictor(Path(dat_path).read_bytes())
-    npz_path = Path(npz_path)
-    tmp = npz_path.with_name(npz_path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, npz_path)
+    with atomic_write(npz_path, "wb") as f:
+        np.savez(f, **arrays)
     cascades, trees, splits = arrays["split_idx1"].shape
     info = {
         "num_parts": int(arrays["initial_shape"].shape[0]),

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import click
+import numpy as np
 
 from facegallery.export.offline import flip_option, load_pipeline, model_dir_option
 
@@ -20,7 +21,8 @@ def eval_group() -> None:
 
 @eval_group.command("lfw")
 @click.option("--pairs", "pairs_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="LFW-format pairs: TSV with columns fold name1 image1 name2 image2 same.")
+              help="Pairs file, format detected: LFW's own pairs.txt (first line '10 300': folds and pairs per class; "
+                   "images DIR/<name>/<name>_<n:04d>.jpg) or a TSV with the header 'fold name1 image1 name2 image2 same'.")
 @click.option("--images", "images_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="LFW image root: DIR/<name>/<image>.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -30,13 +32,13 @@ def eval_group() -> None:
 @flip_option
 @model_dir_option
 def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | None, far: float, workers: int, flip_augment: bool, model_dir: Path | None) -> None:
-    """10-fold LFW verification accuracy, threshold and TAR@FAR.
+    """LFW verification accuracy over the pairs file's folds (10 for pairs.txt), threshold and TAR@FAR.
 
-    Each image's face is the one nearest the image centre (LFW's convention); a pair with a
-    missing face counts as decided "different".
+    The threshold of each fold is chosen on the other folds. Each image's face is the one nearest
+    the image centre (LFW's convention); a pair with a missing face counts as decided "different".
     """
-    from facegallery.export.evaluate.metrics import tar_at_far, verification_10fold
     from facegallery.export.evaluate.lfw import embed_lfw_images, read_pairs
+    from facegallery.export.evaluate.metrics import tar_at_far, verification_10fold
 
     if plot is not None:
         from facegallery.export.evaluate.plots import require_matplotlib
@@ -45,7 +47,13 @@ def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | Non
             require_matplotlib()
         except RuntimeError as exc:
             raise click.UsageError(f"--plot: {exc}") from exc
-    pairs = read_pairs(pairs_file)
+    try:
+        pairs = read_pairs(pairs_file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pairs") from exc
+    n_folds = len(np.unique(pairs.folds))
+    if n_folds < 2:
+        raise click.BadParameter(f"{pairs_file} has {n_folds} fold(s); cross-validation needs at least 2 (LFW's View 1 files such as pairsDevTrain.txt have one; use View 2's pairs.txt)", param_hint="--pairs")
     pipeline = load_pipeline(model_dir, flip_augment=flip_augment)
     embeddings = embed_lfw_images(pipeline, images_dir, pairs.image_paths(), workers=workers)
     distances, missing = pairs.distances(embeddings)
@@ -64,7 +72,7 @@ def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | Non
         click.echo(json.dumps(summary))
     else:
         click.echo(f"pairs: {summary['pairs']} ({int(pairs.same.sum())} same, {int((~pairs.same).sum())} different); no face: {missing}")
-        click.echo(f"accuracy: {100 * result['accuracy']:.2f}% ± {100 * result['std']:.2f}% (10-fold)")
+        click.echo(f"accuracy: {100 * result['accuracy']:.2f}% ± {100 * result['std']:.2f}% ({n_folds}-fold)")
         click.echo(f"threshold (chosen on training folds, mean): {result['threshold']:.4f}")
         click.echo(f"TAR @ FAR={far:g}: {100 * tar['tar']:.2f}% (threshold {tar['threshold']:.4f}, achieved FAR {tar['far']:.2e})")
     if plot is not None:

@@ -61,7 +61,8 @@ def verification_10fold(distances: np.ndarray, same: np.ndarray, folds: np.ndarr
         L2 distance of each pair; ``inf`` where a face was missing.
     same : (n,) bool
     folds : (n,) int
-        Fold label of each pair (1..10 in ``pairs_dev.tsv``).
+        Fold label of each pair (1..10 for LFW's ``pairs.txt`` and ``pairs_dev.tsv``); at least two
+        distinct labels.
 
     Returns
     -------
@@ -69,10 +70,17 @@ def verification_10fold(distances: np.ndarray, same: np.ndarray, folds: np.ndarr
         ``accuracy`` (mean of the per-fold test accuracies), ``std`` (their population standard
         deviation), ``threshold`` (mean of the thresholds chosen on the training folds),
         ``fold_accuracies`` and ``fold_thresholds`` (lists).
+
+    Raises
+    ------
+    ValueError
+        Fewer than two folds: no fold would have training pairs to choose its threshold on.
     """
     distances = np.asarray(distances, dtype=np.float64)
     same = np.asarray(same, dtype=bool)
     folds = np.asarray(folds)
+    if np.unique(folds).size < 2:
+        raise ValueError(f"k-fold verification needs at least 2 folds, got {np.unique(folds).size}")
     accuracies, thresholds = [], []
     for fold in np.unique(folds):
         test = folds == fold

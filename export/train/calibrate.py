@@ -23,17 +23,22 @@ from pathlib import Path
 
 import numpy as np
 
-from facegallery.server.face.embed import Embedder
-from facegallery.server.contract.manifest import ModelManifest
-
 from facegallery.export.evaluate.metrics import tar_at_far
-from facegallery.export.train.data import AlignedChipReader, PipelineChipper, load_chips, parse_name_range, scan_identity_folders
+from facegallery.export.train.data import (
+    IMAGE_KINDS_CLI,
+    TRAINING_RECORD,
+    AlignedChipReader,
+    PipelineChipper,
+    load_chips,
+    parse_name_range,
+    scan_identity_folders,
+)
+from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.embed import Embedder
 
 __all__ = ["CalibrationResult", "all_pairs_distances", "calibrate"]
 
 logger = logging.getLogger(__name__)
-
-TRAINING_RECORD = "training.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +158,13 @@ def calibrate(
     if excluded:
         logger.warning("leaving out %d identities %s was trained on", len(excluded), model_dir)
         records = [r for r in records if r.identity not in trained]
-    kinds = {"photo": ImageKind.PHOTO, "face-crop": ImageKind.FACE_CROP, "aligned-chip": ImageKind.ALIGNED_CHIP}
-    if kind not in kinds:
-        raise ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
-    if kinds[kind] is ImageKind.ALIGNED_CHIP:
+    if kind not in IMAGE_KINDS_CLI:
+        raise ValueError(f"kind must be one of {sorted(IMAGE_KINDS_CLI)}, got {kind!r}")
+    if IMAGE_KINDS_CLI[kind] is ImageKind.ALIGNED_CHIP:
         chipper = AlignedChipReader(manifest.chip)
     else:
         pipeline = FacePipeline.from_model_dir(model_dir, PipelineConfig(intra_op_threads=threads))
-        chipper = PipelineChipper(pipeline, manifest.chip, kind=kinds[kind])
+        chipper = PipelineChipper(pipeline, manifest.chip, kind=IMAGE_KINDS_CLI[kind])
     data = load_chips(records, chipper, cache_dir=cache_dir, progress=progress)
     if len(data.identities) < 2:
         raise ValueError(f"calibration needs at least 2 identities with faces, {data_dir} gives {len(data.identities)}")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import click
 
+from facegallery.server.contract.face import ImageKind
+from facegallery.server.contract.manifest import MANIFEST_NAME
+
 __all__ = ["calibrate", "train"]
 
 logger = logging.getLogger(__name__)
@@ -37,7 +40,9 @@ def _name_range(ctx, param, value):
     return value
 
 
-_KINDS = ["photo", "face-crop", "aligned-chip"]
+# The keys of data.IMAGE_KINDS_CLI, spelled the same way; data.py is not imported here (it loads
+# numpy, Pillow and the pipeline) so that `facegallery --help` stays fast.
+_KINDS = [kind.value.replace("_", "-") for kind in ImageKind]
 _data_options = [
     click.option("--min-images", type=int, default=4, show_default=True, help="Use identities with at least this many photos."),
     click.option("--name-range", default=None, callback=_name_range, help="Only identities whose name starts in this letter range, e.g. A-F."),
@@ -137,4 +142,4 @@ def calibrate(model_dir: Path, data_dir: Path, far: float, dry_run: bool, as_jso
     click.echo(f"threshold {result.threshold:.4f} (L2) at FAR {result.far:.2e} (target {far:g}): TAR {100 * result.tar:.2f}%")
     if result.excluded:
         click.echo(f"left out {len(result.excluded)} identities the model was trained on")
-    click.echo("model.json unchanged (--dry-run)" if dry_run else f"wrote threshold to {model_dir / 'model.json'}")
+    click.echo("model.json unchanged (--dry-run)" if dry_run else f"wrote threshold to {model_dir / MANIFEST_NAME}")

@@ -23,27 +23,29 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
-import platformdirs
 from PIL import Image
 from tqdm import tqdm
 
-from facegallery.server.face.align import extract_chips
-from facegallery.server.face.decode import decode_image
+from facegallery.export.evaluate.lfw import central_face
 from facegallery.server.contract.errors import FaceGalleryError
 from facegallery.server.contract.face import ImageKind
+from facegallery.server.contract.files import atomic_write
+from facegallery.server.contract.images import IMAGE_SUFFIXES, has_image_suffix
 from facegallery.server.contract.manifest import ChipSpec
-
-from facegallery.export.evaluate.lfw import central_face
+from facegallery.server.contract.paths import user_cache_dir
+from facegallery.server.face.align import extract_chips
+from facegallery.server.face.decode import decode_image
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "IMAGE_KINDS_CLI",
     "IMAGE_SUFFIXES",
+    "TRAINING_RECORD",
     "AlignedChipReader",
     "AugmentConfig",
     "ChipSet",
@@ -59,8 +61,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".gif", ".tif", ".tiff"})
 CACHE_FORMAT = "facegallery-chip/1"
+#: ``--kind`` of ``facegallery train`` / ``calibrate`` -> what the files are (:class:`ImageKind`).
+IMAGE_KINDS_CLI = {kind.value.replace("_", "-"): kind for kind in ImageKind}
+#: Written by ``facegallery train`` beside ``model.json`` (settings, train / held-out identities,
+#: history, timings); ``facegallery calibrate`` leaves the identities it lists out.
+TRAINING_RECORD = "training.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +127,7 @@ def scan_identity_folders(
             continue
         if wanted is not None and name not in wanted:
             continue
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and has_image_suffix(p))
         if len(files) >= min_images:
             records.extend(ImageRecord(p, name) for p in files)
     return records
@@ -230,7 +236,7 @@ class AlignedChipReader:
 
 def default_cache_dir() -> Path:
     """``<user cache dir>/facegallery/chips``."""
-    return Path(platformdirs.user_cache_dir("facegallery")) / "chips"
+    return user_cache_dir() / "chips"
 
 
 def _spec_key(spec: ChipSpec) -> str:
@@ -319,9 +325,8 @@ def _read_cached(path: Path, size: int) -> np.ndarray | None:
 
 def _write_cached(path: Path, chip: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, format=np.array(CACHE_FORMAT), chip=chip)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:  # concurrent runs may write the same key: each its own temp file
+        np.savez(f, format=np.array(CACHE_FORMAT), chip=chip)
 
 
 class PKBatchSampler:

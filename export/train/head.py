@@ -25,14 +25,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import warnings
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facegallery.export.onnx_common import save_torch_onnx
+from facegallery.server.face.onnx_session import open_session
 from facegallery.server.face.same_head import HEAD_INPUTS, HEAD_KINDS, HEAD_OUTPUT
 
 __all__ = ["CHI2_EPS", "HeadFit", "SameHeadNet", "export_head", "fit_head", "pair_features", "sample_pairs"]
@@ -40,7 +40,6 @@ __all__ = ["CHI2_EPS", "HeadFit", "SameHeadNet", "export_head", "fit_head", "pai
 logger = logging.getLogger(__name__)
 
 CHI2_EPS = 1e-6
-ONNX_OPSET = 17
 
 
 def pair_features(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
@@ -206,7 +205,8 @@ def fit_head(
 
 
 def export_head(head: SameHeadNet, path: str | os.PathLike, *, atol: float = 1e-5) -> float:
-    """Write ``head.onnx`` and check it against PyTorch at batch sizes 1 and 7.
+    """Write ``head.onnx`` (atomically, opset ``onnx_common.OPSET``) and check it against PyTorch
+    at batch sizes 1 and 7.
 
     Parameters
     ----------
@@ -225,20 +225,17 @@ def export_head(head: SameHeadNet, path: str | os.PathLike, *, atol: float = 1e-
     ------
     AssertionError
         The exported graph disagrees with PyTorch by more than ``atol``.
+    ModelError
+        onnxruntime cannot load the exported file.
     """
     head.eval()
     dim = head.linear.in_features
     example = (torch.randn(2, dim), torch.randn(2, dim))
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
-        # onnxscript (not a dependency); the TorchScript path handles these graphs exactly.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            head, example, os.fspath(path), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=list(HEAD_INPUTS), output_names=[HEAD_OUTPUT],
-            dynamic_axes={HEAD_INPUTS[0]: {0: "N"}, HEAD_INPUTS[1]: {0: "N"}, HEAD_OUTPUT: {0: "N"}},
-        )
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    save_torch_onnx(
+        head, example, path, input_names=HEAD_INPUTS, output_names=[HEAD_OUTPUT],
+        dynamic_axes={HEAD_INPUTS[0]: {0: "N"}, HEAD_INPUTS[1]: {0: "N"}, HEAD_OUTPUT: {0: "N"}},
+    )  # fmt: skip
+    session = open_session(path, intra_op_threads=1, what="exported head")
     worst = 0.0
     generator = torch.Generator().manual_seed(1)
     for n in (1, 7):

@@ -28,9 +28,9 @@ import re
 import numpy as np
 import onnx
 import onnx.numpy_helper
-from google.protobuf.message import DecodeError
 import torch
 import torch.nn.functional as F
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from facegallery.server.contract.errors import ModelError

@@ -26,21 +26,18 @@ import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from facegallery.server.face.align import DLIB_5POINT_TEMPLATE
-from facegallery.server.contract.errors import ModelError
-from facegallery.server.contract.face import ImageKind
-from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
-
+from facegallery.export.dlib.convert import DLIB_CHIP_PADDING, FILE_NAMES
 from facegallery.export.evaluate.metrics import best_threshold
+from facegallery.export.onnx_common import EMBEDDER_INPUT, EMBEDDER_OUTPUT, save_torch_onnx
 from facegallery.export.train.data import (
+    IMAGE_KINDS_CLI,
+    TRAINING_RECORD,
     AlignedChipReader,
     AugmentConfig,
     ChipSet,
@@ -54,6 +51,12 @@ from facegallery.export.train.data import (
 from facegallery.export.train.head import export_head, fit_head
 from facegallery.export.train.losses import TripletLoss
 from facegallery.export.train.model import EmbeddingNet, build_model
+from facegallery.server.contract.errors import ModelError
+from facegallery.server.contract.face import ImageKind
+from facegallery.server.contract.files import atomic_write, write_text_atomic
+from facegallery.server.contract.manifest import ChipSpec, ModelFile, ModelManifest, sha256_file
+from facegallery.server.face.align import DLIB_5POINT_TEMPLATE
+from facegallery.server.face.onnx_session import open_session
 
 __all__ = [
     "TrainArgs",
@@ -68,15 +71,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EMBEDDER_FILE = "embedder.onnx"
+EMBEDDER_FILE = FILE_NAMES["embedder"]
 HEAD_FILE = "head.onnx"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.pth"
-TRAINING_RECORD = "training.json"
-ONNX_OPSET = 17
 ONNX_ATOL = 1e-4  # issue 4: onnxruntime vs PyTorch max |diff| <= 1e-4
 HEAD_KINDS_CLI = {"abs-diff": "abs_diff", "chi2": "chi2", "none": None}
-IMAGE_KINDS_CLI = {"photo": ImageKind.PHOTO, "face-crop": ImageKind.FACE_CROP, "aligned-chip": ImageKind.ALIGNED_CHIP}
 DEFAULT_LR = 3e-3  # AdamW from random weights (LFW A-F: held-out accuracy 0.72 vs 0.64 at 1e-3 after 22 epochs)
 DEFAULT_INIT_LR = 3e-6  # fine-tuning: on LFW A-F, 1 epoch at 3e-6 kept dlib's G-L accuracy (+0.26 point), 2 at 1e-5 lost 0.35
 
@@ -146,7 +146,7 @@ class TrainArgs:
     k: int = 4
     batches_per_epoch: int | None = None
     chip_size: int = 64
-    padding: float = 0.25
+    padding: float = DLIB_CHIP_PADDING
     lr: float | None = None
     weight_decay: float = 5e-4
     seed: int = 0
@@ -367,7 +367,8 @@ def export_embedder(model: EmbeddingNet, path: str | os.PathLike, chip_size: int
     """Export the network to ONNX and check onnxruntime against PyTorch at batch sizes 1 and 7.
 
     The graph has input ``image`` ``(N, S, S, 3) float32`` RGB 0..255 and output ``embedding``
-    ``(N, D) float32`` with a dynamic batch axis N (opset 17).
+    ``(N, D) float32`` with a dynamic batch axis N (opset ``onnx_common.OPSET``, 17); the file is
+    replaced atomically.
 
     Returns
     -------
@@ -381,25 +382,18 @@ def export_embedder(model: EmbeddingNet, path: str | os.PathLike, chip_size: int
     """
     model.eval()
     example = torch.rand(2, chip_size, chip_size, 3) * 255
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
-        # onnxscript (not a dependency); the TorchScript path exports these graphs exactly.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model, (example,), os.fspath(path), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["image"], output_names=["embedding"],
-            dynamic_axes={"image": {0: "N"}, "embedding": {0: "N"}},
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    save_torch_onnx(
+        model, (example,), path, input_names=[EMBEDDER_INPUT], output_names=[EMBEDDER_OUTPUT],
+        dynamic_axes={EMBEDDER_INPUT: {0: "N"}, EMBEDDER_OUTPUT: {0: "N"}},
+    )  # fmt: skip
+    session = open_session(path, intra_op_threads=threads, what="exported embedder")
     generator = torch.Generator().manual_seed(2)
     worst = 0.0
     for n in (1, 7):
         images = torch.rand(n, chip_size, chip_size, 3, generator=generator) * 255
         with torch.no_grad():
             expected = model(images).numpy()
-        (got,) = session.run(["embedding"], {"image": images.numpy()})
+        (got,) = session.run([EMBEDDER_OUTPUT], {EMBEDDER_INPUT: images.numpy()})
         diff = float(np.abs(got - expected).max())
         logger.info("ONNX check at batch %d: max |diff| %.2e", n, diff)
         if not diff <= ONNX_ATOL:
@@ -424,7 +418,8 @@ def _write_model_dir(
     files = {"embedder": ModelFile(EMBEDDER_FILE, sha256_file(out / EMBEDDER_FILE))}
     for key in ("detector", "landmarks"):
         name = default.files[key].path
-        shutil.copyfile(default.path_of(default_dir, key), out / name)
+        with open(default.path_of(default_dir, key), "rb") as source, atomic_write(out / name) as target:
+            shutil.copyfileobj(source, target)
         files[key] = ModelFile(name, sha256_file(out / name))
     head_kind = HEAD_KINDS_CLI[args.head]
     head_info: dict = {}
@@ -436,7 +431,7 @@ def _write_model_dir(
                      "onnx_max_abs_diff": head_diff}
     sources = {}
     if init_manifest is not None:
-        sources[f"init:{init_manifest.name}"] = init_manifest.model_id
+        sources[f"init:{init_manifest.name}"] = init_manifest.files["embedder"].sha256  # sources are file hashes
     manifest = ModelManifest(
         name=args.name or out.name,
         version="1",
@@ -457,10 +452,10 @@ def _write_model_dir(
 
 # -------------------------------------------------------------------------------------------- main
 def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, args: TrainArgs, history: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                "epoch": epoch, "args": args.to_json(), "history": history}, tmp)
-    os.replace(tmp, path)
+    """Replace the checkpoint atomically: a run killed while saving keeps the previous epoch's."""
+    with atomic_write(path, "wb") as f:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+                    "epoch": epoch, "args": args.to_json(), "history": history}, f)
 
 
 def main(args: TrainArgs) -> TrainResult:
@@ -543,7 +538,7 @@ def main(args: TrainArgs) -> TrainResult:
     record = {"args": args.to_json(), "train_identities": train_ids, "val_identities": val_ids,
               "skipped_files": list(data.skipped), "history": history, "train_seconds": train_seconds,
               "onnx_max_abs_diff": onnx_diff, "head": head_info, "model_id": manifest.model_id}
-    (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(args.out / TRAINING_RECORD, json.dumps(record, indent=2) + "\n")
     logger.info("wrote %s (threshold %.4f, %.0f s of training)", args.out, threshold, train_seconds)
     return TrainResult(args.out, history, float(threshold), onnx_diff, train_seconds)
 

@@ -1,2 +1,4 @@
-"""What the server and ``facegallery.export`` share: the exception tree, ``Face``, the model manifest and
-chip spec, and durable file writes. Imports nothing else of facegallery."""
+"""What the server and ``facegallery.export`` share: the exception tree (``errors``), ``Face`` and
+``ImageKind`` (``face``), the model manifest and chip spec (``manifest``), durable file writes
+(``files``), the image file suffixes the decoder reads (``images``) and default locations
+(``paths``). Imports nothing else of facegallery."""

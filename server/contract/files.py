@@ -5,13 +5,15 @@ complete new one, never a torn one: the bytes go to a temporary file in the same
 flushed and fsynced, the file is renamed over the target (``os.replace``, atomic on POSIX within
 one file system), and the directory is fsynced so the rename itself is durable. This is the
 sequence SQLite and LevelDB use for their own files (see e.g. "Files are hard", Dan Luu, 2015).
+Files get the permissions a plain ``open()`` would give them (0666 less the umask); keep the data
+directory itself private (snapshots and exports hold biometric data).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -55,9 +57,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp_name = os.fspath(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL: a fresh file of our own; mode 0o666 is reduced by the umask, as open() does. Reopened
+    # by name below because writers such as onnx.save_model read the file object's ``name``.
+    os.close(os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
+        with open(tmp_name, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

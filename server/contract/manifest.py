@@ -21,13 +21,20 @@ serves either.
       "files": {"embedder": {"path": "embedder.onnx", "sha256": "..."},
                 "detector": {...}, "landmarks": {...}, "head": {...}},   # head optional
       "sources": {"dlib_face_recognition_resnet_model_v1.dat": "<sha256>", ...},
-      "detector": {...},                # MMOD decoding parameters (window, stride, NMS), see detect.py
+      "detector": {...},                # MMOD decoding parameters (window, stride, NMS), see facegallery.server.face.detect
       "head": {"kind": "abs_diff" | "chi2"}                          # only with files.head
       "calibration": {...}                                           # optional, free-form
     }
 
 The embedder maps ``image`` ``(N, size, size, 3) float32`` RGB 0..255 to ``embedding``
 ``(N, embedding_dim) float32``; normalisation is inside the graph.
+
+Model identity: embeddings are comparable only when everything that maps a face to its
+embedding is the same, so a gallery records :meth:`ModelManifest.embedding_id` (its
+``model_id``), a sha256 over the embedder file's hash, ``embedding_dim``, ``metric``, the chip
+spec, ``embedder_input`` and the pipeline's test-time flip augmentation. ``files.embedder.sha256``
+stays the hash of the embedder file alone; galleries created before the embedding id recorded
+that as their ``model_id`` (the gallery engine migrates them).
 """
 
 from __future__ import annotations
@@ -40,11 +47,14 @@ from pathlib import Path
 from typing import Any
 
 from facegallery.server.contract.errors import ModelError
+from facegallery.server.contract.files import write_text_atomic
 
-__all__ = ["MANIFEST_NAME", "FORMAT", "ChipSpec", "ModelFile", "ModelManifest", "sha256_file"]
+__all__ = ["MANIFEST_NAME", "FORMAT", "EMBEDDING_ID_FORMAT", "ChipSpec", "ModelFile", "ModelManifest", "sha256_file"]
 
 MANIFEST_NAME = "model.json"
 FORMAT = "facegallery-model/1"
+#: Tag hashed into every embedding id: change it (``/2``) if the hashed record's layout changes.
+EMBEDDING_ID_FORMAT = "facegallery-embedding-id/1"
 REQUIRED_FILES = ("embedder", "detector", "landmarks")
 
 
@@ -99,8 +109,51 @@ class ModelManifest:
 
     @property
     def model_id(self) -> str:
-        """Identity of the embedding space: the embedder's sha256. Galleries record it."""
-        return self.files["embedder"].sha256
+        """The embedding id of this model without flip augmentation: ``embedding_id(False)``.
+
+        Covers the embedder file's sha256, ``embedding_dim``, ``metric``, the chip spec and
+        ``embedder_input``; a server's id is its pipeline's (``FacePipeline.model_id``), which
+        also covers the pipeline's flip augmentation. Galleries record it.
+        """
+        return self.embedding_id(False)
+
+    def embedding_id(self, flip_augment: bool = False) -> str:
+        """Identity of the embedding space: 64 hex digits of sha256 over everything that changes
+        the embedding a face gets.
+
+        Hashed, as canonical JSON (sorted keys, no whitespace): the embedder file's sha256,
+        ``embedding_dim``, ``metric``, the chip spec (``size``, ``padding``, ``template``),
+        ``embedder_input`` and ``flip_augment``. Not hashed: ``name``, ``version``,
+        ``threshold`` (a decision setting, stored per gallery), the detector and landmark models
+        (they choose the face and its landmarks, not the chip-to-embedding mapping), the head,
+        ``sources`` and ``calibration``.
+
+        Parameters
+        ----------
+        flip_augment : bool
+            The pipeline's test-time flip augmentation (``PipelineConfig.flip_augment``): the
+            mean of a chip's and its mirror image's embeddings is a different embedding.
+
+        Returns
+        -------
+        str
+            64 lowercase hex digits; equal manifests give equal ids on every machine and run.
+        """
+        record = {
+            "format": EMBEDDING_ID_FORMAT,
+            "embedder_sha256": self.files["embedder"].sha256,
+            "embedding_dim": int(self.embedding_dim),
+            "metric": self.metric,
+            "chip": {
+                "size": int(self.chip.size),
+                "padding": float(self.chip.padding),
+                "template": [[float(x), float(y)] for x, y in self.chip.template],
+            },
+            "embedder_input": self.embedder_input,
+            "flip_augment": bool(flip_augment),
+        }
+        canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     def path_of(self, directory: str | os.PathLike, key: str) -> Path:
         return Path(directory) / self.files[key].path
@@ -115,16 +168,8 @@ class ModelManifest:
         return out
 
     def write(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.json`` atomically (temp file, fsync, rename) into ``directory``."""
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        """Write ``model.json`` into ``directory`` atomically and durably (files.py); returns its path."""
+        return write_text_atomic(Path(directory) / MANIFEST_NAME, json.dumps(self.to_json(), indent=2) + "\n")
 
     def with_updates(self, **changes: Any) -> "ModelManifest":
         return dataclasses.replace(self, **changes)

@@ -26,6 +26,7 @@ import numpy as np
 
 from facegallery.server.contract.errors import InvalidInput
 from facegallery.server.contract.manifest import ChipSpec
+from facegallery.server.face.dlib_geometry import lround, rect_area, rect_down
 
 __all__ = [
     "template_in_chip",
@@ -202,25 +203,6 @@ def pyramid_down2(img: np.ndarray) -> np.ndarray:
     return (cols // 256).astype(np.uint8)
 
 
-def _rect_down(rect: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    """``pyramid_down<2>::rect_down``: each corner p -> p/2 - (1.25, 0.75) (image_pyramid.h)."""
-    left, top, right, bottom = rect
-    return (left / 2.0 - 1.25, top / 2.0 - 0.75, right / 2.0 - 1.25, bottom / 2.0 - 0.75)
-
-
-def _area(rect: tuple[float, float, float, float]) -> float:
-    """drectangle area, (right - left + 1) * (bottom - top + 1), 0 when empty."""
-    left, top, right, bottom = rect
-    if left > right or top > bottom:
-        return 0.0
-    return (right - left + 1) * (bottom - top + 1)
-
-
-def _lround(value: float) -> int:
-    """``std::lround``: round half away from zero."""
-    return int(math.copysign(math.floor(abs(value) + 0.5), value))
-
-
 def _rotate(center: tuple[float, float], point: tuple[float, float], cos_a: float, sin_a: float) -> tuple[float, float]:
     """dlib ``rotate_point`` (point_transforms.h l.680)."""
     x, y = point[0] - center[0], point[1] - center[1]
@@ -256,7 +238,7 @@ def _extract(rgb: np.ndarray, details: ChipDetails) -> np.ndarray:
     height, width = rgb.shape[:2]
     if details.angle == 0 and right - left + 1 == size and bottom - top + 1 == size:
         # basic_extract_image_chip: a plain copy of the rounded rectangle, black outside.
-        x0, y0 = _lround(left), _lround(top)
+        x0, y0 = lround(left), lround(top)
         chip = np.zeros((size, size, 3), np.uint8)
         ys, xs = slice(max(y0, 0), min(y0 + size, height)), slice(max(x0, 0), min(x0 + size, width))
         if ys.start < ys.stop and xs.start < xs.stop:
@@ -266,9 +248,9 @@ def _extract(rgb: np.ndarray, details: ChipDetails) -> np.ndarray:
     # Pyramid depth and the region of the image the chip needs (l.1874-1897).
     chip_area = float(size * size)
     depth, grow = 0, 2.0
-    rect = _rect_down(details.rect)
-    while _area(rect) > chip_area:
-        rect = _rect_down(rect)
+    rect = rect_down(details.rect)
+    while rect_area(rect) > chip_area:
+        rect = rect_down(rect)
         depth += 1
         grow = grow * 2 + 2
     cos_a, sin_a = math.cos(details.angle), math.sin(details.angle)
@@ -277,7 +259,7 @@ def _extract(rgb: np.ndarray, details: ChipDetails) -> np.ndarray:
     xs, ys = [p[0] for p in corners], [p[1] for p in corners]
     box = (max(min(xs) - grow, 0.0), max(min(ys) - grow, 0.0),
            min(max(xs) + grow, width - 1.0), min(max(ys) + grow, height - 1.0))
-    bl, bt, br, bb = (_lround(v) for v in box)
+    bl, bt, br, bb = (lround(v) for v in box)
     if bl > br or bt > bb:  # the chip lies outside the image
         return np.zeros((size, size, 3), np.uint8)
     level_img = rgb[bt:bb + 1, bl:br + 1]
@@ -285,9 +267,9 @@ def _extract(rgb: np.ndarray, details: ChipDetails) -> np.ndarray:
     # Pick the pyramid level (l.1928-1935) and build it.
     rect = (left - bl, top - bt, right - bl, bottom - bt)
     level = -1
-    while _area(_rect_down(rect)) > chip_area and level + 1 < depth:
+    while rect_area(rect_down(rect)) > chip_area and level + 1 < depth:
         level += 1
-        rect = _rect_down(rect)
+        rect = rect_down(rect)
     for _ in range(level + 1):
         level_img = pyramid_down2(level_img)
 

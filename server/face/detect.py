@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from PIL import Image
 
 from facegallery.server.contract.errors import InvalidInput, ModelError
-from facegallery.server.face.image_pyramid import pyramid_up, pyramid_up_size, tiled_pyramid
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.dlib_geometry import lround, rect_area, rect_down
+from facegallery.server.face.image_pyramid import pyramid_up, pyramid_up_size, tiled_pyramid
+from facegallery.server.face.onnx_session import open_session
 
 __all__ = [
     "DEFAULT_MIN_FACE_SIZE",
@@ -222,12 +223,6 @@ def _resized(height: int, width: int, factor: float) -> tuple[int, int]:
     return max(1, round(height * factor)), max(1, round(width * factor))
 
 
-def _lround(x: np.ndarray) -> np.ndarray:
-    """C ``lround`` elementwise (halves away from zero), exact for every double."""
-    whole = np.trunc(x)
-    return (whole + np.sign(x) * (np.abs(x - whole) >= 0.5)).astype(np.int64)
-
-
 def _nearest_level(points: np.ndarray, rects: np.ndarray) -> np.ndarray:
     """dlib ``nearest_rect`` (rectangle.h l.469): the first level containing the point, else the
     first one at the smallest Euclidean distance. ``points`` (N, 2) int64 → (N,) level indices."""
@@ -238,11 +233,6 @@ def _nearest_level(points: np.ndarray, rects: np.ndarray) -> np.ndarray:
     dy = np.clip(y, top, bottom) - y
     dist = np.sqrt((dx * dx + dy * dy).astype(np.float64))
     return np.where(inside.any(axis=1), inside.argmax(axis=1), dist.argmin(axis=1))
-
-
-def _area(boxes: np.ndarray) -> np.ndarray:
-    """Area of inclusive integer rectangles ``(..., 4)`` (dlib ``rectangle::area``)."""
-    return (boxes[..., 2] - boxes[..., 0] + 1) * (boxes[..., 3] - boxes[..., 1] + 1)
 
 
 def _overlaps(kept: np.ndarray, box: np.ndarray, iou: float, covered: float) -> bool:
@@ -258,7 +248,7 @@ def _overlaps(kept: np.ndarray, box: np.ndarray, iou: float, covered: float) -> 
     inner = np.where((iw > 0) & (ih > 0), iw * ih, 0).astype(np.float64)
     outer = ((np.maximum(kept[:, 2], box[2]) - np.minimum(kept[:, 0], box[0]) + 1)
              * (np.maximum(kept[:, 3], box[3]) - np.minimum(kept[:, 1], box[1]) + 1))  # fmt: skip
-    hit = (inner / outer > iou) | (inner / _area(kept) > covered) | (inner / _area(box) > covered)
+    hit = (inner / outer > iou) | (inner / rect_area(kept) > covered) | (inner / rect_area(box) > covered)
     return bool(np.any((inner > 0) & hit))
 
 
@@ -292,15 +282,9 @@ class FaceDetector:
         self._window = tuple(int(v) for v in params["window"])
         self._stride, self._offset = int(params["stride"]), int(params["offset"])
         self._mean = np.asarray(params["mean_rgb"], dtype=np.float32)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_mem_pattern = False  # every image has another tensor shape
-        try:
-            self._session = ort.InferenceSession(os.fspath(onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"cannot load detector graph {onnx_path}: {exc}") from exc
+        # Every image gives another tensor shape, so no memory pattern.
+        self._session = open_session(onnx_path, intra_op_threads=intra_op_threads, memory_pattern=False,
+                                     what="detector graph")
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         self._input = params.get("input", inputs[0].name)
         self._output = params.get("output", outputs[0].name)
@@ -365,7 +349,9 @@ class FaceDetector:
             image = pyramid_up(image)
         boxes, scores = self._detect_dlib(np.ascontiguousarray(image), config.score_threshold)
         if plan.upsample:
-            boxes = _rect_down(boxes, plan.upsample)
+            # pyramid_down<2>::rect_down(rect, levels) of dlib's integer rectangles, undoing
+            # pyramid_up: the corners go down in double, then lround (image_pyramid.h l.155-160).
+            boxes = lround(rect_down(boxes, plan.upsample))
         boxes = boxes.astype(np.float64)
         if plan.size != (height, width):
             sy, sx = plan.size[0] / height, plan.size[1] / width
@@ -424,7 +410,7 @@ class FaceDetector:
             up = levels > i
             corners[up] = corners[up] * ratio + 0.3
         order = np.argsort(-values, kind="stable")
-        return _lround(corners[order]), values[order].astype(np.float32)
+        return lround(corners[order]), values[order].astype(np.float32)
 
     def _nms(self, boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Greedy suppression in score order (loss.h ``to_label`` l.1366-1379)."""
@@ -434,16 +420,6 @@ class FaceDetector:
             if not _overlaps(boxes[keep], boxes[i], iou, covered):
                 keep.append(i)
         return boxes[keep], scores[keep]
-
-
-def _rect_down(boxes: np.ndarray, levels: int) -> np.ndarray:
-    """``pyramid_down<2>::rect_down(rect, levels)`` then ``lround``: ``p -> p / 2 - (1.25, 0.75)``
-    per level (image_pyramid.h l.155-160), undoing :func:`image_pyramid.pyramid_up`."""
-    out = boxes.astype(np.float64)
-    shift = np.array([1.25, 0.75, 1.25, 0.75])
-    for _ in range(levels):
-        out = out / 2.0 - shift
-    return _lround(out)
 
 
 def _conv_geometry(onnx_path: str | os.PathLike) -> list[tuple[int, int, int]]:

@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from facegallery.server.contract.errors import InvalidInput, ModelError
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.onnx_session import open_session
 
 __all__ = ["Embedder"]
 
 logger = logging.getLogger(__name__)
 
 _ACCEPTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
+# The graph input's name when model.json's embedder_input gives none (the manifest's default).
+_DEFAULT_INPUT_NAME = "image"
 # What Embedder feeds the graph; a manifest declaring anything else cannot be served by it.
 _SUPPORTED_INPUT = {"layout": "NHWC", "color": "RGB", "range": [0, 255], "dtype": "float32"}
 
@@ -59,7 +61,7 @@ class Embedder:
         *,
         chip_size: int,
         embedding_dim: int,
-        input_name: str = "image",
+        input_name: str = _DEFAULT_INPUT_NAME,
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
     ) -> None:
@@ -70,15 +72,10 @@ class Embedder:
         self.intra_op_threads = int(intra_op_threads)
         self.inter_op_threads = int(inter_op_threads)
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = self.inter_op_threads
         start = time.perf_counter()
-        try:
-            self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors (file missing, bad proto)
-            raise ModelError(f"cannot load embedder {self.onnx_path}: {exc}") from exc
+        self._session = open_session(
+            self.onnx_path, intra_op_threads=self.intra_op_threads, inter_op_threads=self.inter_op_threads, what="embedder"
+        )
         self._output_name = self._check_session()
         logger.info("loaded %r in %.2f s", self, time.perf_counter() - start)
 
@@ -112,7 +109,7 @@ class Embedder:
             manifest.path_of(model_dir, "embedder"),
             chip_size=manifest.chip.size,
             embedding_dim=manifest.embedding_dim,
-            input_name=str(declared.get("name", "image")),
+            input_name=str(declared.get("name", _DEFAULT_INPUT_NAME)),
             **threads,
         )
 

@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from facegallery.server.face.dlib_geometry import lround, rect_up
+
 __all__ = ["pyramid_up", "pyramid_up_size", "pyramid_level_sizes", "tiled_pyramid_layout", "tiled_pyramid"]
 
 _MIN_LEVEL_HEIGHT = 5  # compute_tiled_image_pyramid_details: levels stop below 5 rows
@@ -150,13 +152,10 @@ def _resize_float(src: np.ndarray, dst: np.ndarray) -> None:
 
 def pyramid_up_size(height: int, width: int) -> tuple[int, int]:
     """Output ``(height, width)`` of :func:`pyramid_up`: ``rect_up`` of the image rectangle
-    (``p -> (p + (1.25, 0.75)) * 2``, image_pyramid.h l.160-170) rounded with ``lround``, plus one."""
-    return _lround(2 * (height - 1 + 0.75)) + 1, _lround(2 * (width - 1 + 1.25)) + 1
-
-
-def _lround(value: float) -> int:
-    """C ``lround``: nearest integer, halves away from zero."""
-    return int(math.copysign(math.floor(abs(value) + 0.5), value))
+    (``p -> (p + (1.25, 0.75)) * 2``, image_pyramid.h l.160-170), its bottom-right corner rounded
+    with ``lround``, plus one (interpolation.h l.1548)."""
+    _, _, right, bottom = rect_up((0, 0, width - 1, height - 1))
+    return lround(bottom) + 1, lround(right) + 1
 
 
 def pyramid_up(rgb: np.ndarray) -> np.ndarray:

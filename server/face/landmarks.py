@@ -24,9 +24,10 @@ import zipfile
 
 import numpy as np
 
-from facegallery.server.face.align import similarity_transform
 from facegallery.server.contract.errors import InvalidInput, ModelError
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.align import similarity_transform
+from facegallery.server.face.dlib_geometry import lround
 
 __all__ = ["LandmarkPredictor", "dlib_rectangles"]
 
@@ -49,8 +50,7 @@ def dlib_rectangles(boxes: np.ndarray) -> np.ndarray:
         Each coordinate rounded half away from zero (``std::lround``, drectangle.h l.64), so
         integer boxes pass through unchanged.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return (np.sign(boxes) * np.floor(np.abs(boxes) + 0.5)).astype(np.int64)
+    return lround(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
 
 
 class LandmarkPredictor:

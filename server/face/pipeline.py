@@ -8,8 +8,9 @@
     align.py       similarity alignment -> (N,S,S,3) face chips (S = 150 for the default model)
     embed.py       ONNX embedder -> (N,D) float32 embeddings
 
-The gallery (gallery.py) and the CLI call :meth:`FacePipeline.analyze`; the server may wrap the
-embedder in a batching layer shared by concurrent requests (batching.py).
+The gallery (gallery/manager.py) and the CLI call :meth:`FacePipeline.analyze`; the server may wrap
+the embedder in a batching layer shared by concurrent requests (batching.py).
+:attr:`FacePipeline.model_id` names the embedding space the pipeline produces; galleries record it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.contract.face import Face, ImageKind
+from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.face.align import extract_chips, template_in_chip
 from facegallery.server.face.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DecodeLimits, decode_image
 from facegallery.server.face.detect import DetectionConfig, FaceDetector
 from facegallery.server.face.embed import Embedder
-from facegallery.server.contract.errors import InvalidInput
-from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.face.landmarks import LandmarkPredictor
-from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.face.same_head import SameHead
 
 __all__ = ["PipelineConfig", "FacePipeline", "ChipEmbedder"]
@@ -65,6 +66,8 @@ class PipelineConfig:
         Off by default, so embeddings equal dlib's ``compute_face_descriptor``. Measured on
         ``pairs_dev.tsv`` (2,865 LFW pairs, 150x150 images) with the default model: 10-fold
         accuracy 98.68 % -> 98.88 %, accuracy at the fixed threshold 0.6 98.15 % -> 98.85 %.
+        Part of :attr:`FacePipeline.model_id`: a gallery enrolled with it on is refused by a
+        server with it off, and the other way round.
     """
 
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
@@ -104,6 +107,16 @@ class FacePipeline:
         self.head = head
         self.config = config
 
+    @property
+    def model_id(self) -> str:
+        """The embedding space of this pipeline: ``manifest.embedding_id(config.flip_augment)``.
+
+        64 hex digits of sha256 over the embedder file's hash, embedding_dim, metric, chip spec,
+        embedder input and the flip augmentation (``ModelManifest.embedding_id``). Galleries record it; the server
+        refuses galleries of another id.
+        """
+        return self.manifest.embedding_id(self.config.flip_augment)
+
     @classmethod
     def from_model_dir(
         cls,
@@ -113,7 +126,7 @@ class FacePipeline:
         embedder: ChipEmbedder | None = None,
         verify_checksums: bool = True,
     ) -> "FacePipeline":
-        """Load a model directory (``model.json`` + files, see manifest.py).
+        """Load a model directory (``model.json`` + files, see ``facegallery.server.contract.manifest``).
 
         Parameters
         ----------
@@ -144,7 +157,7 @@ class FacePipeline:
             head=SameHead.from_manifest(model_dir, manifest),
             config=config,
         )
-        LOG.info("loaded model %s (%s) from %s in %.2f s", manifest.name, manifest.model_id[:12], model_dir, time.perf_counter() - started)
+        LOG.info("loaded model %s (%s) from %s in %.2f s", manifest.name, pipeline.model_id[:12], model_dir, time.perf_counter() - started)
         return pipeline
 
     @staticmethod

@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from facegallery.server.contract.errors import EmbeddingShapeError, ModelError
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.face.onnx_session import open_session
 
 __all__ = ["HEAD_INPUTS", "HEAD_KINDS", "HEAD_OUTPUT", "SameHead"]
 
@@ -63,13 +63,7 @@ class SameHead:
         self.onnx_path = Path(onnx_path)
         self.embedding_dim = int(embedding_dim)
         self.kind = kind
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(intra_op_threads)
-        options.inter_op_num_threads = 1
-        try:
-            self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors (file missing, bad proto)
-            raise ModelError(f"cannot load same-person head {self.onnx_path}: {exc}") from exc
+        self._session = open_session(self.onnx_path, intra_op_threads=intra_op_threads, what="same-person head")
         self._check_session()
         logger.info("loaded %r", self)
 

@@ -1,16 +1,12 @@
-"""The vector index of a gallery: FAISS search over template embeddings, snapshots, identity search.
+"""The vector index of a gallery: FAISS search over template embeddings, and identity search.
 
-The index is derived data; the store (store.py) is the truth. Three parts:
+The index is derived data; the store (store.py) is the truth; snapshot.py saves and restores it.
+Two parts:
 
 * :class:`VectorIndex`, the interface the gallery searches through, and :class:`FaissIndex`, its
   FAISS implementation, built from a faiss factory string (default ``"IDMap2,Flat"``: exact L2
   over ``IndexFlatL2`` with template ids kept by ``IndexIDMap2``, so HNSW/IVF can come later by
   changing the string).
-* Snapshots: :func:`write_snapshot` writes the serialized index with the last change ``seq`` it
-  contains, atomically (temp file, fsync, rename, fsync of the directory). At start-up
-  :func:`open_gallery_index` loads the snapshot and replays the store's newer changes, or rebuilds
-  from the store when the snapshot is missing, corrupt or does not match; either way the index's
-  template ids are then checked against the store's.
 * :func:`search_identities`: an identity's distance is the minimum over its templates, so the
   index is searched for ``k' > k`` templates, which are grouped by identity; ``k'`` grows until
   ``k`` distinct identities are found or the index is exhausted.
@@ -23,20 +19,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
-import json
-import logging
-import os
-import struct
 import threading
-import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import faiss
 import numpy as np
 
-from facegallery.server.gallery.store import GalleryRecord, TemplateOwner, TemplateStore
+from facegallery.server.gallery.store import TemplateOwner
 
 __all__ = [
     "DEFAULT_FACTORY",
@@ -44,21 +33,12 @@ __all__ = [
     "FaissIndex",
     "make_index",
     "set_search_threads",
-    "SnapshotError",
-    "SnapshotHeader",
-    "write_snapshot",
-    "read_snapshot",
-    "open_gallery_index",
     "IdentityHit",
     "search_identities",
 ]
 
-LOG = logging.getLogger(__name__)
-
 #: Exact L2 search, template ids kept by IndexIDMap2 (add_with_ids / remove_ids / id list).
 DEFAULT_FACTORY = "IDMap2,Flat"
-_MAGIC = b"FGIDX\x00\x01\n"
-_FORMAT = "facegallery-index/1"
 #: First fetch of templates per identity wanted; multiplied by this while identities are missing.
 _TEMPLATE_FANOUT = 4
 
@@ -136,8 +116,17 @@ class VectorIndex(abc.ABC):
         """Every id in the index, ascending, ``(ntotal,) int64``."""
 
     @abc.abstractmethod
-    def serialize(self) -> bytes:
-        """The index as bytes (:func:`make_index`'s ``data`` argument restores it)."""
+    def copy(self) -> VectorIndex:
+        """An independent copy of the index (same ids, vectors and factory).
+
+        Reads the index only, so it may run beside searches; a write must not run meanwhile.
+        A memory copy, much faster than :meth:`serialize`: snapshots copy under the gallery's
+        lock and serialize the copy after releasing it.
+        """
+
+    @abc.abstractmethod
+    def serialize(self) -> np.ndarray:
+        """The index as ``(nbytes,) uint8`` (:func:`make_index`'s ``data`` restores it)."""
 
 
 class FaissIndex(VectorIndex):
@@ -150,8 +139,9 @@ class FaissIndex(VectorIndex):
     factory : str
         faiss ``index_factory`` string; it must yield an ``IndexIDMap2`` (start with ``"IDMap2,"``)
         with the L2 metric, e.g. ``"IDMap2,Flat"`` (exact).
-    data : bytes, optional
-        A serialized index (:meth:`serialize`) to restore instead of building an empty one.
+    data : bytes-like, optional
+        A serialized index (:meth:`serialize`; bytes, memoryview or uint8 array) to restore instead of
+        building an empty one.
 
     Raises
     ------
@@ -159,7 +149,7 @@ class FaissIndex(VectorIndex):
         The factory string or the data gives another kind of index, or a different ``d``.
     """
 
-    def __init__(self, d: int, factory: str = DEFAULT_FACTORY, *, data: bytes | None = None) -> None:
+    def __init__(self, d: int, factory: str = DEFAULT_FACTORY, *, data: bytes | memoryview | np.ndarray | None = None) -> None:
         self.d = int(d)
         self.factory = factory
         if data is None:
@@ -205,8 +195,13 @@ class FaissIndex(VectorIndex):
     def ids(self) -> np.ndarray:
         return np.sort(faiss.vector_to_array(self._index.id_map).astype(np.int64))
 
-    def serialize(self) -> bytes:
-        return faiss.serialize_index(self._index).tobytes()
+    def copy(self) -> FaissIndex:
+        copied = FaissIndex(self.d, self.factory)
+        copied._index = faiss.clone_index(self._index)
+        return copied
+
+    def serialize(self) -> np.ndarray:
+        return faiss.serialize_index(self._index)
 
     def _vectors(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -218,139 +213,9 @@ class FaissIndex(VectorIndex):
         return f"FaissIndex(d={self.d}, factory={self.factory!r}, ntotal={self.ntotal})"
 
 
-def make_index(d: int, factory: str = DEFAULT_FACTORY, *, data: bytes | None = None) -> VectorIndex:
+def make_index(d: int, factory: str = DEFAULT_FACTORY, *, data: bytes | memoryview | np.ndarray | None = None) -> VectorIndex:
     """An empty (or, with ``data``, restored) index of dimension ``d`` for ``factory``."""
     return FaissIndex(d, factory, data=data)
-
-
-# ---------------------------------------------------------------------------------------------
-# Snapshots
-
-
-class SnapshotError(Exception):
-    """A snapshot file is missing, truncated, corrupt, or of another format."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapshotHeader:
-    """What a snapshot holds: the index of gallery ``gallery_key`` after change ``last_seq``."""
-
-    gallery_key: int
-    gallery: str
-    last_seq: int
-    d: int
-    ntotal: int
-    factory: str
-    sha256: str
-    format: str = _FORMAT
-
-
-def write_snapshot(path: str | os.PathLike, index: VectorIndex, *, gallery_key: int, gallery: str, last_seq: int) -> SnapshotHeader:
-    """Write ``index`` to ``path`` atomically: temp file, fsync, rename, fsync of the directory.
-
-    File layout: 8 magic bytes, a little-endian uint32 header length, the UTF-8 JSON
-    :class:`SnapshotHeader`, then the serialized index (whose sha256 the header records).
-    A crash at any point leaves either the old file or the new one.
-    """
-    path = Path(path)
-    payload = index.serialize()
-    header = SnapshotHeader(gallery_key, gallery, int(last_seq), index.d, index.ntotal, index.factory, hashlib.sha256(payload).hexdigest())
-    header_bytes = json.dumps(dataclasses.asdict(header)).encode()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes)
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return header
-
-
-def read_snapshot(path: str | os.PathLike) -> tuple[SnapshotHeader, VectorIndex]:
-    """Load a snapshot written by :func:`write_snapshot`.
-
-    Raises
-    ------
-    SnapshotError
-        Missing file, bad magic or header, checksum mismatch, or an index faiss cannot read.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SnapshotError(f"no snapshot at {path}") from None
-    prefix = len(_MAGIC) + 4
-    if len(data) < prefix or not data.startswith(_MAGIC):
-        raise SnapshotError(f"{path} is not a facegallery index snapshot")
-    (length,) = struct.unpack("<I", data[len(_MAGIC) : prefix])
-    try:
-        header = SnapshotHeader(**json.loads(data[prefix : prefix + length]))
-    except (ValueError, TypeError) as exc:
-        raise SnapshotError(f"{path} has a malformed header: {exc}") from exc
-    payload = data[prefix + length :]
-    if header.format != _FORMAT or hashlib.sha256(payload).hexdigest() != header.sha256:
-        raise SnapshotError(f"{path} is corrupt (format or checksum mismatch)")
-    try:
-        index = make_index(header.d, header.factory, data=payload)
-    except (RuntimeError, ValueError) as exc:
-        raise SnapshotError(f"{path}: faiss cannot read the index: {exc}") from exc
-    if index.ntotal != header.ntotal:
-        raise SnapshotError(f"{path} holds {index.ntotal} vectors, its header says {header.ntotal}")
-    return header, index
-
-
-def open_gallery_index(store: TemplateStore, gallery: GalleryRecord, path: str | os.PathLike, factory: str = DEFAULT_FACTORY) -> VectorIndex:
-    """The index of ``gallery`` as of its ``last_seq``: snapshot plus replay, or a rebuild.
-
-    The snapshot is used when it belongs to this gallery (same key, dimension and factory) and
-    is not newer than the store; changes after its ``last_seq`` are replayed (removals, then the
-    additions that still exist). The result's ids must equal the store's template ids, otherwise
-    (or when the snapshot is unusable) the index is rebuilt from every stored embedding.
-    Call it while the gallery receives no writes.
-    """
-    started = time.perf_counter()
-    try:
-        index = _from_snapshot(store, gallery, Path(path), factory)
-        how = "snapshot"
-    except SnapshotError as exc:
-        LOG.info("gallery %r: %s; rebuilding the index from the store", gallery.name, exc)
-        index = _rebuild(store, gallery, factory)
-        how = "rebuild"
-    LOG.info("gallery %r: index of %d templates ready (%s) in %.3f s", gallery.name, index.ntotal, how, time.perf_counter() - started)
-    return index
-
-
-def _from_snapshot(store: TemplateStore, gallery: GalleryRecord, path: Path, factory: str) -> VectorIndex:
-    header, index = read_snapshot(path)
-    if (header.gallery_key, header.d, header.factory) != (gallery.key, gallery.embedding_dim, factory):
-        raise SnapshotError(f"{path} is for another gallery, dimension or index type")
-    if header.last_seq > gallery.last_seq:
-        raise SnapshotError(f"{path} is newer (seq {header.last_seq}) than the store (seq {gallery.last_seq})")
-    changes = store.changes_since(gallery.name, header.last_seq)
-    removed = {c.template_id for c in changes if c.op == "remove"}
-    added = {c.template_id for c in changes if c.op == "add"} - removed
-    index.remove(np.fromiter(removed, dtype=np.int64, count=len(removed)))
-    for ids, x in store.embeddings(gallery.name, added):
-        index.add(ids, x)
-    if not np.array_equal(index.ids(), store.template_ids(gallery.name)):
-        raise SnapshotError(f"{path} plus {len(changes)} replayed changes does not match the store")
-    LOG.debug("gallery %r: snapshot seq %d, replayed %d changes", gallery.name, header.last_seq, len(changes))
-    return index
-
-
-def _rebuild(store: TemplateStore, gallery: GalleryRecord, factory: str) -> VectorIndex:
-    index = make_index(gallery.embedding_dim, factory)
-    for ids, x in store.embeddings(gallery.name):
-        index.add(ids, x)
-    return index
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,17 +1,26 @@
 """Galleries of enrolled identities: enroll, identify (1:N), verify (1:1), and their bookkeeping.
 
 :class:`GalleryManager` is the domain layer the gRPC servicer calls; it knows nothing about the
-transport. It owns the store (store.py, the truth), one vector index per gallery (index.py,
-derived from the store) and the face pipeline (pipeline.py), and keeps them consistent:
+transport. It is a facade over three parts:
 
-* A write commits to the store first (durable on return), then applies the same change to the
-  index, then returns, all under the gallery's write lock. A search holds the gallery's read
-  lock, so it sees every write completely or not at all; searches run in parallel.
-* A gallery records the model that computed its templates (``model_id``, the embedder's
-  sha256). Enrolling into or searching a gallery of another model raises
-  :class:`ModelMismatchError` (FAILED_PRECONDITION) instead of comparing unrelated embeddings.
-* Index snapshots are written by :meth:`GalleryManager.snapshot` (periodically and on close);
-  start-up loads them and replays newer changes (index.py).
+* the store (store.py), the truth, shared by every gallery;
+* one :class:`~facegallery.server.gallery.indexed_gallery.IndexedGallery` per gallery, which
+  keeps the gallery's vector index equal to its stored templates (writes: store, then index,
+  under the gallery's write lock; searches under its read lock) and writes its snapshots;
+* the face pipeline (the :class:`FaceAnalyzer` protocol), which turns images into faces.
+
+The manager keeps the registry of galleries by name, creates and deletes them, routes every
+call to its gallery, runs the pipeline for the image calls, writes snapshots periodically and
+on close, and at start-up loads every gallery (snapshot.py: snapshot plus replay, or rebuild).
+
+Model identity: a gallery records the embedding id of the model that computed its templates
+(``model_id``, manifest.py ``ModelManifest.embedding_id``). The server's own id is
+``pipeline.model_id``, which covers test-time flip augmentation, so it can differ from
+``pipeline.manifest.model_id``. Calls on images need the gallery's id to equal the server's;
+calls on embeddings (enroll, identify_embedding, import) need it to equal the embedding's
+``model_id`` (None or ``""``: the server's). Otherwise :class:`ModelMismatchError`
+(FAILED_PRECONDITION) is raised instead of comparing unrelated embeddings. Galleries that still
+record a legacy id (the embedder file's sha256, before embedding ids) are migrated on open.
 
 Distances are Euclidean (L2) between embeddings; a probe matches an identity when the distance
 to its nearest template is <= the threshold (0.6 for the default dlib model).
@@ -35,10 +44,11 @@ import numpy as np
 
 from facegallery.server.contract.errors import AlreadyExists, InvalidInput, MultipleFacesError, NoFaceError, NotFound
 from facegallery.server.contract.face import Face, ImageKind
-from facegallery.server.gallery.index import DEFAULT_FACTORY, IdentityHit, VectorIndex, make_index, open_gallery_index, search_identities, write_snapshot
 from facegallery.server.contract.manifest import ModelManifest
-from facegallery.server.gallery.results import Comparison, EnrollResult, GalleryDeletion, IdentityPage, Identification, ImportResult, Match, Verification
-from facegallery.server.gallery.rwlock import ReadWriteLock
+from facegallery.server.gallery.index import DEFAULT_FACTORY
+from facegallery.server.gallery.indexed_gallery import IndexedGallery
+from facegallery.server.gallery.results import Comparison, EnrollResult, GalleryDeletion, Identification, IdentityPage, ImportResult, Match, Verification
+from facegallery.server.gallery.snapshot import remove_stale_snapshots, snapshot_path
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, SqliteTemplateStore, TemplateStore
 from facegallery.server.gallery.validation import (
     check_embedding,
@@ -63,7 +73,7 @@ __all__ = [
     "FaceAnalyzer",
     "FacePolicy",
     "GalleryManager",
-    "snapshot_path",
+    "snapshot_path",  # from snapshot.py: with STORE_FILE and INDEX_DIR, the data directory layout
 ]
 
 LOG = logging.getLogger(__name__)
@@ -76,16 +86,21 @@ DEFAULT_TOP_K = 5
 DEFAULT_PAGE_SIZE = 100
 #: Imported templates per store transaction.
 _IMPORT_BATCH = 256
-#: Data directory layout.
+#: Data directory layout: the store, and the directory of index snapshots (snapshot.py).
 STORE_FILE = "gallery.sqlite3"
 INDEX_DIR = "index"
-_SNAPSHOT_SUFFIX = ".fgidx"
 
 
 class FaceAnalyzer(Protocol):
-    """The face pipeline surface the gallery uses (``facegallery.server.face.pipeline.FacePipeline``)."""
+    """The face pipeline surface the gallery uses (``facegallery.server.face.pipeline.FacePipeline``).
+
+    ``model_id`` is the embedding id of the embeddings ``analyze`` returns (the manifest's
+    ``embedding_id`` with the pipeline's flip augmentation); ``manifest`` gives the threshold,
+    metric and embedding dimension of new galleries.
+    """
 
     manifest: ModelManifest
+    model_id: str
 
     def analyze(self, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, max_faces: int = 0) -> list[Face]: ...
 
@@ -99,35 +114,6 @@ class FacePolicy(enum.Enum):
     REJECT_MULTIPLE = "reject_multiple"  # MultipleFacesError (FAILED_PRECONDITION)
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-gallery state
-
-
-class _Gallery:
-    """A loaded gallery: its immutable settings, index, lock and snapshot bookkeeping."""
-
-    def __init__(self, record: GalleryRecord, index: VectorIndex) -> None:
-        self.key = record.key
-        self.name = record.name
-        self.model_id = record.model_id
-        self.threshold = record.threshold
-        self.embedding_dim = record.embedding_dim
-        self.index = index
-        self.lock = ReadWriteLock()
-        self.applied_seq = record.last_seq  # newest change the index holds
-        self.snapshot_seq = -1  # newest change on disk in a snapshot (-1: none written by us)
-        self.deleted = False
-
-    def check_live(self) -> None:
-        """Raise NotFound if the gallery was deleted while the caller waited for the lock."""
-        if self.deleted:
-            raise NotFound(f"gallery {self.name!r} does not exist")
-
-
-# ---------------------------------------------------------------------------------------------
-# The manager
-
-
 class GalleryManager:
     """Every gallery of one data directory, served with one face model.
 
@@ -136,7 +122,7 @@ class GalleryManager:
     store : TemplateStore
         The durable store; the manager closes it in :meth:`close`.
     pipeline : FaceAnalyzer
-        The loaded face pipeline; its ``manifest.model_id`` is the server's model.
+        The loaded face pipeline; its ``model_id`` is the server's model.
     index_dir : path
         Where index snapshots live (``gallery-<key>.fgidx``).
     index_factory : str
@@ -145,8 +131,9 @@ class GalleryManager:
         Seconds between background snapshots of changed galleries; None disables them
         (:meth:`close` still writes one).
 
-    Loads every gallery's index (snapshot + replay, or rebuild) and creates the ``default``
-    gallery if missing. Thread-safe.
+    Migrates galleries that record the legacy model id (:meth:`_migrate_legacy_model_id`), loads
+    every gallery's index (snapshot + replay, or rebuild), deletes stale snapshot files and
+    creates the ``default`` gallery if missing. Thread-safe.
     """
 
     def __init__(
@@ -162,15 +149,15 @@ class GalleryManager:
         self.pipeline = pipeline
         self.index_dir = Path(index_dir)
         self.index_factory = index_factory
-        self._lock = threading.Lock()  # guards _galleries and gallery creation/deletion
-        self._galleries: dict[str, _Gallery] = {}
+        self._lock = threading.Lock()  # guards _galleries; held across a creation's store insert and registration
+        self._galleries: dict[str, IndexedGallery] = {}
         self._closed = threading.Event()
         self.index_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for record in store.list_galleries():
-            index = open_gallery_index(store, record, self._snapshot_path(record.key), index_factory)
-            self._galleries[record.name] = _Gallery(record, index)
-        self._remove_stale_snapshots()
+            record = self._migrate_legacy_model_id(record)
+            self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, factory=index_factory)
+        remove_stale_snapshots(self.index_dir, [g.key for g in self._galleries.values()])
         if DEFAULT_GALLERY not in self._galleries:
             self.create_gallery(DEFAULT_GALLERY)
         LOG.info("loaded %d galleries in %.2f s", len(self._galleries), time.perf_counter() - started)
@@ -192,13 +179,35 @@ class GalleryManager:
 
     @property
     def model(self) -> ModelManifest:
-        """The manifest of the loaded model."""
+        """The manifest of the loaded model (its ``model_id`` omits flip augmentation; the
+        server's model id is ``pipeline.model_id``)."""
         return self.pipeline.manifest
+
+    def _migrate_legacy_model_id(self, record: GalleryRecord) -> GalleryRecord:
+        """Rewrite a gallery's legacy model id as the embedding id it stands for.
+
+        Before embedding ids, a gallery recorded the embedder file's sha256 as its model id. A
+        gallery recording the loaded embedder's sha256 was built with this embedder and, in the
+        normal case, without flip augmentation: it gets ``manifest.embedding_id(False)``. Other
+        galleries are returned unchanged.
+        """
+        legacy = self.model.files["embedder"].sha256
+        if record.model_id != legacy:
+            return record
+        migrated = self.store.set_model_id(record.name, self.model.embedding_id(False))
+        LOG.warning(
+            "gallery %r recorded the legacy model id %s (the embedder file's sha256); rewrote it as embedding id %s "
+            "(this embedder without flip augmentation)",
+            record.name,
+            legacy,
+            migrated.model_id,
+        )
+        return migrated
 
     # -- galleries ---------------------------------------------------------------------------
 
     def create_gallery(self, name: str, *, threshold: float | None = None) -> GalleryRecord:
-        """Create an empty gallery bound to the loaded model.
+        """Create an empty gallery bound to the server's model (``pipeline.model_id``).
 
         Parameters
         ----------
@@ -218,9 +227,9 @@ class GalleryManager:
         threshold = gallery_threshold(threshold, self.model.threshold)
         with self._lock:
             record = self.store.create_gallery(
-                name, model_id=self.model.model_id, threshold=threshold, metric=self.model.metric, embedding_dim=self.model.embedding_dim
+                name, model_id=self.pipeline.model_id, threshold=threshold, metric=self.model.metric, embedding_dim=self.model.embedding_dim
             )
-            self._galleries[name] = _Gallery(record, make_index(record.embedding_dim, self.index_factory))
+            self._galleries[name] = IndexedGallery.empty(self.store, record, index_dir=self.index_dir, factory=self.index_factory)
         LOG.info("created gallery %r (threshold %.3f)", name, threshold)
         return record
 
@@ -236,15 +245,13 @@ class GalleryManager:
     def delete_gallery(self, name: str) -> GalleryDeletion:
         """Delete a gallery with its identities, templates and snapshot. Raises NotFound.
 
-        Deleting ``default`` empties it: it is recreated at once, bound to the loaded model.
+        Deleting ``default`` empties it: it is recreated at once, bound to the server's model.
         """
         gallery = self._gallery(name)
-        with self._lock, gallery.lock.write():
-            gallery.check_live()
-            identities, templates = self.store.delete_gallery(name)
-            gallery.deleted = True
-            del self._galleries[name]
-            self._snapshot_path(gallery.key).unlink(missing_ok=True)
+        identities, templates = gallery.delete()
+        with self._lock:
+            if self._galleries.get(name) is gallery:  # not yet replaced by a gallery created meanwhile
+                del self._galleries[name]
         LOG.info("deleted gallery %r (%d identities, %d templates)", name, identities, templates)
         if name == DEFAULT_GALLERY:
             self.create_gallery(DEFAULT_GALLERY)
@@ -259,6 +266,7 @@ class GalleryManager:
         *,
         image: bytes | None = None,
         embedding: np.ndarray | None = None,
+        model_id: str | None = None,
         kind: ImageKind = ImageKind.PHOTO,
         display_name: str = "",
         metadata: dict[str, str] | None = None,
@@ -272,7 +280,10 @@ class GalleryManager:
         image : bytes, optional
             An encoded image (kind says what it contains); exactly one of image / embedding.
         embedding : (D,) float32, optional
-            A precomputed embedding of the loaded model.
+            A precomputed embedding of model ``model_id``.
+        model_id : str, optional
+            The embedding id ``embedding`` was computed with; None or ``""`` means the server's
+            (``pipeline.model_id``). Only with an embedding: an image is embedded by the server.
         display_name : str
             Set on creation, or replaces the current one when non-empty.
         metadata : dict[str, str], optional
@@ -288,11 +299,12 @@ class GalleryManager:
         Raises
         ------
         InvalidInput
-            Malformed ids, both or neither source (INVALID_ARGUMENT).
+            Malformed ids, both or neither source, a ``model_id`` with an image (INVALID_ARGUMENT).
         ImageDecodeError, NoFaceError, EmbeddingShapeError
             Undecodable image, no face, wrong-length or non-finite embedding (INVALID_ARGUMENT).
         MultipleFacesError, ModelMismatchError
-            Several faces under REJECT_MULTIPLE; gallery of another model (FAILED_PRECONDITION).
+            Several faces under REJECT_MULTIPLE; the gallery's model differs from the server's
+            (image) or the embedding's (FAILED_PRECONDITION), the message naming both ids.
         ImageTooLargeError
             Image over the pipeline's limits (RESOURCE_EXHAUSTED).
         NotFound
@@ -300,26 +312,24 @@ class GalleryManager:
         """
         state = self._gallery(gallery)
         check_identity_id(identity_id)
-        self._check_model(state)
         if (image is None) == (embedding is None):
             raise InvalidInput("enroll needs exactly one of an image or an embedding")
         face: Face | None = None
         sha = ""
         if image is not None:
+            if model_id:
+                raise InvalidInput("model_id names the model of an embedding; an image is embedded by the server's own model")
+            self._check_server_model(state)
             face = self._enrollment_face(image, kind, face_policy)
             vector = face.embedding.astype(np.float32)
             sha = hashlib.sha256(image).hexdigest()
         else:
+            self._check_embedding_model(state, model_id)
             vector = check_embedding(embedding, state.embedding_dim)
-        with state.lock.read():
-            state.check_live()
-            hits = search_identities(state.index, self.store.template_owners, vector[None], 2)[0]
+        (hits,) = state.search(vector[None], 2)
         duplicate = next((Match.from_hit(h) for h in hits if h.identity_id != identity_id and h.distance <= state.threshold), None)
         item = NewTemplate(identity_id, vector, display_name=display_name, metadata=dict(metadata or {}), source_sha256=sha, face=face)
-        with state.lock.write():
-            state.check_live()
-            (added,), seq = self.store.add_templates(state.name, [item])
-            self._apply(state, seq, add=(np.array([added.template_id]), vector[None]))
+        (added,) = state.add_templates([item])
         LOG.debug("enrolled template %d of %r in %r", added.template_id, identity_id, state.name)
         return EnrollResult(identity_id, added.template_id, face, added.identity_created, duplicate, sha)
 
@@ -364,7 +374,7 @@ class GalleryManager:
         (FAILED_PRECONDITION); ImageTooLargeError (RESOURCE_EXHAUSTED); NotFound.
         """
         state = self._gallery(gallery)
-        self._check_model(state)
+        self._check_server_model(state)
         check_top_k(top_k)
         threshold = decision_threshold(threshold, state.threshold)
         check_max_faces(max_faces)
@@ -374,29 +384,30 @@ class GalleryManager:
         if not faces:
             return []
         x = np.stack([f.embedding for f in faces]).astype(np.float32)
-        ranked = self._search(state, x, top_k)
+        ranked = state.search(x, top_k)
         searched = time.perf_counter()
         LOG.debug("identify %r: %d faces, analyze %.1f ms, search %.1f ms", state.name, len(faces), (analyzed - started) * 1e3, (searched - analyzed) * 1e3)
         return [Identification.from_hits(face, hits, threshold) for face, hits in zip(faces, ranked, strict=True)]
 
-    def identify_embedding(self, gallery: str, embedding: np.ndarray, *, top_k: int = DEFAULT_TOP_K, threshold: float | None = None) -> Identification:
+    def identify_embedding(
+        self, gallery: str, embedding: np.ndarray, *, model_id: str | None = None, top_k: int = DEFAULT_TOP_K, threshold: float | None = None
+    ) -> Identification:
         """1:N search of one embedding ``(D,) float32``; ``face`` of the result is None.
 
+        ``model_id`` is the embedding id the embedding was computed with (None or ``""``: the
+        server's, ``pipeline.model_id``); it must equal the gallery's, the server's need not (no
+        pipeline is involved). ``top_k`` and ``threshold`` as for :meth:`identify`.
+
         Raises EmbeddingShapeError / InvalidInput (INVALID_ARGUMENT), ModelMismatchError
-        (FAILED_PRECONDITION), NotFound.
+        (FAILED_PRECONDITION, naming both ids), NotFound.
         """
         state = self._gallery(gallery)
-        self._check_model(state)
+        self._check_embedding_model(state, model_id)
         check_top_k(top_k)
         threshold = decision_threshold(threshold, state.threshold)
         vector = check_embedding(embedding, state.embedding_dim)
-        (hits,) = self._search(state, vector[None], top_k)
+        (hits,) = state.search(vector[None], top_k)
         return Identification.from_hits(None, hits, threshold)
-
-    def _search(self, state: _Gallery, x: np.ndarray, top_k: int) -> list[list[IdentityHit]]:
-        with state.lock.read():
-            state.check_live()
-            return search_identities(state.index, self.store.template_owners, x, top_k)
 
     def verify(self, gallery: str, identity_id: str, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, threshold: float | None = None) -> Verification:
         """1:1: the largest face of ``image`` against one identity's templates.
@@ -411,11 +422,9 @@ class GalleryManager:
         """
         state = self._gallery(gallery)
         check_identity_id(identity_id)
-        self._check_model(state)
+        self._check_server_model(state)
         threshold = decision_threshold(threshold, state.threshold)
-        with state.lock.read():
-            state.check_live()
-            _, templates = self.store.identity_embeddings(state.name, identity_id)
+        _, templates = state.identity_embeddings(identity_id)
         faces = self.pipeline.analyze(image, kind=kind, max_faces=1)
         if not faces:
             raise NoFaceError("no face was found in the image")
@@ -496,20 +505,11 @@ class GalleryManager:
         """Delete an identity and its templates; returns how many templates. Raises NotFound."""
         state = self._gallery(gallery)
         check_identity_id(identity_id)
-        with state.lock.write():
-            state.check_live()
-            ids, seq = self.store.delete_identity(state.name, identity_id)
-            self._apply(state, seq, remove=ids)
-        return len(ids)
+        return state.delete_identity(identity_id)
 
     def delete_template(self, gallery: str, template_id: int) -> bool:
         """Delete one template; True when its identity had no other and was deleted. Raises NotFound."""
-        state = self._gallery(gallery)
-        with state.lock.write():
-            state.check_live()
-            identity_deleted, seq = self.store.delete_template(state.name, template_id)
-            self._apply(state, seq, remove=np.array([template_id]))
-        return identity_deleted
+        return self._gallery(gallery).delete_template(template_id)
 
     # -- export / import ---------------------------------------------------------------------
 
@@ -524,14 +524,16 @@ class GalleryManager:
     def import_embeddings(self, gallery: str, model_id: str, templates: Iterable[NewTemplate]) -> ImportResult:
         """Store precomputed templates, skipping those an identity already has (same embedding).
 
-        The gallery is created (bound to the loaded model) when missing. Templates are committed
-        in batches as they arrive; when an item is rejected, the batches before it stay
-        imported (importing the same stream again skips them).
+        ``model_id`` is the embedding id the embeddings were computed with. The gallery is
+        created (bound to the server's model, which must then be ``model_id``) when missing.
+        Templates are committed in batches as they arrive; when an item is rejected, the batches
+        before it stay imported (importing the same stream again skips them).
 
         Raises
         ------
         ModelMismatchError
-            ``model_id`` differs from the gallery's (FAILED_PRECONDITION).
+            ``model_id`` differs from the gallery's, or from the server's for a gallery to be
+            created (FAILED_PRECONDITION, naming both ids).
         InvalidInput, EmbeddingShapeError
             Empty ``model_id``, a malformed identity id or embedding (INVALID_ARGUMENT).
         """
@@ -541,7 +543,7 @@ class GalleryManager:
         with self._lock:
             exists = gallery in self._galleries
         if not exists:
-            check_model(gallery, self.model.model_id, model_id, "the embeddings come from")  # a new gallery gets the server's model
+            check_model(gallery, self.pipeline.model_id, model_id, "the embeddings come from")  # a new gallery gets the server's model
             try:
                 self.create_gallery(gallery)
             except AlreadyExists:  # created concurrently: use it
@@ -554,16 +556,9 @@ class GalleryManager:
             for item in batch:
                 check_identity_id(item.identity_id)
             batch = [dataclasses.replace(item, embedding=check_embedding(item.embedding, state.embedding_dim)) for item in batch]
-            with state.lock.write():
-                state.check_live()
-                results, seq = self.store.add_templates(state.name, batch, skip_duplicates=True)
-                stored = [(r.template_id, item.embedding) for r, item in zip(results, batch, strict=True) if r is not None]
-                if stored:
-                    ids = np.array([t for t, _ in stored], dtype=np.int64)
-                    x = np.stack([e for _, e in stored])
-                    self._apply(state, seq, add=(ids, x))
-            imported += len(stored)
-            skipped += len(batch) - len(stored)
+            stored = sum(r is not None for r in state.add_templates(batch, skip_duplicates=True))
+            imported += stored
+            skipped += len(batch) - stored
         LOG.info("imported %d templates into %r (%d skipped)", imported, gallery, skipped)
         return ImportResult(imported, skipped)
 
@@ -572,31 +567,18 @@ class GalleryManager:
     def snapshot(self) -> int:
         """Write an index snapshot of every gallery changed since its last one; returns how many.
 
-        Holds each gallery's read lock while writing (searches go on, writes wait), then drops
-        the store's change-log entries the snapshot contains.
+        One gallery at a time (``IndexedGallery.snapshot``): its read lock is held only while
+        its index is copied in memory; serializing, writing and fsyncing the copy happen after,
+        so searches of the gallery go on and its writes wait at most for the copy. Then the store's change-log entries the
+        snapshot contains are dropped. Raises OSError when a file cannot be written.
         """
         with self._lock:
             galleries = list(self._galleries.values())
-        written = 0
-        for state in galleries:
-            with state.lock.read():
-                if state.deleted or state.applied_seq == state.snapshot_seq:
-                    continue
-                header = write_snapshot(self._snapshot_path(state.key), state.index, gallery_key=state.key, gallery=state.name, last_seq=state.applied_seq)
-            state.snapshot_seq = header.last_seq
-            try:
-                self.store.prune_changes(state.name, header.last_seq)
-            except NotFound:  # deleted meanwhile
-                continue
-            written += 1
-            LOG.info("wrote index snapshot of %r (%d templates, seq %d)", state.name, header.ntotal, header.last_seq)
-        return written
+        return sum(gallery.snapshot() is not None for gallery in galleries)
 
     def index_template_ids(self, gallery: str) -> np.ndarray:
         """Template ids held by the gallery's index, ascending ``(n,) int64`` (for consistency checks)."""
-        state = self._gallery(gallery)
-        with state.lock.read():
-            return state.index.ids()
+        return self._gallery(gallery).template_ids()
 
     def close(self) -> None:
         """Stop background snapshots, write final snapshots, close the store (idempotent)."""
@@ -617,7 +599,7 @@ class GalleryManager:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _gallery(self, name: str) -> _Gallery:
+    def _gallery(self, name: str) -> IndexedGallery:
         check_gallery_name(name)
         with self._lock:
             state = self._galleries.get(name)
@@ -625,38 +607,14 @@ class GalleryManager:
             raise NotFound(f"gallery {name!r} does not exist")
         return state
 
-    def _check_model(self, state: _Gallery) -> None:
-        check_model(state.name, state.model_id, self.model.model_id, "this server runs")
+    def _check_server_model(self, gallery: IndexedGallery) -> None:
+        """ModelMismatchError unless the server's pipeline computes the gallery's embeddings."""
+        check_model(gallery.name, gallery.model_id, self.pipeline.model_id, "this server runs")
 
-    def _apply(self, state: _Gallery, seq: int, *, add: tuple[np.ndarray, np.ndarray] | None = None, remove: np.ndarray | None = None) -> None:
-        """Apply committed change ``seq`` to the index (write lock held): ``add`` = (ids, x), ``remove`` = ids.
+    def _check_embedding_model(self, gallery: IndexedGallery, model_id: str | None) -> None:
+        """ModelMismatchError unless an embedding of ``model_id`` (None/"": the server's) fits the gallery."""
+        if model_id:
+            check_model(gallery.name, gallery.model_id, model_id, "the embedding comes from")
+        else:
+            check_model(gallery.name, gallery.model_id, self.pipeline.model_id, "the embedding (no model_id given: this server's) comes from")
 
-        Should the index refuse it, the index is reloaded from the store, which has the change.
-        """
-        try:
-            if remove is not None:
-                state.index.remove(remove)
-            if add is not None:
-                state.index.add(*add)
-        except Exception:
-            LOG.exception("gallery %r: applying change %d to the index failed; reloading it from the store", state.name, seq)
-            record = self.store.get_gallery(state.name)
-            state.index = open_gallery_index(self.store, record, self._snapshot_path(state.key), self.index_factory)
-            state.applied_seq = record.last_seq
-            raise
-        state.applied_seq = seq
-
-    def _snapshot_path(self, key: int) -> Path:
-        return snapshot_path(self.index_dir, key)
-
-    def _remove_stale_snapshots(self) -> None:
-        live = {self._snapshot_path(g.key).name for g in self._galleries.values()}
-        for path in self.index_dir.glob(f"gallery-*{_SNAPSHOT_SUFFIX}*"):
-            if path.name not in live:
-                LOG.info("removing stale index file %s", path)
-                path.unlink(missing_ok=True)
-
-
-def snapshot_path(index_dir: str | Path, gallery_key: int) -> Path:
-    """Where the index snapshot of the gallery with store key ``gallery_key`` lives."""
-    return Path(index_dir) / f"gallery-{gallery_key}{_SNAPSHOT_SUFFIX}"

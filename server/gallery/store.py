@@ -11,7 +11,7 @@ Tables (schema version :data:`SCHEMA_VERSION`)::
 ``template_id`` is the id the vector index stores. It and ``seq`` are ``AUTOINCREMENT`` keys,
 so neither is ever reused, even after deletions: an index snapshot that still holds a deleted
 template can be brought up to date by replaying ``changes`` after the snapshot's ``seq``
-(index.py). ``galleries.last_seq`` is the newest change of each gallery.
+(snapshot.py). ``galleries.last_seq`` is the newest change of each gallery.
 
 Durability: WAL journal with ``synchronous=FULL``, so a write method that has returned is on
 disk and survives ``kill -9`` or power loss (sqlite.org/pragma.html#pragma_synchronous). One
@@ -111,8 +111,9 @@ CREATE INDEX IF NOT EXISTS changes_by_gallery ON changes(gallery_key, seq);
 class GalleryRecord:
     """One gallery row with its counts.
 
-    ``threshold`` is an L2 distance; ``created`` Unix seconds; ``last_seq`` the newest change
-    (0 before the first template).
+    ``model_id`` is the embedding id of the model that computed the templates (manifest.py
+    ``ModelManifest.embedding_id``); ``threshold`` is an L2 distance; ``created`` Unix seconds;
+    ``last_seq`` the newest change (0 before the first template).
     """
 
     key: int
@@ -234,6 +235,7 @@ class TemplateStore(Protocol):
     def get_gallery(self, name: str) -> GalleryRecord: ...
     def list_galleries(self) -> list[GalleryRecord]: ...
     def delete_gallery(self, name: str) -> tuple[int, int]: ...
+    def set_model_id(self, name: str, model_id: str) -> GalleryRecord: ...
     def add_templates(self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False) -> tuple[list[AddedTemplate | None], int]: ...
     def get_identity(self, gallery: str, identity_id: str) -> IdentityRecord: ...
     def list_identities(self, gallery: str, *, after_key: int, limit: int) -> list[IdentityRecord]: ...
@@ -387,6 +389,18 @@ class SqliteTemplateStore:
             conn.execute("DELETE FROM changes WHERE gallery_key = ?", (key,))
             conn.execute("DELETE FROM galleries WHERE gallery_key = ?", (key,))
         return identities, templates
+
+    def set_model_id(self, name: str, model_id: str) -> GalleryRecord:
+        """Record ``model_id`` as the model of gallery ``name``'s templates; returns the gallery.
+
+        For migrations only (e.g. a legacy model id rewritten as the embedding id it stands for):
+        the templates are not re-embedded. Raises NotFound.
+        """
+        with self._write() as conn:
+            key = _gallery_key(conn, name)
+            conn.execute("UPDATE galleries SET model_id = ? WHERE gallery_key = ?", (model_id, key))
+            row = conn.execute(self._GALLERY_SELECT + " WHERE g.gallery_key = ?", (key,)).fetchone()
+        return GalleryRecord(*row)
 
     # -- templates ---------------------------------------------------------------------------
 

@@ -118,12 +118,14 @@ def check_embedding(embedding: np.ndarray | None, dim: int) -> np.ndarray:
 def check_model(gallery: str, gallery_model: str, other_model: str, other_label: str) -> None:
     """Raise ModelMismatchError (FAILED_PRECONDITION) when ``gallery_model`` != ``other_model``.
 
-    Model ids are the embedders' sha256 (manifest.py); embeddings of different models are not
-    comparable. ``other_label`` names the other model in the message, e.g. ``"this server runs"``.
+    Model ids are embedding ids (manifest.py ``ModelManifest.embedding_id``: embedder weights,
+    chip spec, metric, flip augmentation); embeddings of different ids are not comparable. The
+    message names both ids in full; ``other_label`` says whose ``other_model`` is, e.g.
+    ``"this server runs"``.
     """
     if gallery_model != other_model:
         raise ModelMismatchError(
-            f"gallery {gallery!r} holds embeddings of model {gallery_model[:16]}, but {other_label} model {other_model[:16]}; "
+            f"gallery {gallery!r} holds embeddings of model {gallery_model}, but {other_label} model {other_model}; "
             "embeddings of different models cannot be compared (serve the gallery with its model, or re-enroll it)"
         )
 

@@ -6,7 +6,7 @@ calls UNAVAILABLE), loads the model and every gallery's index, then switches hea
 finish within a grace period, writes index snapshots and closes the store.
 
 Data directory layout (``ServerConfig.data_dir``): ``gallery.sqlite3`` (the store) and
-``index/`` (index snapshots), see gallery.py.
+``index/`` (index snapshots), see ``facegallery.server.gallery.manager``.
 """
 
 from __future__ import annotations
@@ -21,20 +21,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-import platformdirs
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from facegallery.v1 import gallery_service_pb2 as pb
-from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
-
 from facegallery.server.contract.errors import ModelError
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.contract.paths import user_data_dir
 from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, BatchingEmbedder
-from facegallery.server.gallery.manager import FaceAnalyzer, GalleryManager
 from facegallery.server.gallery.index import DEFAULT_FACTORY, set_search_threads
+from facegallery.server.gallery.manager import FaceAnalyzer, GalleryManager
 from facegallery.server.service.interceptors import ErrorInterceptor, ReadinessInterceptor
 from facegallery.server.service.servicer import GalleryServicer
+from facegallery.v1 import gallery_service_pb2 as pb
+from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from facegallery.server.face.pipeline import PipelineConfig
@@ -75,7 +74,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GalleryService"].full_name
 
 def default_data_dir() -> Path:
     """``<user data dir>/facegallery`` (platformdirs), e.g. ``~/.local/share/facegallery``."""
-    return Path(platformdirs.user_data_dir("facegallery"))
+    return user_data_dir()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +96,14 @@ class ServerConfig:
     max_message_bytes : int
         Largest gRPC message either way; larger ones fail with RESOURCE_EXHAUSTED.
     batch_max_size, batch_max_delay_ms : int, float
-        Dynamic batching of embedding across concurrent calls (batching.py); size 1 disables it.
+        Dynamic batching of embedding across concurrent calls (``facegallery.server.face.batching``); size 1 disables it.
     search_threads : int
         faiss OpenMP threads per search.
     pipeline : PipelineConfig or None
-        Image limits, detection and onnxruntime threads (pipeline.py); None = its defaults.
+        Image limits, detection, onnxruntime threads and flip augmentation (pipeline.py; the
+        flip augmentation is part of the server's model id); None = its defaults.
     index_factory : str
-        faiss factory string of new indexes (index.py).
+        faiss factory string of new indexes (``facegallery.server.gallery.index``).
     snapshot_interval_s : float or None
         Seconds between background index snapshots; None = only at shutdown.
     grace_s : float
@@ -225,7 +225,7 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     ready.set()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.model.model_id[:12], config.data_dir, config.host, port)
+    LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.pipeline.model_id[:12], config.data_dir, config.host, port)
     return GalleryServer(server, port, manager, health_servicer, embedder)
 
 

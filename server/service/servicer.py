@@ -4,7 +4,8 @@ Every method converts the request, calls the manager, converts the result. Error
 the manager as ``FaceGalleryError`` subclasses and turned into statuses by the interceptor
 (interceptors.py); the statuses each method can end with are listed in its docstring. Wire
 defaults live here: an empty gallery name means ``default``, ``top_k`` 0 means 5, ``page_size``
-0 means 100.
+0 means 100, an empty ``model_id`` beside an embedding means the server's own
+(``manager.pipeline.model_id``).
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facegallery.v1 import gallery_service_pb2 as pb
-from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
-
-from facegallery.server.contract.errors import FaceGalleryError, InvalidInput
+from facegallery.server.contract.errors import InvalidInput
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
-from facegallery.server.service.status import status_of
 from facegallery.server.gallery.results import Identification, Match
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
+from facegallery.server.service.status import status_of
+from facegallery.v1 import gallery_service_pb2 as pb
+from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
 __all__ = ["GalleryServicer", "server_version"]
 
@@ -86,8 +86,9 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
 
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
         """OK once durably stored; INVALID_ARGUMENT bad id, undecodable image, no face, bad embedding;
-        NOT_FOUND unknown gallery; FAILED_PRECONDITION several faces under REJECT_MULTIPLE or
-        gallery of another model; RESOURCE_EXHAUSTED image over the limits."""
+        NOT_FOUND unknown gallery; FAILED_PRECONDITION several faces under REJECT_MULTIPLE, or a
+        gallery of another model than the server's (image) or the embedding's ``model_id``;
+        RESOURCE_EXHAUSTED image over the limits."""
         return self._enroll(request)
 
     def BulkEnroll(self, request_iterator: Iterable[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResult]:
@@ -104,12 +105,14 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
 
     def _enroll(self, request: pb.EnrollRequest) -> pb.EnrollResponse:
         source = request.WhichOneof("source")
+        embedded = source == "embedding"
         result = self.manager.enroll(
             _gallery_name(request.gallery),
             request.identity_id,
             image=request.image.data if source == "image" else None,
             kind=_image_kind(request.image.kind) if source == "image" else ImageKind.PHOTO,
-            embedding=_vector(request.embedding) if source == "embedding" else None,
+            embedding=_vector(request.embedding) if embedded else None,
+            model_id=_model_id(request) if embedded else None,  # the proto ignores it for images
             display_name=request.display_name,
             metadata=dict(request.metadata),
             face_policy=_face_policy(request.face_policy),
@@ -137,15 +140,17 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             threshold=_threshold(request),
             max_faces=request.max_faces,
         )
-        return pb.IdentifyResponse(faces=[_identification(r) for r in results], model_id=self.manager.model.model_id)
+        return pb.IdentifyResponse(faces=[_identification(r) for r in results], model_id=self.manager.pipeline.model_id)
 
     def IdentifyEmbedding(self, request: pb.IdentifyEmbeddingRequest, context: grpc.ServicerContext) -> pb.IdentifyEmbeddingResponse:
-        """OK; INVALID_ARGUMENT bad embedding, top_k or threshold; NOT_FOUND; FAILED_PRECONDITION model mismatch."""
+        """OK; INVALID_ARGUMENT bad embedding, top_k or threshold; NOT_FOUND; FAILED_PRECONDITION the
+        embedding's ``model_id`` (empty: the server's) differs from the gallery's."""
         result = self.manager.identify_embedding(
             _gallery_name(request.gallery),
             _vector(request.embedding),
             top_k=request.top_k or DEFAULT_TOP_K,
             threshold=_threshold(request),
+            model_id=_model_id(request),
         )
         return pb.IdentifyEmbeddingResponse(result=_identification(result))
 
@@ -189,7 +194,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         faces = self.manager.embed(image, kind=kind, max_faces=request.max_faces)
         return pb.EmbedResponse(
             faces=[pb.EmbeddedFace(face=_face(f), embedding=_embedding(f.embedding)) for f in faces],
-            model_id=self.manager.model.model_id,
+            model_id=self.manager.pipeline.model_id,
         )
 
     # -- identities and templates ------------------------------------------------------------
@@ -252,12 +257,12 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
     # -- server info -------------------------------------------------------------------------
 
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
-        """OK."""
+        """OK. ``model.model_id`` is the pipeline's (the manifest's plus the flip augmentation)."""
         m = self.manager.model
         model = pb.ModelInfo(
             name=m.name,
             version=m.version,
-            model_id=m.model_id,
+            model_id=self.manager.pipeline.model_id,
             embedding_dim=m.embedding_dim,
             metric=m.metric,
             threshold=m.threshold,
@@ -290,6 +295,11 @@ def _enum_value(table: dict[int, _E], value: int, what: str) -> _E:
         return table[value]
     except KeyError:
         raise InvalidInput(f"unknown {what} {value}") from None
+
+
+def _model_id(request: pb.EnrollRequest | pb.IdentifyEmbeddingRequest) -> str | None:
+    """The model id an embedding came from; None when unset (the server's own applies)."""
+    return request.model_id or None
 
 
 def _threshold(request) -> float | None:

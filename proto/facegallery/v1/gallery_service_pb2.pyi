@@ -179,7 +179,7 @@ class DeleteGalleryResponse(_message.Message):
     def __init__(self, deleted_identities: _Optional[int] = ..., deleted_templates: _Optional[int] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("gallery", "identity_id", "display_name", "metadata", "image", "embedding", "face_policy")
+    __slots__ = ("gallery", "identity_id", "display_name", "metadata", "image", "embedding", "face_policy", "model_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class EnrollRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     FACE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     gallery: str
     identity_id: str
     display_name: str
@@ -201,7 +202,8 @@ class EnrollRequest(_message.Message):
     image: Image
     embedding: Embedding
     face_policy: FacePolicy
-    def __init__(self, gallery: _Optional[str] = ..., identity_id: _Optional[str] = ..., display_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., face_policy: _Optional[_Union[FacePolicy, str]] = ...) -> None: ...
+    model_id: str
+    def __init__(self, gallery: _Optional[str] = ..., identity_id: _Optional[str] = ..., display_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., face_policy: _Optional[_Union[FacePolicy, str]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -280,16 +282,18 @@ class IdentifyResponse(_message.Message):
     def __init__(self, faces: _Optional[_Iterable[_Union[FaceIdentification, _Mapping]]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class IdentifyEmbeddingRequest(_message.Message):
-    __slots__ = ("gallery", "embedding", "top_k", "threshold")
+    __slots__ = ("gallery", "embedding", "top_k", "threshold", "model_id")
     GALLERY_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     gallery: str
     embedding: Embedding
     top_k: int
     threshold: float
-    def __init__(self, gallery: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ...) -> None: ...
+    model_id: str
+    def __init__(self, gallery: _Optional[str] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class IdentifyEmbeddingResponse(_message.Message):
     __slots__ = ("result",)

@@ -167,7 +167,8 @@ class GalleryServiceServicer:
     def Enroll(self, request, context):
         """Enrolls one face (from an image or a precomputed embedding) as a new template of an identity,
         creating the identity if it does not exist yet. The reply is sent only after the template is
-        durably stored.
+        durably stored. FAILED_PRECONDITION if the gallery's model id differs from the server's (image)
+        or from the embedding's `model_id` (embedding).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,7 +192,8 @@ class GalleryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IdentifyEmbedding(self, request, context):
-        """1:N search for a given embedding (no image processing).
+        """1:N search for a given embedding (no image processing). FAILED_PRECONDITION if the
+        embedding's `model_id` differs from the gallery's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -272,7 +274,7 @@ class GalleryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """Server version and the loaded model's manifest.
+        """Server version, the loaded model's manifest and the server's model id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

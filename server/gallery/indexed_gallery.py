@@ -1,0 +1,233 @@
+"""One gallery's vector index, kept equal to the gallery's templates in the store.
+
+:class:`IndexedGallery` owns the index of one gallery, the gallery's read-write lock, and its
+change sequence; every template write of the gallery goes through it, so that:
+
+* A write commits to the store first (durable on return), then applies the same change to the
+  index, then returns, all under the gallery's write lock; the newest change the index holds is
+  then the store's ``last_seq`` of the gallery. Should the index refuse a committed change, it is
+  reloaded from the store, which has the change (snapshot.py ``open_gallery_index``), and the
+  error is re-raised.
+* A search holds the read lock, so it sees every write completely or not at all; searches run
+  in parallel.
+* A snapshot (:meth:`IndexedGallery.snapshot`) holds the read lock only while it copies the index
+  in memory (``VectorIndex.copy``, about ``ntotal * d * 4`` bytes for a flat index); serializing,
+  checksumming, writing and fsyncing the copy happen after the lock is released. Searches run
+  beside the copy; a write waits for it, and, the lock preferring writers, so does a search that
+  arrives while that write waits. A snapshot lock of its own keeps snapshots of one gallery one
+  at a time and lets :meth:`IndexedGallery.delete` remove the file after an in-flight write.
+
+Thread-safe. Distances are Euclidean (L2); arrays are float32 embeddings of ``embedding_dim``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from facegallery.server.contract.errors import NotFound
+from facegallery.server.gallery.index import IdentityHit, VectorIndex, make_index, search_identities
+from facegallery.server.gallery.rwlock import ReadWriteLock
+from facegallery.server.gallery.snapshot import SnapshotHeader, open_gallery_index, snapshot_path, write_snapshot
+from facegallery.server.gallery.store import AddedTemplate, GalleryRecord, NewTemplate, TemplateStore
+
+__all__ = ["IndexedGallery"]
+
+LOG = logging.getLogger(__name__)
+
+
+class IndexedGallery:
+    """A loaded gallery: its settings, its index, and the bookkeeping that keeps both current.
+
+    Build one with :meth:`load` (an existing gallery) or :meth:`empty` (a gallery just created).
+
+    Attributes
+    ----------
+    key : int
+        The store's key of the gallery (never reused).
+    name, model_id : str
+        The gallery's name, and the embedding id of its templates (manifest.py
+        ``ModelManifest.embedding_id``).
+    threshold : float
+        Default decision threshold, an L2 distance.
+    embedding_dim : int
+        Length D of the gallery's embeddings.
+    snapshot_file : Path
+        Where the gallery's index snapshot is written.
+    """
+
+    def __init__(self, store: TemplateStore, record: GalleryRecord, index: VectorIndex, *, snapshot_file: Path, factory: str) -> None:
+        self.key = record.key
+        self.name = record.name
+        self.model_id = record.model_id
+        self.threshold = record.threshold
+        self.embedding_dim = record.embedding_dim
+        self.snapshot_file = snapshot_file
+        self._store = store
+        self._factory = factory
+        self._index = index
+        self._lock = ReadWriteLock()  # index and applied_seq; deleted
+        self._snapshot_lock = threading.Lock()  # snapshot_seq and the snapshot file
+        self._applied_seq = record.last_seq  # newest change the index holds
+        self._snapshot_seq = -1  # newest change on disk in a snapshot (-1: none written by us)
+        self._deleted = False
+
+    @classmethod
+    def load(cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, factory: str) -> IndexedGallery:
+        """The gallery of ``record`` with its index from the snapshot in ``index_dir`` plus the
+        store's newer changes, or rebuilt from the store (snapshot.py ``open_gallery_index``)."""
+        path = snapshot_path(index_dir, record.key)
+        return cls(store, record, open_gallery_index(store, record, path, factory), snapshot_file=path, factory=factory)
+
+    @classmethod
+    def empty(cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, factory: str) -> IndexedGallery:
+        """A gallery just created in the store (no templates), with an empty index of ``factory``."""
+        return cls(store, record, make_index(record.embedding_dim, factory), snapshot_file=snapshot_path(index_dir, record.key), factory=factory)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def search(self, x: np.ndarray, k: int) -> list[list[IdentityHit]]:
+        """The ``k`` nearest identities of each probe ``x`` ``(n, D) float32`` (index.py
+        ``search_identities``: one list per probe, ascending L2 distance, at most ``k`` each).
+
+        Raises NotFound when the gallery has been deleted.
+        """
+        with self._lock.read():
+            self._check_live()
+            return search_identities(self._index, self._store.template_owners, x, k)
+
+    def identity_embeddings(self, identity_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Template ids ``(n,) int64`` and embeddings ``(n, D) float32`` of one identity.
+
+        Raises NotFound for an unknown identity or a deleted gallery.
+        """
+        with self._lock.read():
+            self._check_live()
+            return self._store.identity_embeddings(self.name, identity_id)
+
+    def template_ids(self) -> np.ndarray:
+        """Template ids the index holds, ascending ``(n,) int64`` (for consistency checks)."""
+        with self._lock.read():
+            return self._index.ids()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def add_templates(self, items: Sequence[NewTemplate], *, skip_duplicates: bool = False) -> list[AddedTemplate | None]:
+        """Store templates in one transaction, then add the stored ones to the index.
+
+        ``items`` carry checked ``(D,) float32`` embeddings. With ``skip_duplicates`` a template
+        whose identity already has the same embedding is not stored (None in the result).
+        Returns one entry per item once they are durable and searchable.
+
+        Raises NotFound when the gallery has been deleted.
+        """
+        with self._lock.write():
+            self._check_live()
+            results, seq = self._store.add_templates(self.name, items, skip_duplicates=skip_duplicates)
+            stored = [(r.template_id, item.embedding) for r, item in zip(results, items, strict=True) if r is not None]
+            if stored:
+                ids = np.array([t for t, _ in stored], dtype=np.int64)
+                self._apply(seq, add=(ids, np.stack([e for _, e in stored])))
+        return results
+
+    def delete_identity(self, identity_id: str) -> int:
+        """Delete an identity and its templates from store and index; returns how many templates.
+
+        Raises NotFound for an unknown identity or a deleted gallery.
+        """
+        with self._lock.write():
+            self._check_live()
+            ids, seq = self._store.delete_identity(self.name, identity_id)
+            self._apply(seq, remove=ids)
+        return len(ids)
+
+    def delete_template(self, template_id: int) -> bool:
+        """Delete one template from store and index; True when its identity had no other and was
+        deleted too. Raises NotFound for a template not in the gallery or a deleted gallery."""
+        with self._lock.write():
+            self._check_live()
+            identity_deleted, seq = self._store.delete_template(self.name, template_id)
+            self._apply(seq, remove=np.array([template_id], dtype=np.int64))
+        return identity_deleted
+
+    def delete(self) -> tuple[int, int]:
+        """Delete the gallery from the store, then its snapshot file (after an in-flight write of
+        it); every later call on this object raises NotFound.
+
+        Returns ``(deleted_identities, deleted_templates)``. Raises NotFound when already deleted.
+        """
+        with self._lock.write():
+            self._check_live()
+            counts = self._store.delete_gallery(self.name)
+            self._deleted = True
+        with self._snapshot_lock:
+            self.snapshot_file.unlink(missing_ok=True)
+        return counts
+
+    def _apply(self, seq: int, *, add: tuple[np.ndarray, np.ndarray] | None = None, remove: np.ndarray | None = None) -> None:
+        """Apply committed change ``seq`` to the index (write lock held): ``add`` = (ids, x), ``remove`` = ids.
+
+        Should the index refuse it, the index is reloaded from the store, which has the change,
+        and the error is re-raised.
+        """
+        try:
+            if remove is not None:
+                self._index.remove(remove)
+            if add is not None:
+                self._index.add(*add)
+        except Exception:
+            LOG.exception("gallery %r: applying change %d to the index failed; reloading it from the store", self.name, seq)
+            record = self._store.get_gallery(self.name)
+            self._index = open_gallery_index(self._store, record, self.snapshot_file, self._factory)
+            self._applied_seq = record.last_seq
+            raise
+        self._applied_seq = seq
+
+    def _check_live(self) -> None:
+        """Raise NotFound if the gallery was deleted while the caller waited for the lock."""
+        if self._deleted:
+            raise NotFound(f"gallery {self.name!r} does not exist")
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self) -> SnapshotHeader | None:
+        """Write an index snapshot if the index changed since the last one; returns its header.
+
+        Copies the index under the read lock (``VectorIndex.copy``), then serializes, writes and
+        fsyncs the copy with no lock held (snapshot.py ``write_snapshot``), then drops the
+        store's change-log entries it holds. Returns None when nothing changed or the gallery
+        has been deleted. Raises OSError when the file cannot be written (the change log is then
+        kept, and the next call retries).
+        """
+        with self._snapshot_lock:
+            with self._lock.read():
+                if self._deleted or self._applied_seq == self._snapshot_seq:
+                    return None
+                started = time.perf_counter()
+                index, seq = self._index.copy(), self._applied_seq
+            copied = time.perf_counter()
+            header = write_snapshot(self.snapshot_file, index, gallery_key=self.key, gallery=self.name, last_seq=seq)
+            self._snapshot_seq = header.last_seq
+        written = time.perf_counter()
+        try:
+            self._store.prune_changes(self.name, header.last_seq)
+        except NotFound:  # deleted meanwhile: delete() removes the file once we released the snapshot lock
+            return None
+        LOG.info(
+            "wrote index snapshot of %r (%d templates, seq %d): copy under the read lock %.1f ms, write %.1f ms",
+            self.name,
+            header.ntotal,
+            header.last_seq,
+            (copied - started) * 1e3,
+            (written - copied) * 1e3,
+        )
+        return header
+
+    def __repr__(self) -> str:
+        return f"IndexedGallery(name={self.name!r}, key={self.key}, model_id={self.model_id[:12]!r}, applied_seq={self._applied_seq})"

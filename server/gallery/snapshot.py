@@ -1,0 +1,193 @@
+"""Index snapshots: the file format, writing one, and loading a gallery's index at start-up.
+
+A snapshot is one gallery's serialized vector index together with the last change ``seq`` of
+the store's change log it contains, so that start-up loads it and replays only newer changes
+instead of re-reading every embedding. File layout (``index/gallery-<key>.fgidx``)::
+
+    8 bytes   magic  b"FGIDX\\x00\\x01\\n"
+    4 bytes   little-endian uint32: length L of the header
+    L bytes   UTF-8 JSON SnapshotHeader (gallery key and name, last_seq, d, ntotal, factory,
+              sha256 of the payload, format "facegallery-index/1")
+    rest      the payload: the faiss index as serialized by ``VectorIndex.serialize``
+
+:func:`write_snapshot` serializes, checksums and writes an index that must not change meanwhile:
+the gallery passes a copy (``VectorIndex.copy``, a memory copy taken under its read lock) and
+writes it after releasing the lock. The file goes through
+``facegallery.server.contract.files.atomic_write`` (temp file, fsync, rename, fsync of the
+directory): a crash at any point leaves the old snapshot or the new one.
+
+:func:`open_gallery_index` loads a snapshot and replays the store's newer changes, or rebuilds
+from the store when the snapshot is missing, corrupt or does not match; either way the index's
+template ids are then checked against the store's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from facegallery.server.contract.files import atomic_write
+from facegallery.server.gallery.index import DEFAULT_FACTORY, VectorIndex, make_index
+from facegallery.server.gallery.store import GalleryRecord, TemplateStore
+
+__all__ = [
+    "SNAPSHOT_SUFFIX",
+    "SnapshotError",
+    "SnapshotHeader",
+    "write_snapshot",
+    "read_snapshot",
+    "open_gallery_index",
+    "snapshot_path",
+    "remove_stale_snapshots",
+]
+
+LOG = logging.getLogger(__name__)
+
+#: File name suffix of snapshots: ``gallery-<key>.fgidx``.
+SNAPSHOT_SUFFIX = ".fgidx"
+_MAGIC = b"FGIDX\x00\x01\n"
+_FORMAT = "facegallery-index/1"
+#: Snapshots, their temporary files (files.atomic_write: ``.gallery-<key>.fgidx.<random>.tmp``)
+#: and the ``gallery-<key>.fgidx.tmp`` files earlier versions wrote.
+_SNAPSHOT_FILE = re.compile(r"\.?gallery-\d+" + re.escape(SNAPSHOT_SUFFIX) + r"(\..*)?")
+
+
+class SnapshotError(Exception):
+    """A snapshot file is missing, truncated, corrupt, or of another format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotHeader:
+    """What a snapshot holds: the index of gallery ``gallery_key`` after change ``last_seq``."""
+
+    gallery_key: int
+    gallery: str
+    last_seq: int
+    d: int
+    ntotal: int
+    factory: str
+    sha256: str
+    format: str = _FORMAT
+
+
+def write_snapshot(path: str | os.PathLike, index: VectorIndex, *, gallery_key: int, gallery: str, last_seq: int) -> SnapshotHeader:
+    """Write ``index``, holding every change of gallery ``gallery_key`` up to ``last_seq``, to
+    ``path`` atomically and durably (files.atomic_write); returns the header written.
+
+    ``index`` must not change while this runs; it may be searched. The layout is in the module
+    docstring. Raises OSError when the file cannot be written (``path`` is then untouched).
+    """
+    payload = index.serialize()
+    header = SnapshotHeader(gallery_key, gallery, int(last_seq), index.d, index.ntotal, index.factory, hashlib.sha256(payload).hexdigest())
+    header_bytes = json.dumps(dataclasses.asdict(header)).encode()
+    with atomic_write(path, "wb") as f:
+        f.write(_MAGIC + struct.pack("<I", len(header_bytes)) + header_bytes)
+        f.write(payload)
+    return header
+
+
+def read_snapshot(path: str | os.PathLike) -> tuple[SnapshotHeader, VectorIndex]:
+    """Load a snapshot written by :func:`write_snapshot`.
+
+    Raises
+    ------
+    SnapshotError
+        Missing file, bad magic or header, checksum mismatch, or an index faiss cannot read.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SnapshotError(f"no snapshot at {path}") from None
+    prefix = len(_MAGIC) + 4
+    if len(data) < prefix or not data.startswith(_MAGIC):
+        raise SnapshotError(f"{path} is not a facegallery index snapshot")
+    (length,) = struct.unpack("<I", data[len(_MAGIC) : prefix])
+    try:
+        header = SnapshotHeader(**json.loads(data[prefix : prefix + length]))
+    except (ValueError, TypeError) as exc:
+        raise SnapshotError(f"{path} has a malformed header: {exc}") from exc
+    payload = memoryview(data)[prefix + length :]
+    if header.format != _FORMAT or hashlib.sha256(payload).hexdigest() != header.sha256:
+        raise SnapshotError(f"{path} is corrupt (format or checksum mismatch)")
+    try:
+        index = make_index(header.d, header.factory, data=payload)
+    except (RuntimeError, ValueError) as exc:
+        raise SnapshotError(f"{path}: faiss cannot read the index: {exc}") from exc
+    if index.ntotal != header.ntotal:
+        raise SnapshotError(f"{path} holds {index.ntotal} vectors, its header says {header.ntotal}")
+    return header, index
+
+
+def open_gallery_index(store: TemplateStore, gallery: GalleryRecord, path: str | os.PathLike, factory: str = DEFAULT_FACTORY) -> VectorIndex:
+    """The index of ``gallery`` as of its ``last_seq``: snapshot plus replay, or a rebuild.
+
+    The snapshot is used when it belongs to this gallery (same key, dimension and factory) and
+    is not newer than the store; changes after its ``last_seq`` are replayed (removals, then the
+    additions that still exist). The result's ids must equal the store's template ids, otherwise
+    (or when the snapshot is unusable) the index is rebuilt from every stored embedding. So a
+    snapshot replaced while this runs (its older changes then pruned) costs a rebuild, never a
+    wrong index. Call it while the gallery receives no writes.
+    """
+    started = time.perf_counter()
+    try:
+        index = _from_snapshot(store, gallery, Path(path), factory)
+        how = "snapshot"
+    except SnapshotError as exc:
+        LOG.info("gallery %r: %s; rebuilding the index from the store", gallery.name, exc)
+        index = _rebuild(store, gallery, factory)
+        how = "rebuild"
+    LOG.info("gallery %r: index of %d templates ready (%s) in %.3f s", gallery.name, index.ntotal, how, time.perf_counter() - started)
+    return index
+
+
+def _from_snapshot(store: TemplateStore, gallery: GalleryRecord, path: Path, factory: str) -> VectorIndex:
+    header, index = read_snapshot(path)
+    if (header.gallery_key, header.d, header.factory) != (gallery.key, gallery.embedding_dim, factory):
+        raise SnapshotError(f"{path} is for another gallery, dimension or index type")
+    if header.last_seq > gallery.last_seq:
+        raise SnapshotError(f"{path} is newer (seq {header.last_seq}) than the store (seq {gallery.last_seq})")
+    changes = store.changes_since(gallery.name, header.last_seq)
+    removed = {c.template_id for c in changes if c.op == "remove"}
+    added = {c.template_id for c in changes if c.op == "add"} - removed
+    index.remove(np.fromiter(removed, dtype=np.int64, count=len(removed)))
+    for ids, x in store.embeddings(gallery.name, added):
+        index.add(ids, x)
+    if not np.array_equal(index.ids(), store.template_ids(gallery.name)):
+        raise SnapshotError(f"{path} plus {len(changes)} replayed changes does not match the store")
+    LOG.debug("gallery %r: snapshot seq %d, replayed %d changes", gallery.name, header.last_seq, len(changes))
+    return index
+
+
+def _rebuild(store: TemplateStore, gallery: GalleryRecord, factory: str) -> VectorIndex:
+    index = make_index(gallery.embedding_dim, factory)
+    for ids, x in store.embeddings(gallery.name):
+        index.add(ids, x)
+    return index
+
+
+def snapshot_path(index_dir: str | os.PathLike, gallery_key: int) -> Path:
+    """Where the index snapshot of the gallery with store key ``gallery_key`` lives."""
+    return Path(index_dir) / f"gallery-{gallery_key}{SNAPSHOT_SUFFIX}"
+
+
+def remove_stale_snapshots(index_dir: str | os.PathLike, live_keys: Iterable[int]) -> None:
+    """Delete the snapshot files in ``index_dir`` of galleries not in ``live_keys``, and leftover
+    temporary files of interrupted writes.
+
+    Call it before any snapshot is being written (a temporary file in use would be deleted).
+    """
+    live = {snapshot_path(index_dir, key).name for key in live_keys}
+    for path in sorted(Path(index_dir).iterdir()):
+        if _SNAPSHOT_FILE.fullmatch(path.name) and path.name not in live:
+            LOG.info("removing stale index file %s", path)
+            path.unlink(missing_ok=True)
