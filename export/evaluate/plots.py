@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facegallery.server.contract.files import atomic_write
+
 __all__ = ["roc_curve", "plot_roc", "require_matplotlib"]
 
 
@@ -63,6 +65,7 @@ def plot_roc(distances: np.ndarray, same: np.ndarray, out: str | Path, *, title:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
+    with atomic_write(out) as f:
+        fig.savefig(f, format=Path(out).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return Path(out)
