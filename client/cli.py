@@ -105,6 +105,11 @@ def serve_command() -> click.Command:
     return make_serve_command(default_model=ensure_default_model)
 
 
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    """``"1 template"``, ``"2 templates"``: a count with its noun in the right number."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
 def _unavailable_command(name: str, reason: str) -> click.Command:
     def fail(args: tuple[str, ...]) -> None:
         raise click.ClickException(f"the '{name}' command is unavailable ({reason})")
@@ -340,7 +345,7 @@ def galleries(session: _Session) -> None:
     for gallery in session.client.list_galleries():
         session.emit(
             gallery.to_dict(),
-            f"{gallery.name}: {gallery.identity_count} identities, {gallery.template_count} templates, "
+            f"{gallery.name}: {_count(gallery.identity_count, 'identity', 'identities')}, {_count(gallery.template_count, 'template')}, "
             f"threshold {gallery.threshold:.3f}, model {gallery.model_id[:12]}",
         )
 
@@ -363,7 +368,7 @@ def delete_gallery(session: _Session) -> None:
     deleted = session.client.delete_gallery(session.client.gallery)
     session.emit(
         {"gallery": session.client.gallery, **deleted.to_dict()},
-        f"deleted gallery {session.client.gallery} ({deleted.deleted_identities} identities, {deleted.deleted_templates} templates)",
+        f"deleted gallery {session.client.gallery} ({_count(deleted.deleted_identities, 'identity', 'identities')}, {_count(deleted.deleted_templates, 'template')})",
     )
 
 
@@ -375,7 +380,7 @@ def identities(session: _Session) -> None:
         data = identity.to_dict()
         del data["templates"]  # never filled by listing
         name = f" ({identity.display_name})" if identity.display_name else ""
-        session.emit(data, f"{identity.identity_id}{name}: {identity.template_count} templates")
+        session.emit(data, f"{identity.identity_id}{name}: {_count(identity.template_count, 'template')}")
 
 
 @main.command()
@@ -384,7 +389,7 @@ def identities(session: _Session) -> None:
 def delete(session: _Session, identity_id: str) -> None:
     """Delete the person IDENTITY_ID with all their templates."""
     deleted = session.client.delete_identity(identity_id)
-    session.emit({"identity_id": identity_id, "deleted_templates": deleted}, f"deleted {identity_id} ({deleted} templates)")
+    session.emit({"identity_id": identity_id, "deleted_templates": deleted}, f"deleted {identity_id} ({_count(deleted, 'template')})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,7 +562,7 @@ def export_gallery(session: _Session, file: Path) -> None:
             out.write(json.dumps(template.to_dict(), ensure_ascii=False) + "\n")
             count += 1
     data = {"file": str(file), "gallery": gallery.name, "model_id": gallery.model_id, "templates": count}
-    session.emit(data, f"exported {count} templates of gallery {gallery.name} to {file}")
+    session.emit(data, f"exported {_count(count, 'template')} of gallery {gallery.name} to {file}")
 
 
 @main.command("import-embeddings")
@@ -578,5 +583,5 @@ def import_embeddings(session: _Session, file: Path) -> None:
     gallery = session.client.gallery
     session.emit(
         {"file": str(file), "gallery": gallery, "imported": result.imported, "skipped": result.skipped},
-        f"imported {result.imported} templates into gallery {gallery} ({result.skipped} already present)",
+        f"imported {_count(result.imported, 'template')} into gallery {gallery} ({result.skipped} already present)",
     )

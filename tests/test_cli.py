@@ -124,8 +124,8 @@ def test_human_output_is_readable_text(run, faces_dir):
     identified = run("identify", str(biden)).output
     assert identified.startswith(f"{biden}: 1 face") and "biden (distance 0.000)" in identified
     assert "biden: match (distance 0.000 <= threshold 0.600)" in run("verify", "biden", str(biden)).output
-    assert "default: 1 identities, 1 templates" in run("galleries").output
-    assert "biden: 1 templates" in run("identities").output
+    assert "default: 1 identity, 1 template" in run("galleries").output
+    assert "biden: 1 template" in run("identities").output
 
 
 def test_verify_compare_galleries_identities_delete(run, faces_dir):

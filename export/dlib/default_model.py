@@ -60,7 +60,7 @@ def ensure_default_model(model_dir: str | os.PathLike | None = None) -> Path:
         if not (model_dir / MANIFEST_NAME).is_file():
             from facegallery.export.dlib.convert import export_dlib  # conversion code is only needed once
 
-            LOG.info("no model at %s: converting dlib's models (about 30 s, once)", model_dir)
+            LOG.info("no model at %s: converting dlib's models (a few seconds, once)", model_dir)
             export_dlib(model_dir, overwrite=True)
     ModelManifest.load(model_dir, verify=False)
     return model_dir

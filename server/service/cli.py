@@ -53,7 +53,7 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
     @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
                   help="Port to listen on (0 picks a free one, logged at start).")
     @click.option("--model-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-                  help="Model directory with model.json  [default: the dlib model, converted on first start (a few seconds)]")
+                  help="Model directory with model.json  [default: the dlib model in $FACEGALLERY_MODEL_DIR or the user data dir, converted on first start (a few seconds)]")
     @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
     @click.option("--max-workers", type=click.IntRange(1), default=DEFAULT_MAX_WORKERS, show_default=True, help="Calls served at once (gRPC threads).")
     @click.option("--batch-size", type=click.IntRange(1), default=DEFAULT_MAX_BATCH_SIZE, show_default=True,
