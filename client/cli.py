@@ -493,9 +493,12 @@ class ExportFileError(ValueError):
 
 def _read_export(path: Path) -> tuple[dict[str, Any], Iterator[ExportedTemplate]]:
     """Header and lazily parsed templates of an ``export-gallery`` file."""
-    stream = path.open("r", encoding="utf-8")
+    stream = path.open("rb")  # decoded line by line, so an error names its line
     try:
-        header = json.loads(stream.readline() or "null")
+        header = json.loads(stream.readline().decode("utf-8") or "null")
+    except UnicodeDecodeError as exc:
+        stream.close()
+        raise ExportFileError(f"{path}: not an export-gallery file (line 1 is not UTF-8 text: {exc.reason})") from exc
     except json.JSONDecodeError as exc:
         stream.close()
         raise ExportFileError(f"{path}: line 1 is not JSON ({exc})") from exc
@@ -505,11 +508,11 @@ def _read_export(path: Path) -> tuple[dict[str, Any], Iterator[ExportedTemplate]
 
     def templates() -> Iterator[ExportedTemplate]:
         with stream:
-            for number, line in enumerate(stream, start=2):
-                if not line.strip():
+            for number, raw in enumerate(stream, start=2):
+                if not raw.strip():
                     continue
                 try:
-                    data = json.loads(line)
+                    data = json.loads(raw.decode("utf-8"))
                     created = data.get("create_time")
                     yield ExportedTemplate(
                         identity_id=data["identity_id"],
@@ -520,6 +523,8 @@ def _read_export(path: Path) -> tuple[dict[str, Any], Iterator[ExportedTemplate]
                         source_sha256=data.get("source_sha256", ""),
                         create_time=datetime.datetime.fromisoformat(created) if created else None,
                     )
+                except UnicodeDecodeError as exc:
+                    raise ExportFileError(f"{path}: line {number} is not UTF-8 text ({exc.reason})") from exc
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                     raise ExportFileError(f"{path}: line {number}: {type(exc).__name__}: {exc}") from exc
 

@@ -288,6 +288,13 @@ def test_import_embeddings_rejects_a_malformed_file(run, tmp_path):
     path.write_text(json.dumps({"format": EXPORT_FORMAT, "gallery": {"model_id": MODEL_ID}}) + "\n{\"identity_id\": 1}\n")
     result = run("import-embeddings", str(path))
     assert result.exit_code == 1 and "line 2" in result.stderr
+    # binary files: a one-line error naming the line, no traceback
+    path.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)  # a JPEG, say
+    result = run("import-embeddings", str(path))
+    assert result.exit_code == 1 and "line 1 is not UTF-8" in result.stderr and "Traceback" not in result.output
+    path.write_bytes(json.dumps({"format": EXPORT_FORMAT, "gallery": {"model_id": MODEL_ID}}).encode() + b"\n\xff\xfe\x00\x81garbage\n")
+    result = run("import-embeddings", str(path))
+    assert result.exit_code == 1 and "line 2 is not UTF-8" in result.stderr and "Traceback" not in result.output
 
 
 def test_create_and_delete_gallery(run, fake, faces_dir):

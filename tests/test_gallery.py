@@ -20,7 +20,7 @@ from facegallery.server.contract.errors import (
     NoFaceError,
     NotFound,
 )
-from facegallery.server.gallery.manager import DEFAULT_GALLERY, STORE_FILE, FacePolicy, GalleryManager
+from facegallery.server.gallery.manager import _IMPORT_BATCH, DEFAULT_GALLERY, STORE_FILE, FacePolicy, GalleryManager
 from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
 
 ANN, BOB, CAT, DAN = (200, 10), (10, 200), (120, 120), (60, 250)  # (red, green) = a person
@@ -232,6 +232,26 @@ def test_export_import_roundtrip(manager):
         manager.import_embeddings("copy", "", items)
     with pytest.raises(EmbeddingShapeError):
         manager.import_embeddings("copy", gallery.model_id, [NewTemplate("z", np.zeros(5))])
+
+
+def test_a_failed_import_into_a_new_gallery_leaves_no_gallery_behind(manager):
+    model_id = manager.pipeline.model_id
+    with pytest.raises(EmbeddingShapeError):
+        manager.import_embeddings("fresh", model_id, [NewTemplate("a", person_embedding(1, 2)), NewTemplate("z", np.zeros(5))])
+    with pytest.raises(NotFound):
+        manager.get_gallery("fresh")
+    assert [g.name for g in manager.list_galleries()] == ["default"]
+    # a later batch failing keeps the gallery with the batches already imported (importing again resumes)
+    batch = _IMPORT_BATCH  # templates per import transaction
+    good = [NewTemplate(f"p{i}", person_embedding(i, 3)) for i in range(batch)]
+    with pytest.raises(EmbeddingShapeError):
+        manager.import_embeddings("fresh", model_id, [*good, NewTemplate("z", np.zeros(5))])
+    assert manager.get_gallery("fresh").template_count == batch
+    # an existing gallery is never removed by a failed import, even when empty
+    manager.create_gallery("empty")
+    with pytest.raises(EmbeddingShapeError):
+        manager.import_embeddings("empty", model_id, [NewTemplate("z", np.zeros(5))])
+    assert manager.get_gallery("empty").template_count == 0
 
 
 def test_restart_restores_galleries_and_refuses_another_model(tmp_path):

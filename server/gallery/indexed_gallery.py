@@ -156,14 +156,18 @@ class IndexedGallery:
             self._apply(seq, remove=np.array([template_id], dtype=np.int64))
         return identity_deleted
 
-    def delete(self) -> tuple[int, int]:
+    def delete(self, *, only_if_empty: bool = False) -> tuple[int, int] | None:
         """Delete the gallery from the store, then its snapshot file (after an in-flight write of
         it); every later call on this object raises NotFound.
 
-        Returns ``(deleted_identities, deleted_templates)``. Raises NotFound when already deleted.
+        Returns ``(deleted_identities, deleted_templates)``; with ``only_if_empty``, None (and
+        nothing deleted) when the gallery holds a template, decided under the write lock so no
+        concurrent enrollment is lost. Raises NotFound when already deleted.
         """
         with self._lock.write():
             self._check_live()
+            if only_if_empty and self._index.ntotal > 0:
+                return None
             counts = self._store.delete_gallery(self.name)
             self._deleted = True
         with self._snapshot_lock:

@@ -29,6 +29,7 @@ Results are the frozen dataclasses of results.py; arguments are checked by valid
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -247,8 +248,17 @@ class GalleryManager:
 
         Deleting ``default`` empties it: it is recreated at once, bound to the server's model.
         """
-        gallery = self._gallery(name)
-        identities, templates = gallery.delete()
+        deletion = self._delete(self._gallery(name))
+        assert deletion is not None  # only_if_empty is off
+        return deletion
+
+    def _delete(self, gallery: IndexedGallery, *, only_if_empty: bool = False) -> GalleryDeletion | None:
+        """Delete ``gallery`` (with ``only_if_empty``: unless it holds a template, then None)."""
+        name = gallery.name
+        counts = gallery.delete(only_if_empty=only_if_empty)
+        if counts is None:
+            return None
+        identities, templates = counts
         with self._lock:
             if self._galleries.get(name) is gallery:  # not yet replaced by a gallery created meanwhile
                 del self._galleries[name]
@@ -525,7 +535,8 @@ class GalleryManager:
         """Store precomputed templates, skipping those an identity already has (same embedding).
 
         ``model_id`` is the embedding id the embeddings were computed with. The gallery is
-        created (bound to the server's model, which must then be ``model_id``) when missing.
+        created (bound to the server's model, which must then be ``model_id``) when missing, and
+        removed again should the import fail before it holds a template.
         Templates are committed in batches as they arrive; when an item is rejected, the batches
         before it stay imported (importing the same stream again skips them).
 
@@ -542,23 +553,32 @@ class GalleryManager:
             raise InvalidInput("model_id is required: the model the embeddings were computed with")
         with self._lock:
             exists = gallery in self._galleries
+        created = False
         if not exists:
             check_model(gallery, self.pipeline.model_id, model_id, "the embeddings come from")  # a new gallery gets the server's model
             try:
                 self.create_gallery(gallery)
+                created = True
             except AlreadyExists:  # created concurrently: use it
                 pass
         state = self._gallery(gallery)
         check_model(gallery, state.model_id, model_id, "the embeddings come from")
         imported = skipped = 0
         items = iter(templates)
-        while batch := list(itertools.islice(items, _IMPORT_BATCH)):
-            for item in batch:
-                check_identity_id(item.identity_id)
-            batch = [dataclasses.replace(item, embedding=check_embedding(item.embedding, state.embedding_dim)) for item in batch]
-            stored = sum(r is not None for r in state.add_templates(batch, skip_duplicates=True))
-            imported += stored
-            skipped += len(batch) - stored
+        try:
+            while batch := list(itertools.islice(items, _IMPORT_BATCH)):
+                for item in batch:
+                    check_identity_id(item.identity_id)
+                batch = [dataclasses.replace(item, embedding=check_embedding(item.embedding, state.embedding_dim)) for item in batch]
+                stored = sum(r is not None for r in state.add_templates(batch, skip_duplicates=True))
+                imported += stored
+                skipped += len(batch) - stored
+        except BaseException:
+            if created and gallery != DEFAULT_GALLERY:
+                with contextlib.suppress(NotFound):  # deleted meanwhile: nothing left to remove
+                    if self._delete(state, only_if_empty=True) is not None:
+                        LOG.info("import into new gallery %r failed before any template was stored: gallery removed", gallery)
+            raise
         LOG.info("imported %d templates into %r (%d skipped)", imported, gallery, skipped)
         return ImportResult(imported, skipped)
 
