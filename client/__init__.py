@@ -10,8 +10,12 @@
             print(face.face.box, face.identity_id or "unknown", face.distance)
 
 Results are frozen dataclasses (never protobufs); failures raise the exceptions below, keyed by
-gRPC status code. Distances are Euclidean (L2) between embeddings: lower is more similar, and a
-probe matches when ``distance <= threshold`` (0.6 for the default dlib model).
+gRPC status code. Distances are Euclidean (L2) between embeddings: lower is more similar. A
+gallery decides 1:N searches with its decision policy (a fixed L2 threshold, or a target FPIR;
+each identity's nearest template or its mean template, ``Aggregation``) on scores of its
+``ScoreKind``: a probe matches when ``score <= threshold``, and each answer
+carries its estimated FPIR. Verify and compare match when ``distance <= threshold`` (0.6 for the
+default dlib model).
 """
 
 from facegallery.client._client import (
@@ -40,8 +44,12 @@ from facegallery.client._exceptions import (
     Unimplemented,
 )
 from facegallery.client._models import (
+    Aggregation,
     BulkEnrollItem,
     CompareResult,
+    DecisionPolicy,
+    DuplicatePair,
+    DuplicatesResult,
     EmbeddedFace,
     EnrollItem,
     EnrollResult,
@@ -57,12 +65,15 @@ from facegallery.client._models import (
     ImportResult,
     Match,
     ModelInfo,
+    Normalization,
+    ScoreKind,
     ServerInfo,
     Template,
     VerifyResult,
 )
 
 __all__ = [
+    "Aggregation",
     "AlreadyExists",
     "BulkEnrollItem",
     "Cancelled",
@@ -74,6 +85,9 @@ __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT",
     "DeadlineExceeded",
+    "DecisionPolicy",
+    "DuplicatePair",
+    "DuplicatesResult",
     "EmbeddedFace",
     "EnrollItem",
     "EnrollResult",
@@ -93,9 +107,11 @@ __all__ = [
     "InvalidArgument",
     "Match",
     "ModelInfo",
+    "Normalization",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "ScoreKind",
     "ServerError",
     "ServerInfo",
     "Template",

@@ -16,8 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from facegallery.client import _convert
 from facegallery.client._exceptions import ClientClosedError, DeadlineExceeded, NotFound, ServerError, Unavailable, from_rpc_error
 from facegallery.client._models import (
+    Aggregation,
     BulkEnrollItem,
     CompareResult,
+    DuplicatesResult,
     EmbeddedFace,
     EnrollItem,
     EnrollResult,
@@ -30,6 +32,7 @@ from facegallery.client._models import (
     ImageInput,
     ImageKind,
     ImportResult,
+    Normalization,
     ServerInfo,
     VerifyResult,
 )
@@ -63,9 +66,12 @@ _SERVICE = "facegallery.v1.GalleryService"
 # Calls that may be repeated without changing the outcome. Enroll/BulkEnroll would add the
 # template twice, Create*/Delete* would turn a lost reply into ALREADY_EXISTS / NOT_FOUND, and a
 # client stream (ImportEmbeddings) cannot be replayed once it has sent its first message.
+# UpdateGallery sets the whole policy, so a repeat leaves the same policy.
 _IDEMPOTENT_METHODS = (
     "GetGallery",
     "ListGalleries",
+    "UpdateGallery",
+    "FindDuplicates",
     "Identify",
     "IdentifyEmbedding",
     "Verify",
@@ -138,8 +144,11 @@ class GalleryClient:
     ``bytes``, a ``PIL.Image.Image`` or a ``(H, W)`` / ``(H, W, 3)`` / ``(H, W, 4)`` uint8 numpy
     array (grey / RGB / RGBA); PIL images and arrays are encoded to PNG on the client. Boxes and
     landmarks are pixels of the original image after EXIF orientation; distances are Euclidean
-    (L2) distances between embeddings (lower is more similar; a match is ``distance <=
-    threshold``, 0.6 for the default dlib model).
+    (L2) distances between embeddings (lower is more similar). A gallery decides 1:N searches
+    with its decision policy, a fixed L2 threshold or a target FPIR (to each identity's nearest
+    template or its mean template), on scores of its ``score_kind`` (the distance, or an S-norm
+    score): a match is ``score <= threshold``. Verify and compare decide on
+    ``distance <= threshold`` (0.6 for the default dlib model).
 
     Parameters
     ----------
@@ -154,8 +163,8 @@ class GalleryClient:
         :meth:`export_gallery`, :meth:`import_embeddings`), whose length grows with the data;
         None (the default) = no deadline.
     retries : int, keyword-only
-        How often an idempotent call (gets, lists, searches, ``update_identity``, ``server_info``)
-        is retried when the server is UNAVAILABLE, with exponential backoff (0.2 s doubling up to
+        How often an idempotent call (gets, lists, searches, ``update_identity``,
+        ``update_gallery``, ``find_duplicates``, ``server_info``) is retried when the server is UNAVAILABLE, with exponential backoff (0.2 s doubling up to
         5 s, randomised) by gRPC's built-in retry policy; gRPC caps it at 4. 0 disables retries.
         Enrollments, creations, deletions and imports are never retried.
     gallery : str, keyword-only
@@ -275,28 +284,97 @@ class GalleryClient:
     # Galleries
 
     def create_gallery(
-        self, name: str, *, threshold: float | None = None, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT
+        self,
+        name: str,
+        *,
+        threshold: float | None = None,
+        target_fpir: float | None = None,
+        normalization: Normalization | str | None = None,
+        cohort_size: int | None = None,
+        aggregation: Aggregation | str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> Gallery:
-        """Create an empty gallery bound to the server's model.
+        """Create an empty gallery bound to the server's model, with a decision policy.
+
+        Give at most one of ``threshold`` and ``target_fpir``; none = the server's default
+        policy (a target FPIR of 0.01 with S-norm and mean templates).
 
         Parameters
         ----------
         name : str
             1..128 characters of ``[A-Za-z0-9_.-]``.
         threshold : float or None
-            Decision threshold (L2 distance) of the gallery; None = the model's default.
+            A fixed decision threshold (L2 distance, > 0).
+        target_fpir : float or None
+            A target FPIR in (0, 1): the server keeps the threshold where about this fraction
+            of people who are not enrolled would be matched to someone.
+        normalization : Normalization, "snorm", "none" or None
+            Score normalisation of a target-FPIR policy; None = S-norm.
+        cohort_size : int or None
+            k of S-norm, 2..1000; None = the server's default (100).
+        aggregation : Aggregation, "nearest", "mean" or None
+            How an identity's templates give its distance to a probe: its nearest template, or
+            the mean of its templates; with either rule. None = mean with ``target_fpir``,
+            nearest with ``threshold``.
 
         Raises
         ------
         AlreadyExists
             The name is taken.
         InvalidArgument
-            A malformed name or threshold.
+            A malformed name, or a policy out of range (e.g. S-norm with a fixed threshold).
+        ValueError
+            Both ``threshold`` and ``target_fpir``, or ``normalization`` / ``cohort_size`` /
+            ``aggregation`` without either (nothing was sent).
         """
+        policy = _convert.policy_message(
+            threshold=threshold, target_fpir=target_fpir, normalization=normalization, cohort_size=cohort_size, aggregation=aggregation
+        )
         request = pb.CreateGalleryRequest(name=name)
-        if threshold is not None:
-            request.threshold = threshold
+        if threshold is not None and normalization is None and cohort_size is None and aggregation is None:
+            request.threshold = threshold  # a bare threshold: the field servers before policies read too
+        elif policy is not None:
+            request.policy.CopyFrom(policy)
         return _convert.gallery(self._unary("CreateGallery", request, timeout))
+
+    def update_gallery(
+        self,
+        name: str | None = None,
+        *,
+        threshold: float | None = None,
+        target_fpir: float | None = None,
+        normalization: Normalization | str | None = None,
+        cohort_size: int | None = None,
+        aggregation: Aggregation | str | None = None,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> Gallery:
+        """Replace a gallery's decision policy (None = the client's gallery); later searches use it.
+
+        Give exactly one of ``threshold`` and ``target_fpir``; the other keywords are as for
+        :meth:`create_gallery`. Idempotent, so retried on UNAVAILABLE.
+
+        Returns
+        -------
+        Gallery
+            With the new policy and the threshold, score kind and estimated FPIR it decides
+            with now.
+
+        Raises
+        ------
+        NotFound
+            Unknown gallery.
+        InvalidArgument
+            A policy out of range.
+        ValueError
+            Neither or both of ``threshold`` and ``target_fpir`` (nothing was sent).
+        """
+        policy = _convert.policy_message(
+            threshold=threshold, target_fpir=target_fpir, normalization=normalization, cohort_size=cohort_size, aggregation=aggregation
+        )
+        if policy is None:
+            raise ValueError("give threshold or target_fpir")
+        request = pb.UpdateGalleryRequest(name=self._gallery(name), policy=policy)
+        return _convert.gallery(self._unary("UpdateGallery", request, timeout))
 
     def get_gallery(
         self, name: str | None = None, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT
@@ -327,6 +405,39 @@ class GalleryClient:
         """
         response = self._unary("DeleteGallery", pb.DeleteGalleryRequest(name=name), timeout)
         return GalleryDeletion(int(response.deleted_identities), int(response.deleted_templates))
+
+    def find_duplicates(
+        self,
+        gallery: str | None = None,
+        *,
+        max_pairs: int = 100,
+        timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+    ) -> DuplicatesResult:
+        """Pairs of different identities the gallery's policy would confuse (likely the same person
+        enrolled twice), most similar first.
+
+        Parameters
+        ----------
+        gallery : str or None
+            None = the client's gallery.
+        max_pairs : int
+            Most pairs to return, 1..10000.
+
+        Returns
+        -------
+        DuplicatesResult
+            The pairs (score <= the gallery's threshold), their score kind and the threshold;
+            no pairs is not an error.
+
+        Raises
+        ------
+        NotFound
+            Unknown gallery.
+        InvalidArgument
+            ``max_pairs`` out of range.
+        """
+        request = pb.FindDuplicatesRequest(gallery=self._gallery(gallery), max_pairs=max_pairs)
+        return _convert.duplicates_result(self._unary("FindDuplicates", request, timeout))
 
     # -----------------------------------------------------------------------------------------
     # Enrollment
@@ -488,7 +599,8 @@ class GalleryClient:
         top_k : int
             Candidates per face, 1..100.
         threshold : float or None
-            Decision threshold (L2 distance); None = the gallery's.
+            Overrides the gallery's current threshold, on the gallery's score scale
+            (``Gallery.score_kind``: an L2 distance or an S-norm score); None = the gallery's.
         max_faces : int
             Faces to search, largest first; 0 = all.
 
@@ -496,7 +608,8 @@ class GalleryClient:
         -------
         list of FaceIdentification
             One per face, largest face first; empty when the image has no face (not an error).
-            ``identity_id`` is None for an unknown face.
+            ``identity_id`` is None for an unknown face; ``score``, ``threshold``,
+            ``score_kind`` and ``estimated_fpir`` say how confident the decision is.
 
         Raises
         ------
@@ -535,7 +648,8 @@ class GalleryClient:
         top_k : int
             Candidates, 1..100.
         threshold : float or None
-            Decision threshold (L2 distance); None = the gallery's.
+            Overrides the gallery's current threshold, on the gallery's score scale; None = the
+            gallery's.
         model_id : str or None
             The model id the embedding was computed with (``server_info().model.model_id`` of
             the server that embedded it, or ``Gallery.model_id``). None = the server's own.
@@ -568,10 +682,16 @@ class GalleryClient:
     ) -> VerifyResult:
         """1:1: is the largest face of ``image`` the person ``identity_id``?
 
+        Parameters
+        ----------
+        threshold : float or None
+            Decision threshold (L2 distance); None = the server's default.
+
         Returns
         -------
         VerifyResult
-            L2 distance to the identity's nearest template, threshold and ``is_match``.
+            L2 distance to the identity's nearest template, threshold, ``is_match`` and the
+            estimated FAR at that distance (when the model has a false-match curve).
 
         Raises
         ------

@@ -18,9 +18,14 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from facegallery.client._exceptions import ServerError
 from facegallery.client._models import (
+    Aggregation,
     BulkEnrollItem,
     CompareResult,
+    DecisionPolicy,
+    DuplicatePair,
+    DuplicatesResult,
     EmbeddedFace,
     EnrollItem,
     EnrollResult,
@@ -33,6 +38,8 @@ from facegallery.client._models import (
     ImageKind,
     Match,
     ModelInfo,
+    Normalization,
+    ScoreKind,
     ServerInfo,
     Template,
     VerifyResult,
@@ -47,6 +54,23 @@ _IMAGE_KIND = {
 _FACE_POLICY = {
     FacePolicy.LARGEST: pb.FACE_POLICY_LARGEST,
     FacePolicy.REJECT_MULTIPLE: pb.FACE_POLICY_REJECT_MULTIPLE,
+}
+_NORMALIZATION = {
+    Normalization.NONE: pb.SCORE_NORMALIZATION_NONE,
+    Normalization.SNORM: pb.SCORE_NORMALIZATION_SNORM,
+}
+_NORMALIZATION_OF = {v: k for k, v in _NORMALIZATION.items()}
+_AGGREGATION = {
+    Aggregation.NEAREST: pb.TEMPLATE_AGGREGATION_NEAREST,
+    Aggregation.MEAN: pb.TEMPLATE_AGGREGATION_MEAN,
+}
+# UNSPECIFIED comes only from servers that predate aggregations, which search nearest templates.
+_AGGREGATION_OF = {v: k for k, v in _AGGREGATION.items()}
+# UNSPECIFIED comes only from servers that predate score kinds, whose scores are distances.
+_SCORE_KIND_OF = {
+    pb.SCORE_KIND_UNSPECIFIED: ScoreKind.DISTANCE,
+    pb.SCORE_KIND_DISTANCE: ScoreKind.DISTANCE,
+    pb.SCORE_KIND_SNORM: ScoreKind.SNORM,
 }
 # google.rpc.Code integer -> grpc.StatusCode (BulkEnrollResult.code carries the integer).
 _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
@@ -152,6 +176,44 @@ def enroll_request(item: EnrollItem, gallery: str) -> pb.EnrollRequest:
     return request
 
 
+def policy_message(
+    *,
+    threshold: float | None = None,
+    target_fpir: float | None = None,
+    normalization: Normalization | str | None = None,
+    cohort_size: int | None = None,
+    aggregation: Aggregation | str | None = None,
+) -> pb.DecisionPolicy | None:
+    """``pb.DecisionPolicy`` of the policy keywords of ``create_gallery`` / ``update_gallery``.
+
+    None when every keyword is None (the server's default policy). The server checks the ranges.
+
+    Raises
+    ------
+    ValueError
+        Both ``threshold`` and ``target_fpir``; ``normalization``, ``cohort_size`` or
+        ``aggregation`` without a rule; an unknown ``normalization`` or ``aggregation``.
+    """
+    if threshold is not None and target_fpir is not None:
+        raise ValueError("give either threshold or target_fpir, not both")
+    if threshold is None and target_fpir is None:
+        if normalization is not None or cohort_size is not None or aggregation is not None:
+            raise ValueError("normalization, cohort_size and aggregation need a target_fpir (or a threshold)")
+        return None
+    message = pb.DecisionPolicy()
+    if threshold is not None:
+        message.threshold = threshold
+    else:
+        message.target_fpir = target_fpir
+    if normalization is not None:
+        message.normalization = _NORMALIZATION[Normalization(normalization)]
+    if cohort_size is not None:
+        message.cohort_size = cohort_size
+    if aggregation is not None:
+        message.aggregation = _AGGREGATION[Aggregation(aggregation)]
+    return message
+
+
 def exported_template_message(template: ExportedTemplate) -> pb.ExportedTemplate:
     """``pb.ExportedTemplate`` of an :class:`ExportedTemplate`."""
     message = pb.ExportedTemplate(
@@ -202,12 +264,27 @@ def _optional_face(parent: Any, field: str) -> Face | None:
     return face(getattr(parent, field)) if parent.HasField(field) else None
 
 
+def score_kind(value: int) -> ScoreKind:
+    """:class:`ScoreKind` of a proto ``ScoreKind`` (UNSPECIFIED, from an older server: distance).
+
+    Raises
+    ------
+    ServerError
+        A value this client does not know (a newer server).
+    """
+    try:
+        return _SCORE_KIND_OF[value]
+    except KeyError:
+        raise ServerError(f"the server sent an unknown score kind {value}; upgrade the client") from None
+
+
 def match(message: pb.Match) -> Match:
     return Match(
         identity_id=message.identity_id,
         display_name=message.display_name,
         distance=_f32(message.distance),
         template_id=int(message.template_id),
+        score=_f32(message.score),
     )
 
 
@@ -218,6 +295,9 @@ def face_identification(message: pb.FaceIdentification) -> FaceIdentification:
         identity_id=message.identity_id or None,
         distance=_f32(message.distance),
         threshold=_f32(message.threshold),
+        score=_f32(message.score),
+        score_kind=score_kind(message.score_kind),
+        estimated_fpir=_f32(message.estimated_fpir),
     )
 
 
@@ -244,8 +324,8 @@ def bulk_enroll_item(message: pb.BulkEnrollResult) -> BulkEnrollItem:
     )
 
 
-def _probability(message: Any) -> float | None:
-    return _f32(message.probability_same) if message.HasField("probability_same") else None
+def _optional_float(message: Any, field: str) -> float | None:
+    return _f32(getattr(message, field)) if message.HasField(field) else None
 
 
 def verify_result(message: pb.VerifyResponse) -> VerifyResult:
@@ -255,7 +335,8 @@ def verify_result(message: pb.VerifyResponse) -> VerifyResult:
         threshold=_f32(message.threshold),
         is_match=bool(message.is_match),
         face=_optional_face(message, "face"),
-        probability_same=_probability(message),
+        probability_same=_optional_float(message, "probability_same"),
+        estimated_far=_optional_float(message, "estimated_far"),
     )
 
 
@@ -266,7 +347,8 @@ def compare_result(message: pb.CompareResponse) -> CompareResult:
         is_match=bool(message.is_match),
         face_a=_optional_face(message, "face_a"),
         face_b=_optional_face(message, "face_b"),
-        probability_same=_probability(message),
+        probability_same=_optional_float(message, "probability_same"),
+        estimated_far=_optional_float(message, "estimated_far"),
     )
 
 
@@ -274,6 +356,20 @@ def embedded_face(message: pb.EmbeddedFace) -> EmbeddedFace:
     return EmbeddedFace(
         face=_optional_face(message, "face"),
         embedding=_embedding(message.embedding),
+    )
+
+
+def decision_policy(message: pb.DecisionPolicy) -> DecisionPolicy | None:
+    """:class:`DecisionPolicy` of a gallery's ``pb.DecisionPolicy``; None when it has no rule."""
+    rule = message.WhichOneof("rule")
+    if rule is None:
+        return None
+    return DecisionPolicy(
+        threshold=_f32(message.threshold) if rule == "threshold" else None,
+        target_fpir=_f32(message.target_fpir) if rule == "target_fpir" else None,
+        normalization=_NORMALIZATION_OF.get(message.normalization, Normalization.NONE),
+        cohort_size=int(message.cohort_size),
+        aggregation=_AGGREGATION_OF.get(message.aggregation, Aggregation.NEAREST),
     )
 
 
@@ -287,6 +383,30 @@ def gallery(message: pb.Gallery) -> Gallery:
         identity_count=int(message.identity_count),
         template_count=int(message.template_count),
         create_time=_time(message, "create_time"),
+        policy=decision_policy(message.policy) if message.HasField("policy") else None,
+        score_kind=score_kind(message.score_kind),
+        estimated_fpir=_f32(message.estimated_fpir),
+        threshold_basis=message.threshold_basis,
+    )
+
+
+def duplicate_pair(message: pb.DuplicatePair) -> DuplicatePair:
+    return DuplicatePair(
+        identity_a=message.identity_a,
+        display_name_a=message.display_name_a,
+        identity_b=message.identity_b,
+        display_name_b=message.display_name_b,
+        score=_f32(message.score),
+        distance=_f32(message.distance),
+        estimated_fpir=_f32(message.estimated_fpir),
+    )
+
+
+def duplicates_result(message: pb.FindDuplicatesResponse) -> DuplicatesResult:
+    return DuplicatesResult(
+        pairs=tuple(duplicate_pair(p) for p in message.pairs),
+        score_kind=score_kind(message.score_kind),
+        threshold=_f32(message.threshold),
     )
 
 

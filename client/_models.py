@@ -2,9 +2,14 @@
 
 Units everywhere: boxes and landmarks are pixels of the decoded original image after EXIF
 orientation; distances are Euclidean (L2) distances between embeddings, lower is more similar;
-a probe matches an identity when ``distance <= threshold``; times are timezone-aware UTC
-``datetime`` objects. Every result has ``to_dict()`` giving plain JSON-serialisable values
-(tuples -> lists, arrays -> lists of floats, datetimes -> ISO 8601 strings, enums -> names).
+times are timezone-aware UTC ``datetime`` objects. A 1:N search decides on *scores* of the
+gallery's :class:`ScoreKind` (the distance itself, or an S-norm score; lower is more similar on
+both): a probe matches when ``score <= threshold``, both on that scale; 1:1 calls (verify,
+compare) decide on ``distance <= threshold``. FPIR (false-positive identification rate) is the
+probability that a person who is not enrolled is matched to someone in the gallery; FAR the 1:1
+false-accept rate. Every result has ``to_dict()`` giving plain JSON-serialisable values (tuples ->
+lists, arrays -> lists of floats, datetimes -> ISO 8601 strings, enums -> names, non-finite floats
+-> None).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import PIL.Image
 __all__ = [
     "ImageKind",
     "FacePolicy",
+    "Normalization",
+    "Aggregation",
+    "ScoreKind",
     "ImageInput",
     "Face",
     "Match",
@@ -34,8 +42,11 @@ __all__ = [
     "VerifyResult",
     "CompareResult",
     "EmbeddedFace",
+    "DecisionPolicy",
     "Gallery",
     "GalleryDeletion",
+    "DuplicatePair",
+    "DuplicatesResult",
     "Template",
     "Identity",
     "ExportedTemplate",
@@ -68,6 +79,35 @@ class FacePolicy(enum.Enum):
     LARGEST = "largest"
     #: Refuse images with more than one face (:class:`~facegallery.client.FailedPrecondition`).
     REJECT_MULTIPLE = "reject_multiple"
+
+
+class Normalization(enum.Enum):
+    """Score normalisation of a target-FPIR decision policy (proto ``ScoreNormalization``)."""
+
+    #: No normalisation: scores are L2 distances.
+    NONE = "none"
+    #: Symmetric S-norm with the gallery's own identities as the cohort (used once the gallery is
+    #: big enough to be its own cohort; until then the gallery decides on distances).
+    SNORM = "snorm"
+
+
+class Aggregation(enum.Enum):
+    """How a 1:N search turns an identity's templates into one distance (proto ``TemplateAggregation``)."""
+
+    #: The distance to the identity's nearest template.
+    NEAREST = "nearest"
+    #: The distance to the mean of the identity's templates (one vector per identity).
+    MEAN = "mean"
+
+
+class ScoreKind(enum.Enum):
+    """The scale of a score and of the threshold it is compared with (proto ``ScoreKind``)."""
+
+    #: The L2 distance between embeddings (typically 0..1.5).
+    DISTANCE = "distance"
+    #: An S-norm score: dimensionless, roughly cohort standard deviations from the cohort's mean
+    #: distance; negative = closer than the gallery's typical pair.
+    SNORM = "snorm"
 
 
 def _jsonable(value: Any) -> Any:
@@ -134,15 +174,21 @@ class Match(_Result):
     ----------
     identity_id, display_name : str
     distance : float
-        L2 distance between the probe and this identity's nearest template.
+        L2 distance between the probe and this identity: its nearest template, or the mean of
+        its templates in a gallery of :attr:`Aggregation.MEAN`.
     template_id : int
-        The template that gave ``distance``.
+        The template that gave ``distance`` (under ``Aggregation.MEAN`` the identity's first
+        template, which stands for its mean).
+    score : float
+        This identity's score on the search's :class:`ScoreKind` scale (lower is more similar):
+        ``distance`` itself, or its S-norm score.
     """
 
     identity_id: str
     display_name: str
     distance: float
     template_id: int
+    score: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +200,23 @@ class FaceIdentification(_Result):
     face : Face or None
         The probe face; None for :meth:`GalleryClient.identify_embedding`.
     matches : tuple of Match
-        Candidates nearest first (at most ``top_k``), including those over the threshold; empty
-        when the gallery is empty.
+        Candidates ranked by score, most similar first (at most ``top_k``), including those over
+        the threshold; empty when the gallery is empty.
     identity_id : str or None
-        The decision: the nearest identity when its distance <= ``threshold``, None = unknown.
+        The decision: the best-ranked identity when its ``score <= threshold``, None = unknown.
     distance : float
-        L2 distance to the nearest identity; ``inf`` when the gallery is empty.
+        L2 distance to the best-ranked identity; ``inf`` when the gallery is empty.
     threshold : float
-        The L2 distance threshold the decision used.
+        The threshold the decision used, on the ``score_kind`` scale.
+    score : float
+        Score of the best-ranked identity on the ``score_kind`` scale; ``inf`` when the gallery
+        is empty.
+    score_kind : ScoreKind
+        The scale of ``score``, ``threshold`` and the matches' scores.
+    estimated_fpir : float
+        Estimated probability (0..1) that a person who is not enrolled gets a score this good
+        against someone in the gallery: small = a confident match. 0.0 for an empty gallery;
+        ``nan`` when there is nothing to estimate it from.
     """
 
     face: Face | None
@@ -169,6 +224,9 @@ class FaceIdentification(_Result):
     identity_id: str | None
     distance: float
     threshold: float
+    score: float
+    score_kind: ScoreKind
+    estimated_fpir: float
 
     @property
     def is_known(self) -> bool:
@@ -190,8 +248,8 @@ class EnrollResult(_Result):
     identity_created : bool
         True when this enrollment created the identity.
     possible_duplicate : Match or None
-        The nearest *other* identity when it is within the gallery threshold (a likely duplicate
-        enrollment of the same person under another id).
+        The best-scoring *other* identity when its score is within the gallery's threshold (a
+        likely duplicate enrollment of the same person under another id).
     source_sha256 : str
         Hex SHA-256 of the image bytes the server received; empty for embeddings.
     """
@@ -282,6 +340,10 @@ class VerifyResult(_Result):
         The probe face that was compared.
     probability_same : float or None
         P(same person) from the model's learned head; None when the model has no head.
+    estimated_far : float or None
+        Estimated 1:1 false-accept rate at ``distance`` (the fraction of pairs of different
+        people at least this close) from the model's false-match curve; None when the model has
+        none.
     """
 
     identity_id: str
@@ -290,6 +352,7 @@ class VerifyResult(_Result):
     is_match: bool
     face: Face | None
     probability_same: float | None
+    estimated_far: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +369,9 @@ class CompareResult(_Result):
     face_a, face_b : Face
     probability_same : float or None
         P(same person) from the model's learned head; None when the model has no head.
+    estimated_far : float or None
+        Estimated 1:1 false-accept rate at ``distance``; None when the model has no
+        false-match curve.
     """
 
     distance: float
@@ -314,6 +380,7 @@ class CompareResult(_Result):
     face_a: Face | None
     face_b: Face | None
     probability_same: float | None
+    estimated_far: float | None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -332,6 +399,48 @@ class EmbeddedFace(_Result):
 
 
 @dataclasses.dataclass(frozen=True)
+class DecisionPolicy(_Result):
+    """How a gallery decides whether a probe is one of its identities (1:N).
+
+    Exactly one of ``threshold`` and ``target_fpir`` is set.
+
+    Attributes
+    ----------
+    threshold : float or None
+        A fixed decision threshold on the L2 distance.
+    target_fpir : float or None
+        A target FPIR in (0, 1): the server keeps the threshold where about this fraction of
+        people who are not enrolled would be matched to someone, as the gallery changes.
+    normalization : Normalization
+        Score normalisation of a target-FPIR policy; ``NONE`` with a fixed threshold.
+    cohort_size : int
+        k of S-norm (cohort identities per side) of a target-FPIR policy; 0 with a fixed threshold.
+    aggregation : Aggregation
+        How an identity's templates give its distance to a probe, with either rule: its nearest
+        template, or the mean of its templates. ``NEAREST`` from a server that predates it.
+    """
+
+    threshold: float | None
+    target_fpir: float | None
+    normalization: Normalization
+    cohort_size: int
+    aggregation: Aggregation
+
+    @property
+    def kind(self) -> str:
+        """``"threshold"`` or ``"target_fpir"``."""
+        return "threshold" if self.threshold is not None else "target_fpir"
+
+    def describe(self) -> str:
+        """One line for people: ``"threshold 0.6"`` or ``"target FPIR 0.01, S-norm k=100, mean template"``."""
+        mean = ", mean template" if self.aggregation is Aggregation.MEAN else ""
+        if self.threshold is not None:
+            return f"threshold {self.threshold:g}{mean}"
+        norm = f"S-norm k={self.cohort_size}" if self.normalization is Normalization.SNORM else "no normalisation"
+        return f"target FPIR {self.target_fpir:g}, {norm}{mean}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Gallery(_Result):
     """A gallery of enrolled identities.
 
@@ -342,12 +451,22 @@ class Gallery(_Result):
         Model id (64 hex digits) of the pipeline that computed the gallery's templates: a sha256
         over everything that changes an embedding (embedder, chip, metric, flip augmentation).
     threshold : float
-        Default decision threshold (L2 distance) for searches of this gallery.
+        The threshold the gallery decides with now, on the ``score_kind`` scale (the policy's
+        own for a fixed threshold, derived from the gallery's contents for a target FPIR).
     metric : str
         ``"euclidean"``.
     embedding_dim : int
     identity_count, template_count : int
     create_time : datetime or None
+    policy : DecisionPolicy or None
+        The gallery's decision policy; None from a server that predates policies.
+    score_kind : ScoreKind
+        The scale of ``threshold`` and of the scores of searches of this gallery now.
+    estimated_fpir : float
+        Estimated FPIR (0..1) at ``threshold`` for ``identity_count`` people; ``nan`` when there
+        is nothing to estimate it from.
+    threshold_basis : str
+        What ``estimated_fpir`` rests on, for people (e.g. "leave-one-out searches of ...").
     """
 
     name: str
@@ -358,6 +477,10 @@ class Gallery(_Result):
     identity_count: int
     template_count: int
     create_time: datetime.datetime | None
+    policy: DecisionPolicy | None
+    score_kind: ScoreKind
+    estimated_fpir: float
+    threshold_basis: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +489,52 @@ class GalleryDeletion(_Result):
 
     deleted_identities: int
     deleted_templates: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicatePair(_Result):
+    """Two different identities of a gallery that its policy would take for the same person.
+
+    Attributes
+    ----------
+    identity_a, display_name_a, identity_b, display_name_b : str
+    score : float
+        The pair's score on the :class:`DuplicatesResult`'s ``score_kind`` scale (<= its
+        threshold).
+    distance : float
+        L2 distance from ``identity_a``'s first template to ``identity_b`` (its nearest template,
+        or the mean of its templates under :attr:`Aggregation.MEAN`).
+    estimated_fpir : float
+        Estimated FPIR at ``score`` (0..1): how often a stranger scores this well; ``nan`` when
+        there is nothing to estimate it from.
+    """
+
+    identity_a: str
+    display_name_a: str
+    identity_b: str
+    display_name_b: str
+    score: float
+    distance: float
+    estimated_fpir: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicatesResult(_Result):
+    """The likely duplicate enrollments of a gallery (:meth:`GalleryClient.find_duplicates`).
+
+    Attributes
+    ----------
+    pairs : tuple of DuplicatePair
+        Most similar first; empty when no pair is within the threshold.
+    score_kind : ScoreKind
+        The scale of the pairs' scores and of ``threshold``.
+    threshold : float
+        The gallery's threshold the pairs were selected with.
+    """
+
+    pairs: tuple[DuplicatePair, ...]
+    score_kind: ScoreKind
+    threshold: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The ``facegallery`` command line: a thin click group over :class:`GalleryClient`.
 
-Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries``, ``identities``,
+Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries``,
+``create-gallery``, ``update-gallery``, ``delete-gallery``, ``duplicates``, ``identities``,
 ``delete``, ``import``, ``export-gallery``, ``import-embeddings``) talk to a running server and all
 take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json`` and
 ``--timeout SECONDS``. The server and offline commands (``serve``, ``export``, ``embed``,
@@ -31,7 +32,19 @@ from tqdm import tqdm
 
 from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
 from facegallery.client._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
-from facegallery.client._models import CompareResult, EnrollItem, ExportedTemplate, FaceIdentification, FacePolicy, Match, VerifyResult
+from facegallery.client._models import (
+    Aggregation,
+    CompareResult,
+    DuplicatePair,
+    EnrollItem,
+    ExportedTemplate,
+    FaceIdentification,
+    FacePolicy,
+    Gallery,
+    Match,
+    ScoreKind,
+    VerifyResult,
+)
 from facegallery.server.contract.files import atomic_write
 from facegallery.server.contract.images import IMAGE_SUFFIXES, has_image_suffix
 
@@ -44,7 +57,7 @@ LAZY_COMMANDS = {
     "serve": "facegallery.client.cli:serve_command",
     "export": "facegallery.export.dlib.cli:export",
     "embed": "facegallery.export.embed_cli:embed",
-    "eval": "facegallery.export.evaluate.cli:eval_group",
+    "eval": "facegallery.client.eval_openset:eval_group",
     "train": "facegallery.export.train.cli:train",
     "calibrate": "facegallery.export.train.cli:calibrate",
 }
@@ -129,10 +142,13 @@ def _unavailable_command(name: str, reason: str) -> click.Command:
 def main() -> None:
     """facegallery: enroll people once from a photo, then identify (1:N) or verify (1:1) faces.
 
-    Distances are Euclidean (L2) distances between face embeddings; a face matches an identity
-    when its distance is at most the threshold (0.6 for the default dlib model). With --json,
-    commands print one JSON object per line (one per image for enroll and identify, one per
-    item for galleries and identities).
+    Distances are Euclidean (L2) distances between face embeddings. A gallery decides who a
+    face is with its policy, a fixed distance threshold or a target FPIR (the share of people
+    who are not enrolled that would be taken for someone), on scores of its kind (the distance,
+    or an S-norm score; lower is more similar): a face matches when its score is at most the
+    threshold. Verify and compare match at distance <= threshold (0.6 for the default dlib
+    model). With --json, commands print one JSON object per line (one per image for enroll and
+    identify, one per item for galleries, identities and duplicates).
     """
 
 
@@ -205,7 +221,16 @@ def _finite(value: float) -> float | None:
 
 
 def _match_brief(match: Match | None) -> dict[str, Any] | None:
-    return None if match is None else {"identity_id": match.identity_id, "distance": match.distance}
+    return None if match is None else {"identity_id": match.identity_id, "distance": match.distance, "score": match.score}
+
+
+def _rate(value: float) -> str:
+    """An estimated FPIR/FAR for people: 2 significant digits (``0.01``, ``3.2e-05``); ``n/a`` for NaN."""
+    return f"{value:.2g}" if math.isfinite(value) else "n/a"
+
+
+def _score_name(kind: ScoreKind) -> str:
+    return "S-norm score" if kind is ScoreKind.SNORM else "distance"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,48 +270,67 @@ def enroll(
         text += ", new identity)" if result.identity_created else ")"
         if result.possible_duplicate is not None:
             dup = result.possible_duplicate
-            text += f"\n  warning: also close to {dup.identity_id} (distance {dup.distance:.3f})"
+            score = "" if dup.score == dup.distance else f", score {dup.score:.3f}"  # a normalised score: both
+            text += f"\n  warning: also close to {dup.identity_id} (distance {dup.distance:.3f}{score})"
         session.emit(data, text)
 
 
-def _threshold_option(default_of: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--threshold``: an L2 decision threshold >= 0 overriding that of ``default_of`` (gallery/model)."""
+def _l2_threshold_option(default_of: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--threshold``: an L2 decision threshold >= 0 overriding that of ``default_of`` (1:1 calls)."""
     return click.option(
         "--threshold", type=click.FloatRange(min=0), default=None, help=f"Decision threshold (L2 distance); default: the {default_of}'s."
     )
 
 
 def _decision_data(result: VerifyResult | CompareResult) -> dict[str, Any]:
-    return {"distance": result.distance, "threshold": result.threshold, "is_match": result.is_match}
+    return {"distance": result.distance, "threshold": result.threshold, "is_match": result.is_match, "estimated_far": result.estimated_far}
 
 
 def _decision_text(result: VerifyResult | CompareResult, match: str, no_match: str) -> str:
-    """``"<match> (distance d <= threshold t)"``, or ``no_match`` with ``>``; L2 distances, 3 decimals."""
+    """``"<match> (distance d <= threshold t[, estimated FAR f])"``, or ``no_match`` with ``>``;
+    L2 distances, 3 decimals."""
     verdict, op = (match, "<=") if result.is_match else (no_match, ">")
-    return f"{verdict} (distance {result.distance:.3f} {op} threshold {result.threshold:.3f})"
+    far = "" if result.estimated_far is None else f", estimated FAR {_rate(result.estimated_far)}"
+    return f"{verdict} (distance {result.distance:.3f} {op} threshold {result.threshold:.3f}{far})"
 
 
 def _face_text(face: FaceIdentification) -> str:
+    """One face of ``identify``: who (or unknown), its distance, and the decision on the gallery's
+    scale: ``score s <= threshold t`` (``distance`` or ``S-norm score``) with the estimated FPIR."""
     box = _fmt_box(face.face.box) if face.face else "[]"
-    if face.identity_id is not None:
-        return f"  {box} {face.identity_id} (distance {face.distance:.3f})"
-    if face.matches:
-        nearest = face.matches[0]
-        return f"  {box} unknown (nearest {nearest.identity_id}, distance {nearest.distance:.3f} > {face.threshold:.3f})"
-    return f"  {box} unknown (empty gallery)"
+    if not face.matches:
+        return f"  {box} unknown (empty gallery)"
+    best = face.matches[0]
+    known = face.identity_id is not None
+    op = "<=" if known else ">"
+    if face.score_kind is ScoreKind.DISTANCE:
+        decision = f"distance {face.score:.3f} {op} threshold {face.threshold:.3f}"
+    else:
+        decision = f"distance {face.distance:.3f}, {_score_name(face.score_kind)} {face.score:.3f} {op} threshold {face.threshold:.3f}"
+    decision += f", estimated FPIR {_rate(face.estimated_fpir)}"
+    if known:
+        return f"  {box} {face.identity_id} ({decision})"
+    return f"  {box} unknown (nearest {best.identity_id}, {decision})"
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=_image_path)
 @click.option("--top-k", type=click.IntRange(1, 100), default=5, show_default=True, help="Candidates per face.")
-@_threshold_option("gallery")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Decision threshold on the gallery's score scale (an L2 distance, or an S-norm score; see 'galleries'); default: the gallery's.",
+)
 @_client_command
 def identify(session: _Session, images: tuple[Path, ...], top_k: int, threshold: float | None) -> None:
     """Identify every face in each IMAGE against the gallery (1:N).
 
     Per image, --json prints {"image", "faces": [{"box": [l, t, r, b], "identity_id" (null =
-    unknown), "distance", "matches": [{"identity_id", "distance"}]}]}, largest face first;
-    boxes are pixels, distances L2.
+    unknown), "distance", "score", "score_kind", "threshold", "estimated_fpir", "matches":
+    [{"identity_id", "distance", "score"}]}]}, largest face first; boxes are pixels, distances
+    L2, scores and threshold on the score_kind scale ("DISTANCE" or "SNORM"), estimated_fpir the
+    estimated share of people who are not enrolled that would score this well against someone.
     """
     for path in images:
         faces = session.client.identify(path, top_k=top_k, threshold=threshold)
@@ -297,6 +341,10 @@ def identify(session: _Session, images: tuple[Path, ...], top_k: int, threshold:
                     "box": list(f.face.box) if f.face else None,
                     "identity_id": f.identity_id,
                     "distance": _finite(f.distance),
+                    "score": _finite(f.score),
+                    "score_kind": f.score_kind.name,
+                    "threshold": f.threshold,
+                    "estimated_fpir": _finite(f.estimated_fpir),
                     "matches": [_match_brief(m) for m in f.matches],
                 }
                 for f in faces
@@ -310,7 +358,7 @@ def identify(session: _Session, images: tuple[Path, ...], top_k: int, threshold:
 @main.command()
 @click.argument("identity_id")
 @click.argument("image", type=_image_path)
-@_threshold_option("gallery")
+@_l2_threshold_option("gallery")
 @_client_command
 def verify(session: _Session, identity_id: str, image: Path, threshold: float | None) -> None:
     """Check whether the largest face of IMAGE is the person IDENTITY_ID (1:1)."""
@@ -322,7 +370,7 @@ def verify(session: _Session, identity_id: str, image: Path, threshold: float | 
 @main.command()
 @click.argument("image_a", type=_image_path)
 @click.argument("image_b", type=_image_path)
-@_threshold_option("model")
+@_l2_threshold_option("model")
 @_client_command
 def compare(session: _Session, image_a: Path, image_b: Path, threshold: float | None) -> None:
     """Compare the largest faces of IMAGE_A and IMAGE_B (no gallery involved)."""
@@ -338,26 +386,153 @@ def compare(session: _Session, image_a: Path, image_b: Path, threshold: float | 
 # Galleries and identities
 
 
+def _decides_with(gallery: Gallery) -> str:
+    """What a gallery decides with now: ``"fixed threshold 0.600 (distance), estimated FPIR f"``
+    (``"..., mean template, estimated FPIR f"`` with mean templates) or
+    ``"target FPIR 0.01, S-norm k=100, mean template: threshold t (S-norm score), estimated FPIR f"``."""
+    threshold = f"threshold {gallery.threshold:.3f} ({_score_name(gallery.score_kind)})"
+    fpir = f"estimated FPIR {_rate(gallery.estimated_fpir)}"
+    if gallery.policy is None or gallery.policy.kind == "threshold":
+        mean = ", mean template" if gallery.policy is not None and gallery.policy.aggregation is Aggregation.MEAN else ""
+        return f"fixed {threshold}{mean}, {fpir}"
+    return f"{gallery.policy.describe()}: {threshold}, {fpir}"
+
+
 @main.command()
 @_client_command
 def galleries(session: _Session) -> None:
-    """List the galleries with their counts, thresholds and models."""
+    """List the galleries with their counts, decision policies and models.
+
+    Each line gives the policy (a fixed threshold, or a target FPIR with its normalisation; ", mean
+    template" when identities are searched by the mean of their templates), the
+    threshold the gallery decides with now on its score scale (distance or S-norm score), and the
+    estimated FPIR at that threshold; --json adds what the estimate rests on (threshold_basis).
+    """
     for gallery in session.client.list_galleries():
         session.emit(
             gallery.to_dict(),
-            f"{gallery.name}: {_count(gallery.identity_count, 'identity', 'identities')}, {_count(gallery.template_count, 'template')}, "
-            f"threshold {gallery.threshold:.3f}, model {gallery.model_id[:12]}",
+            f"{gallery.name}: {_count(gallery.identity_count, 'identity', 'identities')}, {_count(gallery.template_count, 'template')}; "
+            f"{_decides_with(gallery)}; model {gallery.model_id[:12]}",
         )
 
 
+def _policy_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--threshold / --target-fpir / --normalization / --cohort-size / --aggregation of create- and update-gallery."""
+    options = [
+        click.option(
+            "--threshold", type=click.FloatRange(min=0, min_open=True), default=None, metavar="DISTANCE",
+            help="A fixed decision threshold (L2 distance, 0.6 for dlib).",
+        ),
+        click.option(
+            "--target-fpir", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="RATE",
+            help="A target FPIR in (0, 1), e.g. 0.01: the server keeps the threshold where about this share of people "
+            "who are not enrolled would be taken for someone, as the gallery grows.",
+        ),
+        click.option(
+            "--normalization", type=click.Choice(["snorm", "none"]), default=None,
+            help="Score normalisation with --target-fpir  [default: snorm]",
+        ),
+        click.option(
+            "--cohort-size", type=click.IntRange(2, 1000), default=None, metavar="K",
+            help="k of S-norm (cohort identities) with --target-fpir, 2..1000  [default: 100]",
+        ),
+        click.option(
+            "--aggregation", type=click.Choice(["nearest", "mean"]), default=None,
+            help="An identity's distance to a probe: to its nearest template, or to the mean of its templates; "
+            "with --threshold or --target-fpir  [default: mean with --target-fpir, nearest with --threshold]",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _policy_keywords(
+    threshold: float | None, target_fpir: float | None, normalization: str | None, cohort_size: int | None, aggregation: str | None, *, required: bool
+) -> dict[str, Any]:
+    """The policy keywords of ``create_gallery`` / ``update_gallery``; UsageError (exit 2) for a bad mix."""
+    if threshold is not None and target_fpir is not None:
+        raise click.UsageError("give --threshold or --target-fpir, not both")
+    if required and threshold is None and target_fpir is None:
+        raise click.UsageError("give --threshold or --target-fpir")
+    if target_fpir is None and (normalization is not None or cohort_size is not None):
+        raise click.UsageError("--normalization and --cohort-size go with --target-fpir")
+    if threshold is None and target_fpir is None and aggregation is not None:
+        raise click.UsageError("--aggregation goes with --threshold or --target-fpir")
+    return {"threshold": threshold, "target_fpir": target_fpir, "normalization": normalization, "cohort_size": cohort_size, "aggregation": aggregation}
+
+
 @main.command("create-gallery")
-@click.option("--threshold", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Decision threshold (L2 distance) of the new gallery  [default: the model's, 0.6 for dlib]")
+@_policy_options
 @_client_command
-def create_gallery(session: _Session, threshold: float | None) -> None:
-    """Create the gallery named by --gallery, bound to the server's model."""
-    gallery = session.client.create_gallery(session.client.gallery, threshold=threshold)
-    session.emit(gallery.to_dict(), f"created gallery {gallery.name} (threshold {gallery.threshold:.3f}, model {gallery.model_id[:12]})")
+def create_gallery(
+    session: _Session, threshold: float | None, target_fpir: float | None, normalization: str | None, cohort_size: int | None, aggregation: str | None
+) -> None:
+    """Create the gallery named by --gallery, bound to the server's model.
+
+    Its decision policy is a fixed --threshold, or a --target-fpir; neither gives the server's
+    default (target FPIR 0.01, S-norm k=100, mean template).
+    """
+    policy = _policy_keywords(threshold, target_fpir, normalization, cohort_size, aggregation, required=False)
+    gallery = session.client.create_gallery(session.client.gallery, **policy)
+    session.emit(gallery.to_dict(), f"created gallery {gallery.name} ({_decides_with(gallery)}; model {gallery.model_id[:12]})")
+
+
+@main.command("update-gallery")
+@_policy_options
+@_client_command
+def update_gallery(
+    session: _Session, threshold: float | None, target_fpir: float | None, normalization: str | None, cohort_size: int | None, aggregation: str | None
+) -> None:
+    """Replace the decision policy of the gallery named by --gallery (--threshold or --target-fpir).
+
+    Later searches decide with the new policy; the line printed shows the threshold it gives now.
+    """
+    policy = _policy_keywords(threshold, target_fpir, normalization, cohort_size, aggregation, required=True)
+    gallery = session.client.update_gallery(session.client.gallery, **policy)
+    session.emit(gallery.to_dict(), f"updated gallery {gallery.name} ({_decides_with(gallery)})")
+
+
+def _pair_data(pair: DuplicatePair, score_kind: ScoreKind, threshold: float) -> dict[str, Any]:
+    return {**pair.to_dict(), "score_kind": score_kind.name, "threshold": threshold}
+
+
+def _pair_text(pair: DuplicatePair, score_kind: ScoreKind) -> str:
+    def who(identity_id: str, display_name: str) -> str:
+        return f"{identity_id} ({display_name})" if display_name else identity_id
+
+    score = f"distance {pair.distance:.3f}"
+    if score_kind is not ScoreKind.DISTANCE:
+        score += f", {_score_name(score_kind)} {pair.score:.3f}"
+    return (
+        f"  {who(pair.identity_a, pair.display_name_a)} ~ {who(pair.identity_b, pair.display_name_b)}: "
+        f"{score}, estimated FPIR {_rate(pair.estimated_fpir)}"
+    )
+
+
+@main.command()
+@click.option("--max-pairs", type=click.IntRange(1, 10000), default=100, show_default=True, help="Most pairs to list.")
+@_client_command
+def duplicates(session: _Session, max_pairs: int) -> None:
+    """List pairs of identities the gallery's policy would take for the same person.
+
+    Likely duplicate enrollments (one person under two ids), most similar first: pairs whose
+    score is within the gallery's threshold. --json prints one object per pair {"identity_a",
+    "display_name_a", "identity_b", "display_name_b", "score", "distance", "estimated_fpir",
+    "score_kind", "threshold"}, nothing when there is none.
+    """
+    found = session.client.find_duplicates(max_pairs=max_pairs)
+    if session.as_json:
+        for pair in found.pairs:
+            session.emit(_pair_data(pair, found.score_kind, found.threshold), "")
+        return
+    scale = f"{_score_name(found.score_kind)} <= threshold {found.threshold:.3f}"
+    if not found.pairs:
+        click.echo(f"gallery {session.client.gallery}: no likely duplicates ({scale})")
+        return
+    lines = [f"gallery {session.client.gallery}: {_count(len(found.pairs), 'likely duplicate pair')} ({scale})"]
+    lines += [_pair_text(p, found.score_kind) for p in found.pairs]
+    click.echo("\n".join(lines))
 
 
 @main.command("delete-gallery")

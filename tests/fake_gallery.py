@@ -5,6 +5,18 @@ The fake follows the proto's contract (statuses, paging, streams, export/import)
 has one face covering it, whose embedding is derived from the decoded pixels (so the same pixels
 always give the same embedding, at distance 0, and different pictures are ~1 apart). Requests are
 recorded so tests can check what the client sent.
+
+Decisions follow the proto's open-set contract with one made-up model: strangers' distances are
+centred on 1.0 with spread 0.1, so the fake's S-norm score of a distance d is ``(d - 1) / 0.1``
+(no cohort, and no minimum gallery size) and its FPIR and FAR at a score z (a distance: z =
+``(d - 1) / 0.1`` first) are ``logistic(z)`` (:func:`fpir_of`). A fixed policy decides on
+distances; a target-FPIR policy on S-norm scores (normalization SNORM) or distances (NONE), at
+the score where that curve equals the target (:func:`threshold_for`). Searches measure each
+identity's nearest template, or under TEMPLATE_AGGREGATION_MEAN the mean of its templates
+(reported under its first template id). ``galleries[name]`` holds
+``{"policy": pb.DecisionPolicy, "identities": {...}}``; "default" has a fixed 0.6 (nearest
+template), new galleries without a policy get target FPIR 0.01 with S-norm k=100 and mean
+templates, as on the real server.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import collections
 import contextlib
 import hashlib
 import io
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +42,41 @@ from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 DIM = 8
 THRESHOLD = 0.6
 MODEL_ID = "fake-model-sha256"
+#: The fake's stranger distances: mean and spread (its S-norm score is (d - MEAN) / SPREAD).
+STRANGER_MEAN, STRANGER_SPREAD = 1.0, 0.1
+DEFAULT_POLICY = pb.DecisionPolicy(
+    target_fpir=0.01, normalization=pb.SCORE_NORMALIZATION_SNORM, cohort_size=100, aggregation=pb.TEMPLATE_AGGREGATION_MEAN
+)
+BASIS_FIXED = "fixed threshold"
+BASIS_CURVE = "the fake's logistic false-match curve"
+
+
+def fixed(threshold: float, aggregation: int = pb.TEMPLATE_AGGREGATION_NEAREST) -> pb.DecisionPolicy:
+    """The fake's stored form of a fixed policy."""
+    return pb.DecisionPolicy(threshold=threshold, normalization=pb.SCORE_NORMALIZATION_NONE, aggregation=aggregation)
+
+
+def score_kind_of(policy: pb.DecisionPolicy) -> int:
+    """``pb.ScoreKind`` a gallery of ``policy`` decides on."""
+    snormed = policy.WhichOneof("rule") == "target_fpir" and policy.normalization == pb.SCORE_NORMALIZATION_SNORM
+    return pb.SCORE_KIND_SNORM if snormed else pb.SCORE_KIND_DISTANCE
+
+
+def score_of(distance: float, kind: int) -> float:
+    """The fake's score of an L2 ``distance`` on the ``kind`` scale."""
+    return (distance - STRANGER_MEAN) / STRANGER_SPREAD if kind == pb.SCORE_KIND_SNORM else distance
+
+
+def fpir_of(score: float, kind: int) -> float:
+    """The fake's FPIR (and FAR) at ``score``: logistic of the S-norm score; 1 for +inf."""
+    z = score if kind == pb.SCORE_KIND_SNORM else score_of(score, pb.SCORE_KIND_SNORM)
+    return 1.0 if z == math.inf else 1.0 / (1.0 + math.exp(-z))
+
+
+def threshold_for(target_fpir: float, kind: int) -> float:
+    """The score on the ``kind`` scale where :func:`fpir_of` equals ``target_fpir``."""
+    z = math.log(target_fpir / (1.0 - target_fpir))
+    return z if kind == pb.SCORE_KIND_SNORM else STRANGER_MEAN + STRANGER_SPREAD * z
 
 
 def pixels_of(data: bytes) -> np.ndarray:
@@ -51,9 +99,11 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
         self.calls: collections.Counter[str] = collections.Counter()
         self.unavailable: collections.Counter[str] = collections.Counter()  # rpc -> UNAVAILABLE replies left
         self.delay_s = 0.0  # GetServerInfo sleeps this long before replying
+        self.has_far_curve = True  # False: Verify/Compare leave estimated_far unset
+        self.can_estimate_fpir = True  # False: every estimated_fpir is NaN, as for a small gallery without a curve
         self.galleries: dict[str, dict] = {}
         self.next_template_id = 1
-        self._new_gallery("default", THRESHOLD)
+        self._new_gallery("default", fixed(THRESHOLD))
 
     # helpers ----------------------------------------------------------------------------------
 
@@ -64,9 +114,43 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
             self.unavailable[method] -= 1
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting")
 
-    def _new_gallery(self, name: str, threshold: float) -> dict:
-        self.galleries[name] = {"threshold": threshold, "identities": {}}
+    def _new_gallery(self, name: str, policy: pb.DecisionPolicy) -> dict:
+        self.galleries[name] = {"policy": policy, "identities": {}}
         return self.galleries[name]
+
+    @staticmethod
+    def _policy(message: pb.DecisionPolicy, context: grpc.ServicerContext, *, required: bool) -> pb.DecisionPolicy:
+        """The stored form of a request's policy (defaults filled in), or INVALID_ARGUMENT."""
+        rule = message.WhichOneof("rule")
+        if rule is None:
+            if required or message.normalization or message.cohort_size or message.aggregation:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a decision policy needs a threshold or a target FPIR")
+            return DEFAULT_POLICY
+        if message.aggregation not in (pb.TEMPLATE_AGGREGATION_UNSPECIFIED, pb.TEMPLATE_AGGREGATION_NEAREST, pb.TEMPLATE_AGGREGATION_MEAN):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown template aggregation {message.aggregation}")
+        if rule == "threshold":
+            if not message.threshold > 0 or message.normalization == pb.SCORE_NORMALIZATION_SNORM:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a fixed threshold is a positive L2 distance, without normalisation")
+            return fixed(message.threshold, message.aggregation or pb.TEMPLATE_AGGREGATION_NEAREST)
+        cohort = message.cohort_size or 100
+        if not 0 < message.target_fpir < 1 or not 2 <= cohort <= 1000:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target FPIR must be in (0, 1) and cohort size 2..1000")
+        normalization = message.normalization or pb.SCORE_NORMALIZATION_SNORM
+        aggregation = message.aggregation or pb.TEMPLATE_AGGREGATION_MEAN
+        return pb.DecisionPolicy(target_fpir=message.target_fpir, normalization=normalization, cohort_size=cohort, aggregation=aggregation)
+
+    def _fpir(self, score: float, kind: int) -> float:
+        return fpir_of(score, kind) if self.can_estimate_fpir else math.nan
+
+    def _decision(self, gallery: dict) -> tuple[int, float, float, str]:
+        """``(score_kind, threshold, estimated_fpir, basis)`` of a gallery now."""
+        policy = gallery["policy"]
+        kind = score_kind_of(policy)
+        if policy.WhichOneof("rule") == "threshold":
+            threshold, basis = policy.threshold, BASIS_FIXED
+        else:
+            threshold, basis = threshold_for(policy.target_fpir, kind), BASIS_CURVE
+        return kind, threshold, self._fpir(threshold, kind) if gallery["identities"] else 0.0, basis
 
     def _gallery(self, name: str, context: grpc.ServicerContext) -> dict:
         gallery = self.galleries.get(name or "default")
@@ -76,14 +160,19 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
 
     def _gallery_message(self, name: str) -> pb.Gallery:
         gallery = self.galleries[name]
+        kind, threshold, estimated_fpir, basis = self._decision(gallery)
         message = pb.Gallery(
             name=name,
             model_id=MODEL_ID,
-            threshold=gallery["threshold"],
+            threshold=threshold,
             metric="euclidean",
             embedding_dim=DIM,
             identity_count=len(gallery["identities"]),
             template_count=sum(len(i["templates"]) for i in gallery["identities"].values()),
+            policy=gallery["policy"],
+            score_kind=kind,
+            estimated_fpir=estimated_fpir,
+            threshold_basis=basis,
         )
         message.create_time.FromSeconds(1_700_000_000)
         return message
@@ -101,25 +190,46 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
         face.landmarks.extend(pb.Point(x=w * (i + 1) / 6, y=h / 2) for i in range(5))
         return [(face, embedding_of(pixels))]
 
-    def _search(self, gallery: dict, vector: np.ndarray, top_k: int, threshold: float) -> pb.FaceIdentification:
+    def _search(self, gallery: dict, vector: np.ndarray, top_k: int, threshold: float | None = None) -> pb.FaceIdentification:
+        """Rank ``gallery``'s identities for ``vector`` and decide, at ``threshold`` (on the
+        gallery's score scale) or, when None, at the gallery's own."""
+        kind, own_threshold, _, _ = self._decision(gallery)
+        threshold = own_threshold if threshold is None else threshold
+        mean = gallery["policy"].aggregation == pb.TEMPLATE_AGGREGATION_MEAN
         best: list[pb.Match] = []
         for identity_id, identity in gallery["identities"].items():
-            distances = [float(np.linalg.norm(t["embedding"] - vector)) for t in identity["templates"]]
-            i = int(np.argmin(distances))
+            templates = identity["templates"]
+            if mean:
+                i, distance = 0, float(np.linalg.norm(np.mean([t["embedding"] for t in templates], axis=0) - vector))
+            else:
+                distances = [float(np.linalg.norm(t["embedding"] - vector)) for t in templates]
+                i = int(np.argmin(distances))
+                distance = distances[i]
             best.append(
                 pb.Match(
                     identity_id=identity_id,
                     display_name=identity["display_name"],
-                    distance=distances[i],
-                    template_id=identity["templates"][i]["template_id"],
+                    distance=distance,
+                    template_id=templates[i]["template_id"],
+                    score=score_of(distance, kind),
                 )
             )
-        best.sort(key=lambda m: m.distance)
-        result = pb.FaceIdentification(threshold=threshold, distance=best[0].distance if best else float("inf"))
+        best.sort(key=lambda m: m.score)
+        score = best[0].score if best else math.inf
+        result = pb.FaceIdentification(
+            threshold=threshold,
+            distance=best[0].distance if best else math.inf,
+            score=score,
+            score_kind=kind,
+            estimated_fpir=self._fpir(score, kind) if best else 0.0,
+        )
         result.matches.extend(best[: top_k or 5])
-        if best and best[0].distance <= threshold:
+        if best and score <= threshold:
             result.identity_id = best[0].identity_id
         return result
+
+    def _far(self, distance: float) -> float | None:
+        return fpir_of(distance, pb.SCORE_KIND_DISTANCE) if self.has_far_curve else None
 
     def _enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
         self._check_id(request.identity_id, context)
@@ -138,7 +248,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected {DIM} values, got {vector.size}")
         with self.lock:
             others = {k: v for k, v in gallery["identities"].items() if k != request.identity_id}
-            nearest = self._search({"identities": others}, vector, 1, gallery["threshold"])
+            nearest = self._search({"policy": gallery["policy"], "identities": others}, vector, 1)
             if nearest.identity_id:
                 response.possible_duplicate.CopyFrom(nearest.matches[0])
             identity = gallery["identities"].get(request.identity_id)
@@ -199,8 +309,49 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
         self.requests.append(("CreateGallery", request))
         if request.name in self.galleries:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"gallery {request.name!r} already exists")
-        self._new_gallery(request.name, request.threshold if request.HasField("threshold") else THRESHOLD)
+        if request.HasField("threshold") and request.HasField("policy"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give threshold or policy, not both")
+        if request.HasField("threshold"):
+            policy = self._policy(pb.DecisionPolicy(threshold=request.threshold), context, required=True)
+        else:
+            policy = self._policy(request.policy, context, required=False)
+        self._new_gallery(request.name, policy)
         return self._gallery_message(request.name)
+
+    def UpdateGallery(self, request, context):
+        self._count("UpdateGallery", context)
+        self.requests.append(("UpdateGallery", request))
+        gallery = self._gallery(request.name, context)
+        gallery["policy"] = self._policy(request.policy, context, required=True)
+        return self._gallery_message(request.name or "default")
+
+    def FindDuplicates(self, request, context):
+        self._count("FindDuplicates", context)
+        self.requests.append(("FindDuplicates", request))
+        gallery = self._gallery(request.gallery, context)
+        if not 0 <= request.max_pairs <= 10000:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_pairs must be 1..10000, got {request.max_pairs}")
+        kind, threshold, _, _ = self._decision(gallery)
+        items = list(gallery["identities"].items())
+        pairs = []
+        for i, (id_a, a) in enumerate(items):
+            for id_b, b in items[i + 1 :]:
+                distance = min(float(np.linalg.norm(x["embedding"] - y["embedding"])) for x in a["templates"] for y in b["templates"])
+                score = score_of(distance, kind)
+                if score <= threshold:
+                    pairs.append(
+                        pb.DuplicatePair(
+                            identity_a=id_a,
+                            display_name_a=a["display_name"],
+                            identity_b=id_b,
+                            display_name_b=b["display_name"],
+                            score=score,
+                            distance=distance,
+                            estimated_fpir=self._fpir(score, kind),
+                        )
+                    )
+        pairs.sort(key=lambda p: p.score)
+        return pb.FindDuplicatesResponse(pairs=pairs[: request.max_pairs or 100], score_kind=kind, threshold=threshold)
 
     def GetGallery(self, request, context):
         self._gallery(request.name, context)
@@ -242,7 +393,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
     def Identify(self, request, context):
         self.requests.append(("Identify", request))
         gallery = self._gallery(request.gallery, context)
-        threshold = request.threshold if request.HasField("threshold") else gallery["threshold"]
+        threshold = request.threshold if request.HasField("threshold") else None
         response = pb.IdentifyResponse(model_id=MODEL_ID)
         for face, vector in self._faces(request.image.data, context):
             result = self._search(gallery, vector, request.top_k, threshold)
@@ -255,7 +406,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
         vector = np.asarray(request.embedding.values, dtype=np.float32)
         if vector.shape != (DIM,):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected {DIM} values, got {vector.size}")
-        threshold = request.threshold if request.HasField("threshold") else gallery["threshold"]
+        threshold = request.threshold if request.HasField("threshold") else None
         return pb.IdentifyEmbeddingResponse(result=self._search(gallery, vector, request.top_k, threshold))
 
     def Verify(self, request, context):
@@ -265,9 +416,16 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no face found in the image")
         face, vector = faces[0]
         distance = min(float(np.linalg.norm(t["embedding"] - vector)) for t in identity["templates"])
-        threshold = request.threshold if request.HasField("threshold") else gallery["threshold"]
+        policy = gallery["policy"]
+        default = policy.threshold if policy.WhichOneof("rule") == "threshold" else THRESHOLD  # 1:1 stays on L2
+        threshold = request.threshold if request.HasField("threshold") else default
         return pb.VerifyResponse(
-            identity_id=request.identity_id, distance=distance, threshold=threshold, is_match=distance <= threshold, face=face
+            identity_id=request.identity_id,
+            distance=distance,
+            threshold=threshold,
+            is_match=distance <= threshold,
+            face=face,
+            estimated_far=self._far(distance),
         )
 
     def Compare(self, request, context):
@@ -277,7 +435,12 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
         distance = float(np.linalg.norm(a[0][1] - b[0][1]))
         threshold = request.threshold if request.HasField("threshold") else THRESHOLD
         return pb.CompareResponse(
-            distance=distance, threshold=threshold, is_match=distance <= threshold, face_a=a[0][0], face_b=b[0][0]
+            distance=distance,
+            threshold=threshold,
+            is_match=distance <= threshold,
+            face_a=a[0][0],
+            face_b=b[0][0],
+            estimated_far=self._far(distance),
         )
 
     def Embed(self, request, context):
@@ -357,7 +520,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
                 if request.model_id != MODEL_ID:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {request.model_id!r} is not {MODEL_ID!r}")
                 name = request.gallery or "default"
-                gallery = self.galleries.get(name) or self._new_gallery(name, THRESHOLD)
+                gallery = self.galleries.get(name) or self._new_gallery(name, DEFAULT_POLICY)
             if not request.HasField("template"):
                 continue
             t = request.template

@@ -14,11 +14,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fake_gallery import DIM, MODEL_ID, THRESHOLD, embedding_of, pixels_of, running_fake_server
+from fake_gallery import BASIS_CURVE, DIM, MODEL_ID, THRESHOLD, embedding_of, fpir_of, pixels_of, running_fake_server, score_of, threshold_for
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
 import facegallery.client as fc
+from facegallery.v1 import gallery_service_pb2 as pb
 
 
 @pytest.fixture()
@@ -232,10 +233,17 @@ def test_identities_templates_paging_update_and_delete(client, fake, photo):
     assert [i.identity_id for i in client.list_identities()] == ["person2", "person3", "person4"]
 
 
-def test_galleries(client):
+def test_galleries(client, fake):
     created = client.create_gallery("staff", threshold=0.5)
     assert (created.name, created.threshold, created.model_id, created.embedding_dim) == ("staff", 0.5, MODEL_ID, DIM)
     assert created.create_time is not None and created.create_time.tzinfo is not None
+    assert created.policy == fc.DecisionPolicy(
+        threshold=0.5, target_fpir=None, normalization=fc.Normalization.NONE, cohort_size=0, aggregation=fc.Aggregation.NEAREST
+    )
+    assert (created.policy.kind, created.policy.describe()) == ("threshold", "threshold 0.5")
+    assert (created.score_kind, created.estimated_fpir, created.threshold_basis) == (fc.ScoreKind.DISTANCE, 0.0, "fixed threshold")
+    request = _last_request(fake.servicer, "CreateGallery")
+    assert request.HasField("threshold") and not request.HasField("policy")  # a bare threshold: the field every server reads
     client.enroll("ann", embedding=_unit(3), gallery="staff")
     assert client.get_gallery("staff").identity_count == 1
     assert {g.name for g in client.list_galleries()} == {"default", "staff"}
@@ -263,6 +271,152 @@ def test_export_then_import_round_trips_embeddings_and_metadata(client):
         assert (original.identity_id, original.metadata) == (copy.identity_id, copy.metadata)
     with pytest.raises(fc.FailedPrecondition):
         client.import_embeddings(exported, model_id="another-model", gallery="copy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decision policies, scores and estimates
+
+
+def test_create_gallery_sends_the_policy_and_reads_back_what_the_gallery_decides_with(client, fake):
+    default = client.create_gallery("default-policy")
+    assert not _last_request(fake.servicer, "CreateGallery").HasField("policy")  # the server's default
+    assert default.policy == fc.DecisionPolicy(
+        threshold=None, target_fpir=0.01, normalization=fc.Normalization.SNORM, cohort_size=100, aggregation=fc.Aggregation.MEAN
+    )
+    assert (default.policy.kind, default.policy.describe()) == ("target_fpir", "target FPIR 0.01, S-norm k=100, mean template")
+    assert default.score_kind is fc.ScoreKind.SNORM and default.threshold == pytest.approx(threshold_for(0.01, pb.SCORE_KIND_SNORM), rel=1e-6)
+    assert default.threshold_basis == BASIS_CURVE
+
+    plain = client.create_gallery("plain", target_fpir=0.05, normalization="none", cohort_size=20, aggregation="nearest")
+    sent = _last_request(fake.servicer, "CreateGallery").policy
+    assert sent == pb.DecisionPolicy(target_fpir=0.05, normalization=pb.SCORE_NORMALIZATION_NONE, cohort_size=20, aggregation=pb.TEMPLATE_AGGREGATION_NEAREST)
+    assert plain.policy.describe() == "target FPIR 0.05, no normalisation" and plain.policy.cohort_size == 20
+    assert plain.policy.aggregation is fc.Aggregation.NEAREST
+    assert plain.score_kind is fc.ScoreKind.DISTANCE and plain.threshold == pytest.approx(threshold_for(0.05, pb.SCORE_KIND_DISTANCE), rel=1e-6)
+
+    snormed = client.create_gallery("snormed", target_fpir=0.02, normalization=fc.Normalization.SNORM)
+    assert _last_request(fake.servicer, "CreateGallery").policy == pb.DecisionPolicy(target_fpir=0.02, normalization=pb.SCORE_NORMALIZATION_SNORM)
+    assert snormed.policy.aggregation is fc.Aggregation.MEAN  # the server's default with a target FPIR
+    client.create_gallery("fixed-explicit", threshold=0.4, normalization="none")  # with another keyword: as a policy
+    assert _last_request(fake.servicer, "CreateGallery").policy == pb.DecisionPolicy(threshold=0.4, normalization=pb.SCORE_NORMALIZATION_NONE)
+    fixed_mean = client.create_gallery("fixed-mean", threshold=0.4, aggregation=fc.Aggregation.MEAN)
+    request = _last_request(fake.servicer, "CreateGallery")
+    assert not request.HasField("threshold") and request.policy == pb.DecisionPolicy(threshold=0.4, aggregation=pb.TEMPLATE_AGGREGATION_MEAN)
+    assert fixed_mean.policy == fc.DecisionPolicy(
+        threshold=pytest.approx(0.4), target_fpir=None, normalization=fc.Normalization.NONE, cohort_size=0, aggregation=fc.Aggregation.MEAN
+    )
+    assert fixed_mean.policy.describe() == "threshold 0.4, mean template"
+
+    as_json = json.loads(json.dumps(default.to_dict()))
+    assert as_json["policy"] == {"threshold": None, "target_fpir": 0.01, "normalization": "SNORM", "cohort_size": 100, "aggregation": "MEAN"}
+    assert (as_json["score_kind"], as_json["threshold_basis"]) == ("SNORM", BASIS_CURVE)
+    with pytest.raises(fc.InvalidArgument):
+        client.create_gallery("bad", threshold=0.5, normalization="snorm")  # the server's rule
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"threshold": 0.5, "target_fpir": 0.01},
+        {"cohort_size": 50},
+        {"normalization": "none"},
+        {"target_fpir": 0.01, "normalization": "zscore"},
+        {"aggregation": "mean"},
+        {"threshold": 0.5, "aggregation": "median"},
+    ],
+    ids=["both-rules", "k-alone", "normalization-alone", "unknown-normalization", "aggregation-alone", "unknown-aggregation"],
+)
+def test_policy_keywords_that_make_no_policy_fail_before_sending(client, fake, kwargs):
+    with pytest.raises(ValueError):
+        client.create_gallery("never", **kwargs)
+    with pytest.raises(ValueError):
+        client.update_gallery("default", **kwargs)
+    assert fake.servicer.requests == []
+
+
+def test_update_gallery_changes_the_scale_later_searches_decide_on(client, fake, photo, other_photo):
+    client.enroll("biden", photo)
+    before = client.identify(other_photo)[0]
+    assert before.score_kind is fc.ScoreKind.DISTANCE and before.score == before.distance == before.matches[0].score
+
+    with pytest.raises(ValueError):
+        client.update_gallery()  # neither rule
+    updated = client.update_gallery(target_fpir=0.3)  # the client's gallery; S-norm by default
+    assert _last_request(fake.servicer, "UpdateGallery") == pb.UpdateGalleryRequest(name="default", policy=pb.DecisionPolicy(target_fpir=0.3))
+    assert updated.name == "default" and updated.policy.target_fpir == pytest.approx(0.3) and updated.score_kind is fc.ScoreKind.SNORM
+    assert updated.estimated_fpir == pytest.approx(0.3, rel=1e-5)  # the fake's curve meets its target exactly
+    assert client.get_gallery() == updated
+
+    after = client.identify(other_photo)[0]
+    assert after.score_kind is fc.ScoreKind.SNORM and after.threshold == pytest.approx(updated.threshold)
+    assert after.distance == pytest.approx(before.distance) and after.score == pytest.approx(score_of(after.distance, pb.SCORE_KIND_SNORM), rel=1e-5)
+    assert after.estimated_fpir == pytest.approx(fpir_of(after.score, pb.SCORE_KIND_SNORM), rel=1e-5)
+    assert after.matches[0].score == after.score and after.is_known is (after.score <= after.threshold)
+    # a threshold override is on the gallery's (S-norm) scale
+    assert client.identify(other_photo, threshold=after.score + 0.01)[0].identity_id == "biden"
+    assert _last_request(fake.servicer, "Identify").threshold == pytest.approx(after.score + 0.01)
+
+    fixed = client.update_gallery("default", threshold=0.55)
+    assert fixed.policy.threshold == pytest.approx(0.55) and fixed.score_kind is fc.ScoreKind.DISTANCE
+    assert fixed.policy.aggregation is fc.Aggregation.NEAREST
+    mean = client.update_gallery("default", threshold=0.55, aggregation="mean")
+    assert _last_request(fake.servicer, "UpdateGallery").policy == pb.DecisionPolicy(threshold=0.55, aggregation=pb.TEMPLATE_AGGREGATION_MEAN)
+    assert mean.policy.aggregation is fc.Aggregation.MEAN and client.get_gallery().policy == mean.policy
+    with pytest.raises(fc.NotFound):
+        client.update_gallery("nowhere", threshold=0.5)
+
+
+def test_identify_results_carry_score_kind_and_estimated_fpir(client, photo):
+    assert client.identify(photo)[0].estimated_fpir == 0.0  # an empty gallery: nobody to be confused with
+    client.enroll("biden", photo)
+    known = client.identify(photo)[0]
+    assert known.score_kind is fc.ScoreKind.DISTANCE and known.score == pytest.approx(0.0, abs=1e-6)
+    assert known.estimated_fpir == pytest.approx(fpir_of(known.score, pb.SCORE_KIND_DISTANCE), rel=1e-5)
+    data = known.to_dict()
+    assert data["score_kind"] == "DISTANCE" and data["matches"][0]["score"] == known.matches[0].score
+
+
+def test_verify_and_compare_carry_the_estimated_far_when_the_model_has_a_curve(client, fake, photo, other_photo):
+    client.enroll("biden", photo)
+    verified = client.verify("biden", other_photo)
+    assert verified.estimated_far == pytest.approx(fpir_of(verified.distance, pb.SCORE_KIND_DISTANCE), rel=1e-5)
+    compared = client.compare(photo, other_photo)
+    assert compared.estimated_far == pytest.approx(fpir_of(compared.distance, pb.SCORE_KIND_DISTANCE), rel=1e-5)
+    fake.servicer.has_far_curve = False
+    assert client.verify("biden", photo).estimated_far is None and client.compare(photo, photo).estimated_far is None
+    assert client.compare(photo, photo).to_dict()["estimated_far"] is None
+
+
+def test_find_duplicates(client, fake, photo, other_photo):
+    assert client.find_duplicates() == fc.DuplicatesResult(pairs=(), score_kind=fc.ScoreKind.DISTANCE, threshold=THRESHOLD)
+    client.enroll("biden", photo, display_name="Joe")
+    client.enroll("joe", photo)
+    client.enroll("obama", other_photo)
+    found = client.find_duplicates(max_pairs=5)
+    assert _last_request(fake.servicer, "FindDuplicates") == pb.FindDuplicatesRequest(gallery="default", max_pairs=5)
+    [pair] = found.pairs
+    assert (pair.identity_a, pair.display_name_a, pair.identity_b, pair.display_name_b) == ("biden", "Joe", "joe", "")
+    assert pair.distance == pytest.approx(0.0, abs=1e-6) and pair.score == pair.distance
+    assert pair.estimated_fpir == pytest.approx(fpir_of(0.0, pb.SCORE_KIND_DISTANCE), rel=1e-4)
+    assert (found.score_kind, found.threshold) == (fc.ScoreKind.DISTANCE, THRESHOLD)
+    assert found.to_dict()["pairs"][0]["identity_b"] == "joe"
+    with pytest.raises(fc.InvalidArgument):
+        client.find_duplicates(max_pairs=-1)
+    with pytest.raises(fc.NotFound):
+        client.find_duplicates("nowhere")
+
+
+def test_an_unknown_score_kind_from_a_newer_server_is_a_server_error():
+    from facegallery.client import _convert
+
+    with pytest.raises(fc.ServerError, match="score kind 9"):
+        _convert.face_identification(pb.FaceIdentification(score_kind=9))
+    # a server from before score kinds sends UNSPECIFIED and no policy: distances, as they were
+    old = _convert.gallery(pb.Gallery(name="old", threshold=0.6))
+    assert old.policy is None and old.score_kind is fc.ScoreKind.DISTANCE
+    # a server from before aggregations sends UNSPECIFIED: it searched nearest templates
+    older = _convert.gallery(pb.Gallery(name="older", policy=pb.DecisionPolicy(threshold=0.6, normalization=pb.SCORE_NORMALIZATION_NONE)))
+    assert older.policy.aggregation is fc.Aggregation.NEAREST and older.policy.describe() == "threshold 0.6"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +493,18 @@ def test_idempotent_calls_are_retried_on_unavailable(fake):
         info = client.server_info()
     assert fake.servicer.calls["GetServerInfo"] == 3
     assert info.model.model_id == MODEL_ID and info.model.manifest["name"] == "fake"
+
+
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [("UpdateGallery", lambda c: c.update_gallery("default", threshold=0.5)), ("FindDuplicates", lambda c: c.find_duplicates())],
+    ids=["update-gallery", "find-duplicates"],
+)
+def test_update_gallery_and_find_duplicates_are_idempotent_and_retried(fake, method, call):
+    fake.servicer.unavailable[method] = 2
+    with fc.GalleryClient(fake.address, retries=3) as client:
+        call(client)
+    assert fake.servicer.calls[method] == 3
 
 
 def test_without_retries_unavailable_is_raised(fake):
@@ -502,6 +668,75 @@ def test_real_server_refuses_embeddings_of_another_model(real):
     assert real.identify_embedding(vector, model_id=own).identity_id == "bob"
     assert real.identify_embedding(vector).identity_id == "bob"
     assert real.get_gallery().template_count == 2
+
+
+def test_real_server_policies_scores_and_duplicates(real):
+    from fakes import person_embedding, photo
+
+    created = real.get_gallery()  # the real fixture created it with the server's default policy
+    assert created.policy == fc.DecisionPolicy(
+        threshold=None, target_fpir=0.01, normalization=fc.Normalization.SNORM, cohort_size=100, aggregation=fc.Aggregation.MEAN
+    )
+    assert created.score_kind is fc.ScoreKind.DISTANCE and created.threshold_basis  # too small for S-norm yet
+    real.enroll("ann", embedding=person_embedding(200, 10), display_name="Ann")
+    real.enroll("ann-again", embedding=person_embedding(200, 10, 100))
+    real.enroll("bob", embedding=person_embedding(50, 60))
+
+    fixed = real.update_gallery(threshold=0.3)
+    assert fixed.policy.describe() == "threshold 0.3" and fixed.threshold == pytest.approx(0.3) and fixed.threshold_basis
+    found = real.identify_embedding(person_embedding(200, 10, 255))
+    assert found.identity_id in {"ann", "ann-again"} and found.score == found.distance and found.score_kind is fc.ScoreKind.DISTANCE
+    assert found.threshold == pytest.approx(0.3) and math.isnan(found.estimated_fpir)  # no curve, 3 people: no estimate
+
+    duplicates = real.find_duplicates(max_pairs=10)
+    assert (duplicates.score_kind, duplicates.threshold) == (fc.ScoreKind.DISTANCE, pytest.approx(0.3))
+    [pair] = duplicates.pairs
+    assert {pair.identity_a, pair.identity_b} == {"ann", "ann-again"} and pair.distance == pytest.approx(0.078, abs=0.001)
+    assert {pair.display_name_a, pair.display_name_b} == {"Ann", ""}
+
+    planned = real.update_gallery(target_fpir=0.1, normalization="none", cohort_size=30)
+    assert planned.policy.describe() == "target FPIR 0.1, no normalisation, mean template" and planned.policy.cohort_size == 30
+    with pytest.raises(fc.InvalidArgument):
+        real.update_gallery(threshold=0.5, normalization="snorm")
+    with pytest.raises(fc.InvalidArgument):
+        real.update_gallery(target_fpir=0.1, cohort_size=1)
+    assert real.get_gallery().policy == planned.policy  # the refused updates changed nothing
+    verified = real.verify("bob", photo((50, 60, 0)))
+    assert verified.estimated_far is None  # the fake model has no false-match curve
+
+
+def test_real_server_aggregation_decides_an_identitys_distance(real):
+    from fakes import DIM as REAL_DIM
+
+    def vector(*values: float) -> np.ndarray:
+        out = np.zeros(REAL_DIM, np.float32)
+        out[: len(values)] = values
+        return out
+
+    # ann: templates e0 and e1 (mean (0.5, 0.5)); bob: e2. Probe (0.6, 0.8), by hand:
+    # to e1 sqrt(0.36 + 0.04) = sqrt(0.4); to e0 sqrt(0.16 + 0.64) = sqrt(0.8); to ann's mean
+    # sqrt(0.01 + 0.09) = sqrt(0.1); to bob sqrt(2).
+    real.enroll("ann", embedding=vector(1.0))
+    second = real.enroll("ann", embedding=vector(0.0, 1.0))
+    real.enroll("bob", embedding=vector(0.0, 0.0, 1.0))
+    probe = vector(0.6, 0.8)
+
+    mean = real.update_gallery(threshold=0.5, aggregation=fc.Aggregation.MEAN)
+    assert mean.policy.aggregation is fc.Aggregation.MEAN and mean.policy.describe() == "threshold 0.5, mean template"
+    found = real.identify_embedding(probe, top_k=2)
+    assert found.identity_id == "ann" and found.distance == pytest.approx(math.sqrt(0.1), abs=1e-6)  # 0.316 <= 0.5
+    assert [m.identity_id for m in found.matches] == ["ann", "bob"] and found.matches[1].distance == pytest.approx(math.sqrt(2.0), abs=1e-6)
+
+    nearest = real.update_gallery(threshold=0.5, aggregation="nearest")
+    assert nearest.policy.aggregation is fc.Aggregation.NEAREST and nearest.policy.describe() == "threshold 0.5"
+    found = real.identify_embedding(probe)
+    assert found.identity_id is None and found.distance == pytest.approx(math.sqrt(0.4), abs=1e-6)  # 0.632 > 0.5: unknown
+    assert found.matches[0].identity_id == "ann" and found.matches[0].template_id == second.template_id
+
+    targeted = real.update_gallery(target_fpir=0.1, normalization="none")  # a target FPIR searches mean templates by default
+    assert targeted.policy.aggregation is fc.Aggregation.MEAN
+    assert real.identify_embedding(probe).distance == pytest.approx(math.sqrt(0.1), abs=1e-6)
+    assert real.get_gallery().policy == targeted.policy
 
 
 def test_real_server_bulk_enroll_paging_export_and_import(real):

@@ -167,7 +167,7 @@ def test_a_snapshot_write_does_not_stall_a_write_or_the_searches_behind_it(tmp_p
     snapshotter.start()
     assert writing.wait(30), "the snapshot never reached its write"
     writer = run(lambda: gallery.add_templates([NewTemplate("bob", bob)]))
-    searchers = [run(lambda: found.extend(gallery.search(np.stack([ann, bob]), 1) for _ in range(3))) for _ in range(4)]
+    searchers = [run(lambda: found.extend(gallery.identify(np.stack([ann, bob]), 1)[0] for _ in range(3))) for _ in range(4)]
     writer.start()
     for thread in searchers:
         thread.start()
@@ -181,8 +181,8 @@ def test_a_snapshot_write_does_not_stall_a_write_or_the_searches_behind_it(tmp_p
         thread.join(30)
     assert not stalled, f"{len(stalled)} of the write and 4 search threads waited for the snapshot's file write"
     assert still_writing and not errors, errors[:3]
-    assert len(found) == 4 * 3 and all(hits[0][0].identity_id == "ann" for hits in found)
-    assert gallery.search(bob[None], 1)[0][0].identity_id == "bob"  # the write is searchable
+    assert len(found) == 4 * 3 and all(hits[0][0].hit.identity_id == "ann" for hits in found)
+    assert gallery.identify(bob[None], 1)[0][0][0].hit.identity_id == "bob"  # the write is searchable
 
     (header,) = headers
     assert (header.last_seq, header.ntotal) == (seq_before, n + 1)  # the state copied, without the later write

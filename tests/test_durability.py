@@ -158,6 +158,8 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, caplog):
         with grpc.insecure_channel(f"localhost:{restarted.port}") as channel:
             stub = pb_grpc.GalleryServiceStub(channel)
             assert stub.GetGallery(pb.GetGalleryRequest(name=DEFAULT_GALLERY)).template_count == len(stored)
+            # Search templates, not the default policy's mean templates, to find each one exactly.
+            stub.UpdateGallery(pb.UpdateGalleryRequest(name=DEFAULT_GALLERY, policy=pb.DecisionPolicy(threshold=0.6)))
             for template_id, (identity, seed) in live.items():
                 result = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(embedding=pb.Embedding(values=vector(seed)), top_k=1)).result
                 assert (result.matches[0].template_id, result.identity_id, result.distance) == (template_id, identity, 0.0)

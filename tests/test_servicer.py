@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import math
 import socket
 import threading
 
@@ -126,11 +128,295 @@ def test_enroll_identify_verify_compare_embed(stub):
     verdict = stub.Verify(pb.VerifyRequest(gallery="wire", identity_id="ann", image=shot(ANN, 60)))
     expected = np.linalg.norm(person_embedding(*ANN, 60) - person_embedding(*ANN))
     assert verdict.is_match and verdict.distance == pytest.approx(expected, abs=1e-5) and not verdict.HasField("probability_same")
+    assert not verdict.HasField("estimated_far")  # the fake model has no false-match curve
     compared = stub.Compare(pb.CompareRequest(image_a=shot(ANN), image_b=shot(BOB)))
+    assert not compared.HasField("estimated_far")
     assert not compared.is_match and compared.distance == pytest.approx(np.linalg.norm(person_embedding(*ANN) - person_embedding(*BOB)), abs=1e-5)
     embedded = stub.Embed(pb.EmbedRequest(image=image(photo((*ANN, 0), (*BOB, 0))), max_faces=1))
     assert len(embedded.faces) == 1 and embedded.model_id == found.model_id == stub.GetServerInfo(pb.GetServerInfoRequest()).model.model_id
     np.testing.assert_allclose(embedded.faces[0].embedding.values, person_embedding(*ANN), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Open-set decisions: policies, scores, FPIR/FAR estimates, duplicates
+
+# A false-match curve F1(d) for the model (model.json "false_match"), linear between the points.
+CURVE = {"distances": [0.0, 0.1, 0.2, 1.0, 1.5], "rates": [0.0, 1e-4, 1e-3, 0.1, 0.9], "pairs": 1000, "data": "test pairs"}
+
+
+def curve_rate(distance: float) -> float:
+    return float(np.interp(distance, CURVE["distances"], CURVE["rates"]))
+
+
+def gallery_fpir(distance: float, identities: int) -> float:
+    """FPIR of a gallery of independent identities at ``distance``: 1 - (1 - F1(d))^N."""
+    return 1.0 - (1.0 - curve_rate(distance)) ** identities
+
+
+def embedding(*color) -> pb.Embedding:
+    return pb.Embedding(values=person_embedding(*color).tolist())
+
+
+def import_people(stub, gallery: str, people: dict[str, tuple]) -> None:
+    """ImportEmbeddings of ``identity_id -> (red, green[, blue])`` people (no display names)."""
+    model_id = stub.GetServerInfo(pb.GetServerInfoRequest()).model.model_id
+
+    def stream():
+        yield pb.ImportEmbeddingsRequest(gallery=gallery, model_id=model_id)
+        for identity_id, color in people.items():
+            yield pb.ImportEmbeddingsRequest(template=pb.ExportedTemplate(identity_id=identity_id, embedding=embedding(*color)))
+
+    assert stub.ImportEmbeddings(stream()).imported == len(people)
+
+
+def test_galleries_report_their_policy_and_what_they_decide_with(stub):
+    default = stub.CreateGallery(pb.CreateGalleryRequest(name="pol-default"))
+    assert default.policy == pb.DecisionPolicy(
+        target_fpir=0.01, normalization=pb.SCORE_NORMALIZATION_SNORM, cohort_size=100, aggregation=pb.TEMPLATE_AGGREGATION_MEAN
+    )
+    # an empty gallery is too small for S-norm and the fake model has no false-match curve: the model's threshold
+    assert default.score_kind == pb.SCORE_KIND_DISTANCE and default.threshold == pytest.approx(0.6)
+    assert default.estimated_fpir == 0.0 and "model's threshold" in default.threshold_basis  # empty: nobody to confuse
+
+    shorthand = stub.CreateGallery(pb.CreateGalleryRequest(name="pol-fixed", threshold=0.5))
+    explicit = stub.CreateGallery(pb.CreateGalleryRequest(name="pol-fixed2", policy=pb.DecisionPolicy(threshold=0.5)))
+    for fixed in (shorthand, explicit):
+        assert fixed.policy == pb.DecisionPolicy(threshold=0.5, normalization=pb.SCORE_NORMALIZATION_NONE, aggregation=pb.TEMPLATE_AGGREGATION_NEAREST)  # no k
+        assert (fixed.threshold, fixed.score_kind, fixed.estimated_fpir) == (pytest.approx(0.5), pb.SCORE_KIND_DISTANCE, 0.0)
+        assert fixed.threshold_basis
+
+    plain = stub.CreateGallery(
+        pb.CreateGalleryRequest(name="pol-plain", policy=pb.DecisionPolicy(target_fpir=0.05, normalization=pb.SCORE_NORMALIZATION_NONE, cohort_size=7))
+    )
+    # an UNSPECIFIED aggregation with a target FPIR is MEAN, as in the default policy
+    assert plain.policy == pb.DecisionPolicy(target_fpir=0.05, normalization=pb.SCORE_NORMALIZATION_NONE, cohort_size=7, aggregation=pb.TEMPLATE_AGGREGATION_MEAN)
+    snormed = stub.CreateGallery(pb.CreateGalleryRequest(name="pol-snorm", policy=pb.DecisionPolicy(target_fpir=0.02)))
+    assert snormed.policy == pb.DecisionPolicy(target_fpir=0.02, normalization=pb.SCORE_NORMALIZATION_SNORM, cohort_size=100, aggregation=pb.TEMPLATE_AGGREGATION_MEAN)
+    nearest = stub.CreateGallery(
+        pb.CreateGalleryRequest(name="pol-nearest", policy=pb.DecisionPolicy(target_fpir=0.02, aggregation=pb.TEMPLATE_AGGREGATION_NEAREST))
+    )
+    assert nearest.policy == pb.DecisionPolicy(target_fpir=0.02, normalization=pb.SCORE_NORMALIZATION_SNORM, cohort_size=100, aggregation=pb.TEMPLATE_AGGREGATION_NEAREST)
+    fixed_mean = stub.CreateGallery(
+        pb.CreateGalleryRequest(name="pol-fixed-mean", policy=pb.DecisionPolicy(threshold=0.5, aggregation=pb.TEMPLATE_AGGREGATION_MEAN))
+    )
+    assert fixed_mean.policy == pb.DecisionPolicy(threshold=0.5, normalization=pb.SCORE_NORMALIZATION_NONE, aggregation=pb.TEMPLATE_AGGREGATION_MEAN)
+    assert fixed_mean.threshold == pytest.approx(0.5) and fixed_mean.score_kind == pb.SCORE_KIND_DISTANCE
+
+    listed = {g.name: g for g in stub.ListGalleries(pb.ListGalleriesRequest()).galleries}
+    assert listed["pol-plain"] == plain and listed["pol-fixed"] == shorthand
+    assert listed["pol-nearest"] == nearest and listed["pol-fixed-mean"] == fixed_mean
+    assert stub.GetGallery(pb.GetGalleryRequest(name="pol-snorm")) == snormed
+    head = next(iter(stub.ExportGallery(pb.ExportGalleryRequest(gallery="pol-plain")))).gallery
+    assert head.policy == plain.policy and head.threshold_basis == plain.threshold_basis
+
+
+def test_policies_out_of_range_are_invalid_argument(stub):
+    policy = pb.DecisionPolicy
+    cases = [
+        pb.CreateGalleryRequest(name="bad-both", threshold=0.5, policy=policy(target_fpir=0.01)),
+        pb.CreateGalleryRequest(name="bad-both2", threshold=0.5, policy=policy()),  # both set, even an empty policy
+        pb.CreateGalleryRequest(name="bad-neg", threshold=-0.5),
+        pb.CreateGalleryRequest(name="bad-zero", policy=policy(threshold=0.0)),
+        pb.CreateGalleryRequest(name="bad-snorm-fixed", policy=policy(threshold=0.5, normalization=pb.SCORE_NORMALIZATION_SNORM)),
+        pb.CreateGalleryRequest(name="bad-k-fixed", policy=policy(threshold=0.5, cohort_size=10)),
+        pb.CreateGalleryRequest(name="bad-fpir", policy=policy(target_fpir=1.5)),
+        pb.CreateGalleryRequest(name="bad-fpir0", policy=policy(target_fpir=0.0)),
+        pb.CreateGalleryRequest(name="bad-k", policy=policy(target_fpir=0.01, cohort_size=1)),
+        pb.CreateGalleryRequest(name="bad-k2", policy=policy(target_fpir=0.01, cohort_size=1001)),
+        pb.CreateGalleryRequest(name="bad-norule", policy=policy(cohort_size=50)),
+        pb.CreateGalleryRequest(name="bad-enum", policy=policy(target_fpir=0.01, normalization=7)),
+        pb.CreateGalleryRequest(name="bad-agg-norule", policy=policy(aggregation=pb.TEMPLATE_AGGREGATION_MEAN)),
+        pb.CreateGalleryRequest(name="bad-agg-enum", policy=policy(target_fpir=0.01, aggregation=7)),
+        pb.CreateGalleryRequest(name="bad-agg-enum2", policy=policy(threshold=0.5, aggregation=-1)),
+    ]
+    for request in cases:
+        code, details = status_of(stub.CreateGallery, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details, (request, code, details)
+    listed = {g.name for g in stub.ListGalleries(pb.ListGalleriesRequest()).galleries}
+    assert not {r.name for r in cases} & listed  # none was created
+    stub.CreateGallery(pb.CreateGalleryRequest(name="upd-bad"))
+    bad_updates = (
+        policy(),
+        policy(normalization=pb.SCORE_NORMALIZATION_NONE),
+        policy(aggregation=pb.TEMPLATE_AGGREGATION_NEAREST),
+        policy(threshold=0.5, aggregation=3),
+        policy(target_fpir=2.0),
+        policy(threshold=float("nan")),
+    )
+    for bad in bad_updates:
+        code, details = status_of(stub.UpdateGallery, pb.UpdateGalleryRequest(name="upd-bad", policy=bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details, (bad, code, details)
+    assert "rule" in status_of(stub.UpdateGallery, pb.UpdateGalleryRequest(name="upd-bad"))[1]
+    code, details = status_of(stub.UpdateGallery, pb.UpdateGalleryRequest(name="nope", policy=policy(threshold=0.5)))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+
+
+def unit(*values: float) -> np.ndarray:
+    """A ``(DIM,)`` embedding with ``values`` first and zeros after."""
+    vector = np.zeros(DIM, np.float32)
+    vector[: len(values)] = values
+    return vector
+
+
+def test_template_aggregation_decides_which_distance_an_identity_has(stub):
+    # ann has two templates, e0 and e1; bob one, e2. The probe (0.8, 0.6) is, by hand:
+    #   to ann's nearest template e0:          sqrt(0.2^2 + 0.6^2)  = sqrt(0.4) ~ 0.632
+    #   to ann's other template e1:            sqrt(0.8^2 + 0.4^2)  = sqrt(0.8) ~ 0.894
+    #   to ann's mean template (0.5, 0.5):     sqrt(0.3^2 + 0.1^2)  = sqrt(0.1) ~ 0.316
+    #   to bob (e2, his only template, so also his mean): sqrt(0.64 + 0.36 + 1) = sqrt(2)
+    probe = pb.IdentifyEmbeddingRequest(gallery="agg", embedding=pb.Embedding(values=unit(0.8, 0.6).tolist()), top_k=2)
+    mean = pb.DecisionPolicy(threshold=0.6, aggregation=pb.TEMPLATE_AGGREGATION_MEAN)
+    created = stub.CreateGallery(pb.CreateGalleryRequest(name="agg", policy=mean))
+    assert created.policy.aggregation == pb.TEMPLATE_AGGREGATION_MEAN
+    first, second = (
+        stub.Enroll(pb.EnrollRequest(gallery="agg", identity_id="ann", embedding=pb.Embedding(values=unit(*e).tolist()))) for e in ((1.0,), (0.0, 1.0))
+    )
+    stub.Enroll(pb.EnrollRequest(gallery="agg", identity_id="bob", embedding=pb.Embedding(values=unit(0.0, 0.0, 1.0).tolist())))
+    assert first.template_id < second.template_id
+
+    by_mean = stub.IdentifyEmbedding(probe).result
+    assert [m.identity_id for m in by_mean.matches] == ["ann", "bob"]
+    assert by_mean.distance == pytest.approx(np.sqrt(0.1), abs=1e-6) and by_mean.identity_id == "ann"  # 0.316 <= 0.6: ann
+    assert by_mean.matches[0].template_id == first.template_id  # the mean stands under ann's first template
+    assert by_mean.matches[1].distance == pytest.approx(np.sqrt(2.0), abs=1e-6)
+
+    nearest = stub.UpdateGallery(pb.UpdateGalleryRequest(name="agg", policy=pb.DecisionPolicy(threshold=0.6)))  # UNSPECIFIED: NEAREST
+    assert nearest.policy == pb.DecisionPolicy(threshold=0.6, normalization=pb.SCORE_NORMALIZATION_NONE, aggregation=pb.TEMPLATE_AGGREGATION_NEAREST)
+    by_nearest = stub.IdentifyEmbedding(probe).result
+    assert by_nearest.distance == pytest.approx(np.sqrt(0.4), abs=1e-6) and by_nearest.identity_id == ""  # 0.632 > 0.6: unknown
+    assert by_nearest.matches[0].identity_id == "ann" and by_nearest.matches[0].template_id == first.template_id
+    toward_second = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="agg", embedding=pb.Embedding(values=unit(0.0, 1.0).tolist()))).result
+    assert toward_second.distance == pytest.approx(0.0, abs=1e-6) and toward_second.matches[0].template_id == second.template_id
+
+    # a target FPIR with UNSPECIFIED aggregation searches mean templates again
+    targeted = stub.UpdateGallery(pb.UpdateGalleryRequest(name="agg", policy=pb.DecisionPolicy(target_fpir=0.1)))
+    assert targeted.policy.aggregation == pb.TEMPLATE_AGGREGATION_MEAN
+    assert stub.IdentifyEmbedding(probe).result.distance == pytest.approx(np.sqrt(0.1), abs=1e-6)
+    # the mean follows the identity's templates: without e1 ann's mean is e0
+    stub.DeleteTemplate(pb.DeleteTemplateRequest(gallery="agg", template_id=second.template_id))
+    assert stub.IdentifyEmbedding(probe).result.distance == pytest.approx(np.sqrt(0.4), abs=1e-6)
+
+
+def test_update_gallery_changes_how_later_searches_decide(stub):
+    stub.CreateGallery(pb.CreateGalleryRequest(name="upd", threshold=0.5))
+    stub.Enroll(pb.EnrollRequest(gallery="upd", identity_id="ann", image=shot(ANN)))
+    probe = pb.IdentifyRequest(gallery="upd", image=shot(ANN, 60))  # L2 distance 0.2 * 60 / 255 ~ 0.047
+    assert stub.Identify(probe).faces[0].identity_id == "ann"
+
+    strict = stub.UpdateGallery(pb.UpdateGalleryRequest(name="upd", policy=pb.DecisionPolicy(threshold=0.01)))
+    assert strict.policy.threshold == pytest.approx(0.01) and strict.threshold == pytest.approx(0.01) and strict.identity_count == 1
+    [face] = stub.Identify(probe).faces
+    assert face.identity_id == "" and face.threshold == pytest.approx(0.01) and face.matches[0].identity_id == "ann"
+    assert stub.UpdateGallery(pb.UpdateGalleryRequest(name="upd", policy=pb.DecisionPolicy(threshold=0.01))) == strict  # idempotent
+
+    targeted = stub.UpdateGallery(pb.UpdateGalleryRequest(name="upd", policy=pb.DecisionPolicy(target_fpir=0.2, normalization=pb.SCORE_NORMALIZATION_NONE)))
+    assert targeted.policy == pb.DecisionPolicy(target_fpir=0.2, normalization=pb.SCORE_NORMALIZATION_NONE, cohort_size=100, aggregation=pb.TEMPLATE_AGGREGATION_MEAN)
+    assert targeted.score_kind == pb.SCORE_KIND_DISTANCE and targeted.threshold == pytest.approx(0.6)  # no curve: the model's
+    assert stub.GetGallery(pb.GetGalleryRequest(name="upd")) == targeted
+    assert stub.Identify(probe).faces[0].identity_id == "ann"
+
+
+def test_identify_carries_scores_on_the_gallery_scale_and_a_threshold_override_on_it(stub):
+    stub.CreateGallery(pb.CreateGalleryRequest(name="scores", threshold=0.6))
+    for identity_id, person in (("ann", ANN), ("bob", BOB)):
+        stub.Enroll(pb.EnrollRequest(gallery="scores", identity_id=identity_id, image=shot(person)))
+    [known, unknown] = stub.Identify(pb.IdentifyRequest(gallery="scores", image=image(photo((*ANN, 120), (*CAT, 0))), top_k=2)).faces
+    assert known.identity_id == "ann" and known.score_kind == pb.SCORE_KIND_DISTANCE
+    assert known.score == known.distance == known.matches[0].score == known.matches[0].distance  # distance scale: score = distance
+    assert [m.score for m in known.matches] == sorted(m.score for m in known.matches)
+    # two people and no false-match curve: nothing to estimate an FPIR from
+    assert math.isnan(known.estimated_fpir) and math.isnan(unknown.estimated_fpir)
+    assert unknown.identity_id == "" and unknown.score > 0.6 and unknown.matches[0].score == unknown.score
+    # an override is on the score scale: any finite value, even a negative one, is a threshold
+    [refused] = stub.Identify(pb.IdentifyRequest(gallery="scores", image=shot(ANN), threshold=-1.0)).faces
+    assert refused.identity_id == "" and refused.threshold == -1.0
+    by_vector = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="scores", embedding=embedding(*BOB), threshold=-1.0))
+    assert by_vector.result.identity_id == "" and by_vector.result.score == pytest.approx(0.0, abs=1e-6)
+    code, _ = status_of(stub.Identify, pb.IdentifyRequest(gallery="scores", image=shot(ANN), threshold=float("inf")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+    stub.CreateGallery(pb.CreateGalleryRequest(name="scores-empty"))
+    empty = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="scores-empty", embedding=embedding(*CAT))).result
+    assert empty.matches == [] and empty.score == float("inf") and empty.estimated_fpir == 0.0  # nobody to be confused with
+
+
+def test_find_duplicates_lists_pairs_the_policy_would_confuse(stub):
+    stub.CreateGallery(pb.CreateGalleryRequest(name="dups", threshold=0.6))
+    assert list(stub.FindDuplicates(pb.FindDuplicatesRequest(gallery="dups")).pairs) == []  # empty gallery: none, not an error
+    stub.Enroll(pb.EnrollRequest(gallery="dups", identity_id="ann", display_name="Ann", image=shot(ANN)))
+    stub.Enroll(pb.EnrollRequest(gallery="dups", identity_id="ann-2", display_name="Ann again", image=shot(ANN, 100)))
+    stub.Enroll(pb.EnrollRequest(gallery="dups", identity_id="bob", image=shot(BOB)))
+    found = stub.FindDuplicates(pb.FindDuplicatesRequest(gallery="dups"))
+    assert found.score_kind == pb.SCORE_KIND_DISTANCE and found.threshold == pytest.approx(0.6)
+    [pair] = found.pairs
+    names = {(pair.identity_a, pair.display_name_a), (pair.identity_b, pair.display_name_b)}
+    assert names == {("ann", "Ann"), ("ann-2", "Ann again")}
+    expected = float(np.linalg.norm(person_embedding(*ANN) - person_embedding(*ANN, 100)))
+    assert pair.distance == pytest.approx(expected, abs=1e-5) and pair.score == pair.distance
+    assert math.isnan(pair.estimated_fpir)  # three people and no false-match curve: nothing to estimate from
+
+    assert stub.FindDuplicates(pb.FindDuplicatesRequest(gallery="dups", max_pairs=1)).pairs == found.pairs
+    for max_pairs in (-1, 10001):
+        code, details = status_of(stub.FindDuplicates, pb.FindDuplicatesRequest(gallery="dups", max_pairs=max_pairs))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_pairs" in details
+    code, details = status_of(stub.FindDuplicates, pb.FindDuplicatesRequest(gallery="nope"))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+
+
+def test_a_big_snorm_gallery_decides_on_snorm_scores(stub):
+    # 301 people: enough for S-norm with the gallery as cohort and a leave-one-out estimate of FPIR 0.01
+    people = {f"p{i}": (i % 250, i // 250 + 1) for i in range(300)}
+    people["p0-again"] = (0, 1, 150)  # p0 enrolled a second time, 0.2 * 150 / 255 away
+    stub.CreateGallery(pb.CreateGalleryRequest(name="big", policy=pb.DecisionPolicy(target_fpir=0.01, cohort_size=50)))
+    import_people(stub, "big", people)
+
+    gallery = stub.GetGallery(pb.GetGalleryRequest(name="big"))
+    assert gallery.score_kind == pb.SCORE_KIND_SNORM and gallery.identity_count == 301
+    assert gallery.estimated_fpir == pytest.approx(0.01, abs=0.005) and "leave-one-out" in gallery.threshold_basis
+    assert gallery.threshold < 0  # S-norm: well below the cohort's typical score
+
+    found = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="big", embedding=embedding(1, 1, 100), top_k=3)).result
+    assert found.identity_id == "p1" and found.score_kind == pb.SCORE_KIND_SNORM and found.threshold == gallery.threshold
+    assert found.score < gallery.threshold and found.score != pytest.approx(found.distance)
+    assert [m.score for m in found.matches] == sorted(m.score for m in found.matches) and found.matches[0].score == found.score
+    assert 0.0 < found.estimated_fpir < gallery.estimated_fpir
+    stranger = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="big", embedding=embedding(251, 251))).result
+    assert stranger.identity_id == "" and stranger.score > gallery.threshold and stranger.estimated_fpir > gallery.estimated_fpir
+    lenient = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="big", embedding=embedding(251, 251), threshold=stranger.score))
+    assert lenient.result.identity_id == stranger.matches[0].identity_id  # the override is an S-norm score too
+
+    duplicates = stub.FindDuplicates(pb.FindDuplicatesRequest(gallery="big"))
+    assert duplicates.score_kind == pb.SCORE_KIND_SNORM and duplicates.threshold == gallery.threshold
+    assert {duplicates.pairs[0].identity_a, duplicates.pairs[0].identity_b} == {"p0", "p0-again"}
+    assert all(p.score <= duplicates.threshold for p in duplicates.pairs)
+    assert [p.score for p in duplicates.pairs] == sorted(p.score for p in duplicates.pairs)
+
+
+def test_estimates_from_the_models_false_match_curve(tmp_path):
+    pipeline = FakePipeline()
+    pipeline.manifest = dataclasses.replace(pipeline.manifest, false_match=CURVE)  # not part of the model id
+    running = create_server(config(tmp_path), pipeline=pipeline)
+    try:
+        with grpc.insecure_channel(f"localhost:{running.port}") as ch:
+            stub = pb_grpc.GalleryServiceStub(ch)
+            for i in range(3):
+                stub.Enroll(pb.EnrollRequest(identity_id=f"p{i}", embedding=embedding(40 * i + 5, 9)))
+            gallery = stub.GetGallery(pb.GetGalleryRequest(name="default"))  # the default policy: target FPIR 0.01
+            per_comparison = 1.0 - (1.0 - 0.01) ** (1 / 3)
+            expected = float(np.interp(per_comparison, CURVE["rates"], CURVE["distances"]))
+            assert gallery.score_kind == pb.SCORE_KIND_DISTANCE and gallery.threshold == pytest.approx(expected, rel=1e-4)
+            assert gallery.estimated_fpir == pytest.approx(0.01, rel=1e-3) and "test pairs" in gallery.threshold_basis
+
+            result = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(embedding=embedding(45, 9, 255))).result
+            assert result.identity_id == "p1" and result.distance == pytest.approx(0.2, abs=0.01)
+            assert result.estimated_fpir == pytest.approx(gallery_fpir(result.distance, 3), rel=1e-3)
+
+            verified = stub.Verify(pb.VerifyRequest(identity_id="p1", image=shot((45, 9), 255)))
+            assert verified.HasField("estimated_far") and verified.estimated_far == pytest.approx(curve_rate(verified.distance), rel=1e-3)
+            compared = stub.Compare(pb.CompareRequest(image_a=shot(ANN), image_b=shot(ANN, 128)))
+            assert compared.estimated_far == pytest.approx(curve_rate(compared.distance), rel=1e-3)
+    finally:
+        running.stop(1.0)
 
 
 def test_identities_and_templates(stub):

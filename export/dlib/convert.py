@@ -9,7 +9,9 @@ installs (located without importing it: its ``__init__`` needs ``pkg_resources``
     landmarks.npz     shape_predictor_5_face_landmarks: ERT cascades as arrays
     model.json        the manifest (server/contract/manifest.py)
 
-Nothing is downloaded. The directory is built in a temporary sibling and renamed into place, so
+The manifest's ``threshold`` is dlib's 0.6 and its ``false_match`` curve the one shipped as
+``false_match.json`` (:func:`facegallery.export.dlib.default_model.default_false_match`),
+measured with this model on LFW. Nothing is downloaded. The directory is built in a temporary sibling and renamed into place, so
 a crash never leaves a half-written model that looks valid.
 """
 
@@ -23,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from facegallery.export.dlib.default_model import DLIB_MODEL_NAME, default_false_match
 from facegallery.export.dlib.mmod import convert_mmod
 from facegallery.export.dlib.resnet import convert_resnet
 from facegallery.export.dlib.shape_predictor import convert_shape_predictor
@@ -45,7 +48,7 @@ DLIB_SOURCES = {
 FILE_NAMES = {"embedder": "embedder.onnx", "detector": "detector.onnx", "landmarks": "landmarks.npz"}
 #: dlib get_face_chip_details default padding used by face_recognition / compute_face_descriptor.
 DLIB_CHIP_PADDING = 0.25
-MODEL_NAME = "dlib_face_recognition_resnet_model_v1"
+MODEL_NAME = DLIB_MODEL_NAME
 MODEL_VERSION = "1"
 
 
@@ -115,6 +118,7 @@ def export_dlib(out_dir: str | os.PathLike, *, source_dir: str | os.PathLike | N
             files=files,
             sources={name: sha256_file(sources / name) for name in DLIB_SOURCES.values()},
             detector=detector,
+            false_match=default_false_match(),
         )
         manifest.write(work)  # every file in work is now written and fsynced (atomic_write)
         _replace_dir(work, out_dir)

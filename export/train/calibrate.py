@@ -4,9 +4,13 @@
 identity, people the model was *not* trained on) go through the model's own pipeline (chips
 cached as for training), every pair of images is compared (L2 distance of the embeddings), and
 the threshold is the largest one whose FAR on the different-identity pairs is at most the target
-(:func:`facegallery.export.evaluate.metrics.threshold_at_far`). It is written into ``model.json`` with a
-``calibration`` record; only ``model.json`` changes, so every file checksum stays valid. Works for
-any model directory, the default dlib model included, and needs no PyTorch.
+(:func:`facegallery.export.evaluate.metrics.threshold_at_far`). The same different-identity pairs
+give the model's false-match curve F1(d) (:func:`false_match_curve`), which the server uses to
+estimate the FPIR of small galleries and the FAR of 1:1 verify / compare
+(:class:`facegallery.server.gallery.decision.FalseMatchCurve`). Both are written into
+``model.json`` (``threshold`` with a ``calibration`` record, and ``false_match``); only
+``model.json`` changes, so every file checksum stays valid. Works for any model directory, the
+default dlib model included, and needs no PyTorch.
 
 Identities listed as trained on in the model's ``training.json`` (written by ``facegallery
 train``) are left out, so the threshold always comes from unseen people.
@@ -20,6 +24,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +41,16 @@ from facegallery.export.train.data import (
 from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.face.embed import Embedder
 
-__all__ = ["CalibrationResult", "all_pairs_distances", "calibrate"]
+__all__ = ["CalibrationResult", "all_pairs_distances", "calibrate", "false_match_curve"]
 
 logger = logging.getLogger(__name__)
+
+#: Log-spaced false-match rates at which :func:`false_match_curve` tabulates F1, from 1 / pairs to 1.
+FALSE_MATCH_POINTS = 80
+#: Decimals kept of a tabulated L2 distance (1e-5, far finer than any threshold is meaningful).
+DISTANCE_DECIMALS = 5
+#: Significant digits kept of a tabulated rate.
+RATE_DIGITS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +72,9 @@ class CalibrationResult:
         Identities and chips used; files without a face.
     excluded : tuple of str
         Identities left out because the model was trained on them.
+    false_match : dict or None
+        The ``model.json`` ``false_match`` record of the different-identity pairs
+        (:func:`false_match_curve`); None when they give fewer than 2 distinct distances.
     """
 
     threshold: float
@@ -72,6 +87,7 @@ class CalibrationResult:
     images: int
     skipped: int
     excluded: tuple[str, ...] = ()
+    false_match: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -95,8 +111,59 @@ def all_pairs_distances(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.
     e = np.asarray(embeddings, dtype=np.float64)
     i, j = np.triu_indices(len(e), k=1)
     sq = (e * e).sum(1)
-    d2 = sq[i] + sq[j] - 2 * np.einsum("nd,nd->n", e[i], e[j])
+    # From the (N, N) Gram matrix: gathering e[i], e[j] would take 2 (N^2 / 2) D floats.
+    d2 = (sq[:, None] + sq[None, :] - 2 * (e @ e.T))[i, j]
     return np.sqrt(np.maximum(d2, 0.0)), np.asarray(labels)[i] == np.asarray(labels)[j]
+
+
+def false_match_curve(impostor_distances: np.ndarray, *, data: str) -> dict[str, Any] | None:
+    """The false-match curve of different-identity pairs, as a ``model.json`` ``false_match`` record.
+
+    F1(d) is the fraction of the pairs whose L2 distance is <= d. It is tabulated at
+    :data:`FALSE_MATCH_POINTS` log-spaced rates r from 1 / n to 1, plus 0.5: the point for r is
+    the floor(r n)-th smallest distance (the smallest for r n < 1), rounded up to
+    :data:`DISTANCE_DECIMALS` decimals. A distance reached by several rates is kept once, and each
+    point's rate is then counted exactly, (number of distances <= the stored distance) / n, and
+    rounded to :data:`RATE_DIGITS` significant digits. The server interpolates linearly between
+    the points (:class:`facegallery.server.gallery.decision.FalseMatchCurve`, which parses the
+    record).
+
+    Parameters
+    ----------
+    impostor_distances : (n,) float
+        L2 distances of the different-identity pairs (``distances[~same]`` of
+        :func:`all_pairs_distances`), in any order.
+    data : str
+        Where the pairs come from; stored as ``data``.
+
+    Returns
+    -------
+    dict or None
+        ``{"distances": [...], "rates": [...], "pairs": n, "data": data}``: distances strictly
+        ascending, rates non-decreasing in (0, 1], of equal length; None when the pairs give fewer
+        than 2 distinct distances (the curve needs 2 points).
+    """
+    dist = np.sort(np.asarray(impostor_distances, dtype=np.float64).ravel())
+    n = len(dist)
+    if n < 2:
+        return None
+    rates = np.unique(np.concatenate([np.logspace(np.log10(1 / n), 0, FALSE_MATCH_POINTS), [0.5]]))
+    index = np.clip(np.floor(rates * n * (1 + 1e-12)).astype(np.int64) - 1, 0, n - 1)  # 1e-12: round-off of r n
+    # Rounded up, so that every point counts at least the distance it was taken at.
+    scale = 10.0**DISTANCE_DECIMALS
+    picked = dist[index]
+    steps = np.ceil(picked * scale)
+    steps = np.where(steps / scale < picked, steps + 1, steps)  # round-off of picked * scale
+    points = np.unique(steps / scale)
+    if len(points) < 2:
+        return None
+    counts = np.searchsorted(dist, points, side="right")
+    return {
+        "distances": [float(d) for d in points],
+        "rates": [float(f"{c / n:.{RATE_DIGITS}g}") for c in counts],
+        "pairs": int(n),
+        "data": data,
+    }
 
 
 def _trained_identities(model_dir: Path) -> set[str]:
@@ -131,7 +198,8 @@ def calibrate(
     far : float
         Target false accept rate, in (0, 1).
     write : bool
-        Store ``threshold`` and a ``calibration`` record in ``model.json``.
+        Store ``threshold`` with a ``calibration`` record and the ``false_match`` curve in
+        ``model.json`` (a curve left from earlier data is removed if these pairs give none).
     min_images, name_range, kind, cache_dir : as for ``facegallery train``.
     threads : int
         onnxruntime threads.
@@ -177,16 +245,22 @@ def calibrate(
     if impostors * far < 1:
         raise ValueError(f"FAR {far:g} needs at least {math.ceil(1 / far)} different-identity pairs, the data gives {impostors}")
     figures = tar_at_far(distances, same, far)
+    source = Path(data_dir).name + (f" (names {name_range})" if name_range else "")
+    curve = false_match_curve(
+        distances[~same], data=f"{source}: {len(data.identities)} unseen identities, {len(data)} images (facegallery calibrate)")
+    if curve is None:
+        logger.warning("the different-identity pairs give fewer than 2 distinct distances: no false-match curve")
     result = CalibrationResult(
         threshold=float(figures["threshold"]), tar=float(figures["tar"]), far=float(figures["far"]), target_far=far,
         genuine=int(figures["genuine"]), impostor=int(figures["impostor"]), identities=len(data.identities),
-        images=len(data), skipped=len(data.skipped), excluded=excluded,
+        images=len(data), skipped=len(data.skipped), excluded=excluded, false_match=curve,
     )
     logger.info("threshold %.4f at FAR %.2e: TAR %.4f", result.threshold, result.far, result.tar)
     if write:
         record = {"method": "threshold at target FAR on unseen identities (facegallery calibrate)",
                   "data": Path(data_dir).name, **result.to_json()}
         record.pop("excluded")
-        manifest.with_updates(threshold=result.threshold, calibration=record).write(model_dir)
+        record.pop("false_match")  # stored as model.json false_match
+        manifest.with_updates(threshold=result.threshold, calibration=record, false_match=curve).write(model_dir)
         ModelManifest.load(model_dir)  # checksums still verify: only model.json changed
     return result

@@ -127,7 +127,8 @@ def train(data_dir: Path, out: Path, init: Path | None, quiet: bool, **options) 
 @_with(_data_options)
 def calibrate(model_dir: Path, data_dir: Path, far: float, dry_run: bool, as_json: bool, **options) -> None:
     """Choose MODEL_DIR's threshold at a target FAR on the identities of DATA_DIR (people the model
-    was not trained on), store it in model.json and report TAR at that FAR."""
+    was not trained on), store it in model.json with the false-match curve of the different-person
+    pairs, and report TAR at that FAR."""
     from facegallery.export.train.calibrate import calibrate as run
 
     try:
@@ -140,6 +141,11 @@ def calibrate(model_dir: Path, data_dir: Path, far: float, dry_run: bool, as_jso
     click.echo(f"{result.identities} identities, {result.images} images ({result.skipped} without a face); "
                f"{result.genuine} same pairs, {result.impostor} different pairs")
     click.echo(f"threshold {result.threshold:.4f} (L2) at FAR {result.far:.2e} (target {far:g}): TAR {100 * result.tar:.2f}%")
+    if result.false_match is not None:
+        click.echo(f"false-match curve: {len(result.false_match['distances'])} points")
+    else:
+        click.echo("no false-match curve: the different pairs give fewer than 2 distinct distances")
     if result.excluded:
         click.echo(f"left out {len(result.excluded)} identities the model was trained on")
-    click.echo("model.json unchanged (--dry-run)" if dry_run else f"wrote threshold to {model_dir / MANIFEST_NAME}")
+    written = "threshold and false-match curve" if result.false_match is not None else "threshold"
+    click.echo("model.json unchanged (--dry-run)" if dry_run else f"wrote {written} to {model_dir / MANIFEST_NAME}")

@@ -23,7 +23,9 @@ serves either.
       "sources": {"dlib_face_recognition_resnet_model_v1.dat": "<sha256>", ...},
       "detector": {...},                # MMOD decoding parameters (window, stride, NMS), see facegallery.server.face.detect
       "head": {"kind": "abs_diff" | "chi2"}                          # only with files.head
-      "calibration": {...}                                           # optional, free-form
+      "calibration": {...},                                          # optional, free-form
+      "false_match": {"distances": [...], "rates": [...],            # optional: per-comparison false-match
+                      "pairs": n, "data": "..."}                     # rate F1(d) of different people (calibrate)
     }
 
 The embedder maps ``image`` ``(N, size, size, 3) float32`` RGB 0..255 to ``embedding``
@@ -106,6 +108,7 @@ class ModelManifest:
     detector: dict[str, Any] | None = None
     head: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    false_match: dict[str, Any] | None = None
 
     @property
     def model_id(self) -> str:
@@ -126,7 +129,7 @@ class ModelManifest:
         ``embedder_input`` and ``flip_augment``. Not hashed: ``name``, ``version``,
         ``threshold`` (a decision setting, stored per gallery), the detector and landmark models
         (they choose the face and its landmarks, not the chip-to-embedding mapping), the head,
-        ``sources`` and ``calibration``.
+        ``sources``, ``calibration`` and ``false_match``.
 
         Parameters
         ----------
@@ -162,7 +165,7 @@ class ModelManifest:
         out: dict[str, Any] = {"format": FORMAT}
         out.update(dataclasses.asdict(self))
         out["chip"]["template"] = [list(p) for p in self.chip.template]
-        for key in ("detector", "head", "calibration"):
+        for key in ("detector", "head", "calibration", "false_match"):
             if out[key] is None:
                 del out[key]
         return out
@@ -193,6 +196,7 @@ class ModelManifest:
                 detector=data.get("detector"),
                 head=data.get("head"),
                 calibration=data.get("calibration"),
+                false_match=data.get("false_match"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"malformed model.json: {exc!r}") from exc

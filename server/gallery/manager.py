@@ -22,8 +22,11 @@ calls on embeddings (enroll, identify_embedding, import) need it to equal the em
 (FAILED_PRECONDITION) is raised instead of comparing unrelated embeddings. Galleries that still
 record a legacy id (the embedder file's sha256, before embedding ids) are migrated on open.
 
-Distances are Euclidean (L2) between embeddings; a probe matches an identity when the distance
-to its nearest template is <= the threshold (0.6 for the default dlib model).
+Decisions: each gallery has a decision policy (decision.py): a fixed L2 threshold, or a target
+false positive identification rate (FPIR) that the threshold follows as the gallery changes,
+optionally on S-norm scores (open_set.py). New galleries get ``DEFAULT_POLICY``. An identity's
+distance is that of its nearest template; 1:1 calls (verify, compare) use the gallery's or the
+model's L2 threshold (0.6 for the default dlib model) and report the model's false-match rate.
 Results are the frozen dataclasses of results.py; arguments are checked by validation.py.
 """
 
@@ -46,9 +49,20 @@ import numpy as np
 from facegallery.server.contract.errors import AlreadyExists, InvalidInput, MultipleFacesError, NoFaceError, NotFound
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.gallery.decision import DEFAULT_POLICY, DecisionPolicy, DecisionStatus, FalseMatchCurve, check_policy
 from facegallery.server.gallery.index import DEFAULT_FACTORY
 from facegallery.server.gallery.indexed_gallery import IndexedGallery
-from facegallery.server.gallery.results import Comparison, EnrollResult, GalleryDeletion, Identification, IdentityPage, ImportResult, Match, Verification
+from facegallery.server.gallery.results import (
+    Comparison,
+    DuplicatePair,
+    EnrollResult,
+    GalleryDeletion,
+    Identification,
+    IdentityPage,
+    ImportResult,
+    Match,
+    Verification,
+)
 from facegallery.server.gallery.snapshot import remove_stale_snapshots, snapshot_path
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, SqliteTemplateStore, TemplateStore
 from facegallery.server.gallery.validation import (
@@ -56,13 +70,14 @@ from facegallery.server.gallery.validation import (
     check_gallery_name,
     check_identity_id,
     check_max_faces,
+    check_max_pairs,
     check_model,
     check_page_size,
     check_top_k,
     decision_threshold,
     decode_page_token,
     encode_page_token,
-    gallery_threshold,
+    score_threshold,
 )
 
 __all__ = [
@@ -150,6 +165,10 @@ class GalleryManager:
         self.pipeline = pipeline
         self.index_dir = Path(index_dir)
         self.index_factory = index_factory
+        flip = pipeline.model_id == pipeline.manifest.embedding_id(True)
+        self.false_match = FalseMatchCurve.from_json(pipeline.manifest.false_match, flip_augment=flip)
+        if pipeline.manifest.false_match and self.false_match is None:
+            LOG.warning("the model's false-match curve is not for embeddings %s flip augmentation: small galleries decide with its threshold", "with" if flip else "without")
         self._lock = threading.Lock()  # guards _galleries; held across a creation's store insert and registration
         self._galleries: dict[str, IndexedGallery] = {}
         self._closed = threading.Event()
@@ -157,11 +176,12 @@ class GalleryManager:
         started = time.perf_counter()
         for record in store.list_galleries():
             record = self._migrate_legacy_model_id(record)
-            self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, factory=index_factory)
+            self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, factory=index_factory, **self._decisions())
         remove_stale_snapshots(self.index_dir, [g.key for g in self._galleries.values()])
         if DEFAULT_GALLERY not in self._galleries:
             self.create_gallery(DEFAULT_GALLERY)
         LOG.info("loaded %d galleries in %.2f s", len(self._galleries), time.perf_counter() - started)
+        threading.Thread(target=self._warm_up, name="calibrate-galleries", daemon=True).start()
         self._snapshotter: threading.Thread | None = None
         if snapshot_interval_s is not None:
             self._snapshotter = threading.Thread(target=self._snapshot_loop, args=(snapshot_interval_s,), name="index-snapshots", daemon=True)
@@ -207,7 +227,7 @@ class GalleryManager:
 
     # -- galleries ---------------------------------------------------------------------------
 
-    def create_gallery(self, name: str, *, threshold: float | None = None) -> GalleryRecord:
+    def create_gallery(self, name: str, *, threshold: float | None = None, policy: DecisionPolicy | None = None) -> GalleryRecord:
         """Create an empty gallery bound to the server's model (``pipeline.model_id``).
 
         Parameters
@@ -215,24 +235,85 @@ class GalleryManager:
         name : str
             1..128 characters of ``[A-Za-z0-9_.-]``.
         threshold : float, optional
-            Decision threshold (L2 distance, > 0); default the model's.
+            A fixed L2 decision threshold (> 0): shorthand for ``DecisionPolicy.fixed``.
+        policy : DecisionPolicy, optional
+            The decision policy; neither given: ``DEFAULT_POLICY`` (target FPIR 0.01, S-norm).
 
         Raises
         ------
         InvalidInput
-            Malformed name or threshold (INVALID_ARGUMENT).
+            Malformed name or policy, or both threshold and policy (INVALID_ARGUMENT).
         AlreadyExists
             The name is taken (ALREADY_EXISTS).
         """
         check_gallery_name(name)
-        threshold = gallery_threshold(threshold, self.model.threshold)
+        policy = self._policy(threshold, policy)
+        l2 = self._l2_threshold(policy)
         with self._lock:
             record = self.store.create_gallery(
-                name, model_id=self.pipeline.model_id, threshold=threshold, metric=self.model.metric, embedding_dim=self.model.embedding_dim
+                name, model_id=self.pipeline.model_id, threshold=l2, metric=self.model.metric, embedding_dim=self.model.embedding_dim, policy=policy
             )
-            self._galleries[name] = IndexedGallery.empty(self.store, record, index_dir=self.index_dir, factory=self.index_factory)
-        LOG.info("created gallery %r (threshold %.3f)", name, threshold)
+            self._galleries[name] = IndexedGallery.empty(self.store, record, index_dir=self.index_dir, factory=self.index_factory, **self._decisions())
+        LOG.info("created gallery %r (%s)", name, policy.describe())
         return record
+
+    def update_gallery(self, name: str, *, policy: DecisionPolicy) -> GalleryRecord:
+        """Give a gallery a new decision policy; the next search decides with it.
+
+        Raises InvalidInput for a malformed policy (INVALID_ARGUMENT), NotFound.
+        """
+        gallery = self._gallery(name)
+        record = gallery.set_policy(check_policy(policy), self._l2_threshold(policy))
+        LOG.info("gallery %r now decides with %s", name, policy.describe())
+        return record
+
+    def decision_status(self, name: str) -> DecisionStatus:
+        """What the gallery decides with now: policy, score kind, threshold, estimated FPIR there,
+        and what the estimate rests on. Raises NotFound."""
+        return self._gallery(name).decision_status()
+
+    def find_duplicates(self, name: str, *, max_pairs: int = 100) -> list[DuplicatePair]:
+        """Pairs of identities the gallery's policy would confuse, best score first.
+
+        Each identity's first template is searched against the other identities with the rule of
+        ``identify``; a pair is reported when the best other is within the threshold (the same
+        person under two ids, or look-alikes). Symmetric pairs are reported once. Costs one
+        search per identity. Raises InvalidInput for ``max_pairs`` outside 1..10000, NotFound.
+        """
+        check_max_pairs(max_pairs)
+        gallery = self._gallery(name)
+        found, calibration = gallery.duplicates()
+        names = {}
+        pairs: dict[frozenset[str], tuple[str, object]] = {}
+        for identity, best in sorted(found, key=lambda item: item[1].score):
+            key = frozenset((identity, best.hit.identity_id))
+            if key not in pairs:
+                pairs[key] = (identity, best)
+        if pairs:
+            ids = [identity for identity, _ in pairs.values()]
+            names = {i: self.store.get_identity(name, i).display_name for i in ids[:max_pairs] if i}
+        out = []
+        for identity, best in list(pairs.values())[:max_pairs]:
+            hit = best.hit  # type: ignore[attr-defined]
+            out.append(
+                DuplicatePair(identity, names.get(identity, ""), hit.identity_id, hit.display_name, best.score, hit.distance, calibration.estimated_fpir(best.score))  # type: ignore[attr-defined]
+            )
+        return out
+
+    def _decisions(self) -> dict[str, object]:
+        """What every gallery decides with besides its policy (IndexedGallery's keywords)."""
+        return {"curve": self.false_match, "fallback_threshold": self.model.threshold}
+
+    def _l2_threshold(self, policy: DecisionPolicy) -> float:
+        """A gallery's L2 threshold (GalleryRecord.threshold): the policy's fixed one, else the model's."""
+        return policy.threshold if policy.threshold is not None else self.model.threshold
+
+    def _policy(self, threshold: float | None, policy: DecisionPolicy | None) -> DecisionPolicy:
+        if threshold is not None and policy is not None:
+            raise InvalidInput("give a threshold or a decision policy, not both")
+        if threshold is not None:
+            return check_policy(DecisionPolicy.fixed(threshold))
+        return check_policy(policy or DEFAULT_POLICY)
 
     def get_gallery(self, name: str) -> GalleryRecord:
         """The gallery with its identity and template counts. Raises NotFound / InvalidInput."""
@@ -336,8 +417,8 @@ class GalleryManager:
         else:
             self._check_embedding_model(state, model_id)
             vector = check_embedding(embedding, state.embedding_dim)
-        (hits,) = state.search(vector[None], 2)
-        duplicate = next((Match.from_hit(h) for h in hits if h.identity_id != identity_id and h.distance <= state.threshold), None)
+        (scored,), calibration = state.identify(vector[None], 1, exclude=[identity_id])
+        duplicate = Match.from_scored(scored[0]) if scored and scored[0].score <= calibration.threshold else None
         item = NewTemplate(identity_id, vector, display_name=display_name, metadata=dict(metadata or {}), source_sha256=sha, face=face)
         (added,) = state.add_templates([item])
         LOG.debug("enrolled template %d of %r in %r", added.template_id, identity_id, state.name)
@@ -386,7 +467,7 @@ class GalleryManager:
         state = self._gallery(gallery)
         self._check_server_model(state)
         check_top_k(top_k)
-        threshold = decision_threshold(threshold, state.threshold)
+        threshold = score_threshold(threshold)
         check_max_faces(max_faces)
         started = time.perf_counter()
         faces = self.pipeline.analyze(image, kind=kind, max_faces=max_faces)
@@ -394,10 +475,10 @@ class GalleryManager:
         if not faces:
             return []
         x = np.stack([f.embedding for f in faces]).astype(np.float32)
-        ranked = state.search(x, top_k)
+        ranked, calibration = state.identify(x, top_k)
         searched = time.perf_counter()
         LOG.debug("identify %r: %d faces, analyze %.1f ms, search %.1f ms", state.name, len(faces), (analyzed - started) * 1e3, (searched - analyzed) * 1e3)
-        return [Identification.from_hits(face, hits, threshold) for face, hits in zip(faces, ranked, strict=True)]
+        return [Identification.decide(face, scored, calibration, threshold) for face, scored in zip(faces, ranked, strict=True)]
 
     def identify_embedding(
         self, gallery: str, embedding: np.ndarray, *, model_id: str | None = None, top_k: int = DEFAULT_TOP_K, threshold: float | None = None
@@ -414,10 +495,10 @@ class GalleryManager:
         state = self._gallery(gallery)
         self._check_embedding_model(state, model_id)
         check_top_k(top_k)
-        threshold = decision_threshold(threshold, state.threshold)
+        threshold = score_threshold(threshold)
         vector = check_embedding(embedding, state.embedding_dim)
-        (hits,) = state.search(vector[None], top_k)
-        return Identification.from_hits(None, hits, threshold)
+        (scored,), calibration = state.identify(vector[None], top_k)
+        return Identification.decide(None, scored, calibration, threshold)
 
     def verify(self, gallery: str, identity_id: str, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, threshold: float | None = None) -> Verification:
         """1:1: the largest face of ``image`` against one identity's templates.
@@ -442,7 +523,9 @@ class GalleryManager:
         distances = np.linalg.norm(templates - probe, axis=1)
         nearest = int(np.argmin(distances))
         distance = float(distances[nearest])
-        return Verification(identity_id, distance, threshold, distance <= threshold, faces[0], self._probability_same(probe, templates[nearest]))
+        return Verification(
+            identity_id, distance, threshold, distance <= threshold, faces[0], self._probability_same(probe, templates[nearest]), self._estimated_far(distance)
+        )
 
     def compare(
         self,
@@ -467,12 +550,16 @@ class GalleryManager:
             faces.append(found[0])
         a, b = (f.embedding.astype(np.float32) for f in faces)
         distance = float(np.linalg.norm(a - b))
-        return Comparison(distance, threshold, distance <= threshold, faces[0], faces[1], self._probability_same(a, b))
+        return Comparison(distance, threshold, distance <= threshold, faces[0], faces[1], self._probability_same(a, b), self._estimated_far(distance))
 
     def embed(self, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, max_faces: int = 0) -> list[Face]:
         """Every face of an image with its embedding, largest first (``[]`` when none)."""
         check_max_faces(max_faces)
         return self.pipeline.analyze(image, kind=kind, max_faces=max_faces)
+
+    def _estimated_far(self, distance: float) -> float | None:
+        """The model's false-match rate at an L2 distance (decision.py ``FalseMatchCurve``), or None."""
+        return None if self.false_match is None else self.false_match.rate(distance)
 
     def _probability_same(self, a: np.ndarray, b: np.ndarray) -> float | None:
         p = self.pipeline.probability_same(a[None], b[None])
@@ -580,6 +667,7 @@ class GalleryManager:
                         LOG.info("import into new gallery %r failed before any template was stored: gallery removed", gallery)
             raise
         LOG.info("imported %d templates into %r (%d skipped)", imported, gallery, skipped)
+        state.decision_status()  # recalibrate now rather than in the first search
         return ImportResult(imported, skipped)
 
     # -- snapshots and lifecycle -------------------------------------------------------------
@@ -609,6 +697,21 @@ class GalleryManager:
             self._snapshotter.join()
         self.snapshot()
         self.store.close()
+
+    def _warm_up(self) -> None:
+        """Calibrate every loaded gallery now (open_set.py), so that the first searches need not wait
+        for it; a search that comes first waits for its gallery's calibration instead."""
+        with self._lock:
+            galleries = list(self._galleries.values())
+        for gallery in galleries:
+            if self._closed.is_set():
+                return
+            try:
+                gallery.decision_status()
+            except NotFound:  # deleted meanwhile
+                continue
+            except Exception:  # the next search retries
+                LOG.exception("calibrating gallery %r failed", gallery.name)
 
     def _snapshot_loop(self, interval_s: float) -> None:
         while not self._closed.wait(interval_s):

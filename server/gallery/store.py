@@ -2,7 +2,8 @@
 
 Tables (schema version :data:`SCHEMA_VERSION`)::
 
-    galleries   gallery_key, name, model_id, threshold, metric, embedding_dim, created, last_seq
+    galleries   gallery_key, name, model_id, threshold, metric, embedding_dim, created, last_seq,
+                policy (JSON decision policy, decision.py; NULL in version-1 stores: the fixed threshold)
     identities  identity_key, gallery_key, identity_id, display_name, metadata (JSON), created, updated
     templates   template_id, identity_key, gallery_key, embedding (float32 BLOB), source_sha256,
                 face (JSON box/landmarks/score), created
@@ -24,6 +25,7 @@ Times are Unix seconds (float). Embeddings are little-endian float32.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import sqlite3
@@ -38,6 +40,7 @@ import numpy as np
 
 from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, NotFound
 from facegallery.server.contract.face import Face
+from facegallery.server.gallery.decision import DecisionPolicy
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -55,7 +58,7 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Template ids per ``IN (...)`` query (SQLite's default host-parameter limit is 32766).
 _IN_CHUNK = 500
 #: Rows per fetch when streaming embeddings.
@@ -70,7 +73,8 @@ CREATE TABLE IF NOT EXISTS galleries (
     metric        TEXT NOT NULL,
     embedding_dim INTEGER NOT NULL,
     created       REAL NOT NULL,
-    last_seq      INTEGER NOT NULL DEFAULT 0
+    last_seq      INTEGER NOT NULL DEFAULT 0,
+    policy        TEXT
 );
 CREATE TABLE IF NOT EXISTS identities (
     identity_key  INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -112,8 +116,10 @@ class GalleryRecord:
     """One gallery row with its counts.
 
     ``model_id`` is the embedding id of the model that computed the templates (manifest.py
-    ``ModelManifest.embedding_id``); ``threshold`` is an L2 distance; ``created`` Unix seconds;
-    ``last_seq`` the newest change (0 before the first template).
+    ``ModelManifest.embedding_id``); ``threshold`` is an L2 distance (the fixed threshold of a
+    fixed policy, else the model's 1:1 threshold, used by verify); ``created`` Unix seconds;
+    ``last_seq`` the newest change (0 before the first template); ``policy`` the gallery's
+    decision policy (decision.py).
     """
 
     key: int
@@ -126,6 +132,7 @@ class GalleryRecord:
     last_seq: int
     identity_count: int
     template_count: int
+    policy: DecisionPolicy
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -231,18 +238,28 @@ class TemplateStore(Protocol):
     :class:`NotFound` (gRPC NOT_FOUND).
     """
 
-    def create_gallery(self, name: str, *, model_id: str, threshold: float, metric: str, embedding_dim: int) -> GalleryRecord: ...
+    def create_gallery(
+        self, name: str, *, model_id: str, threshold: float, metric: str, embedding_dim: int, policy: DecisionPolicy | None = None
+    ) -> GalleryRecord: ...
     def get_gallery(self, name: str) -> GalleryRecord: ...
     def list_galleries(self) -> list[GalleryRecord]: ...
     def delete_gallery(self, name: str) -> tuple[int, int]: ...
     def set_model_id(self, name: str, model_id: str) -> GalleryRecord: ...
-    def add_templates(self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False) -> tuple[list[AddedTemplate | None], int]: ...
-    def get_identity(self, gallery: str, identity_id: str) -> IdentityRecord: ...
-    def list_identities(self, gallery: str, *, after_key: int, limit: int) -> list[IdentityRecord]: ...
-    def update_identity(self, gallery: str, identity_id: str, *, display_name: str | None = None, metadata: dict[str, str] | None = None) -> IdentityRecord: ...
-    def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]: ...
-    def delete_template(self, gallery: str, template_id: int) -> tuple[bool, int]: ...
-    def identity_embeddings(self, gallery: str, identity_id: str) -> tuple[np.ndarray, np.ndarray]: ...
+    def set_policy(self, name: str, policy: DecisionPolicy, threshold: float) -> GalleryRecord: ...
+    def identity_sample(self, gallery: str, limit: int) -> tuple[list[str], np.ndarray]: ...
+    def identity_templates(self, gallery: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """Every identity with its templates: ``(identity_id, template ids (n,) int64, x (n, D)
+        float32)``, in identity order, streamed from one query. Raises NotFound."""
+        conn = self._reader()
+        key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+        cursor = conn.execute(
+            "SELECT i.identity_id, t.template_id, t.embedding FROM identities i JOIN templates t ON t.identity_key = i.identity_key "
+            "WHERE i.gallery_key = ? ORDER BY i.identity_key, t.template_id",
+            (key,),
+        )
+        for identity_id, rows in itertools.groupby(cursor, key=lambda row: row[0]):
+            yield (identity_id, *_stack([(t, b) for _, t, b in rows], dim))
+
     def template_owners(self, template_ids: Iterable[int]) -> dict[int, TemplateOwner]: ...
     def template_ids(self, gallery: str) -> np.ndarray: ...
     def embeddings(self, gallery: str, template_ids: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
@@ -281,9 +298,12 @@ class SqliteTemplateStore:
         self._writer.execute("PRAGMA synchronous=FULL")
         self._writer.execute("PRAGMA foreign_keys=ON")
         version = self._writer.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise RuntimeError(f"{self.path} has schema version {version}; this server reads version {SCHEMA_VERSION}")
+        if version not in (0, 1, SCHEMA_VERSION):
+            raise RuntimeError(f"{self.path} has schema version {version}; this server reads versions 1 and {SCHEMA_VERSION}")
         self._writer.executescript(_SCHEMA)
+        if version == 1:  # version 2 added galleries.policy; NULL keeps each gallery's fixed threshold
+            self._writer.execute("ALTER TABLE galleries ADD COLUMN policy TEXT")
+            LOG.info("migrated store %s from schema version 1 to %d (decision policies)", self.path, SCHEMA_VERSION)
         self._writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         LOG.info("opened store %s", self.path)
 
@@ -349,33 +369,39 @@ class SqliteTemplateStore:
     _GALLERY_SELECT = (
         "SELECT g.gallery_key, g.name, g.model_id, g.threshold, g.metric, g.embedding_dim, g.created, g.last_seq, "
         "(SELECT COUNT(*) FROM identities i WHERE i.gallery_key = g.gallery_key), "
-        "(SELECT COUNT(*) FROM templates t WHERE t.gallery_key = g.gallery_key) FROM galleries g"
+        "(SELECT COUNT(*) FROM templates t WHERE t.gallery_key = g.gallery_key), g.policy FROM galleries g"
     )
 
-    def create_gallery(self, name: str, *, model_id: str, threshold: float, metric: str, embedding_dim: int) -> GalleryRecord:
-        """Insert an empty gallery. Raises AlreadyExists (ALREADY_EXISTS) when ``name`` is taken."""
+    def create_gallery(
+        self, name: str, *, model_id: str, threshold: float, metric: str, embedding_dim: int, policy: DecisionPolicy | None = None
+    ) -> GalleryRecord:
+        """Insert an empty gallery. ``policy`` None: a fixed ``threshold``.
+
+        Raises AlreadyExists (ALREADY_EXISTS) when ``name`` is taken.
+        """
+        policy = policy or DecisionPolicy.fixed(threshold)
         with self._write() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO galleries (name, model_id, threshold, metric, embedding_dim, created) VALUES (?, ?, ?, ?, ?, ?)",
-                    (name, model_id, float(threshold), metric, int(embedding_dim), time.time()),
+                    "INSERT INTO galleries (name, model_id, threshold, metric, embedding_dim, created, policy) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, model_id, float(threshold), metric, int(embedding_dim), time.time(), json.dumps(policy.to_json())),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"gallery {name!r} already exists") from None
             row = conn.execute(self._GALLERY_SELECT + " WHERE g.name = ?", (name,)).fetchone()
-        return GalleryRecord(*row)
+        return _gallery_record(row)
 
     def get_gallery(self, name: str) -> GalleryRecord:
         """The gallery ``name`` with its identity and template counts. Raises NotFound."""
         row = self._reader().execute(self._GALLERY_SELECT + " WHERE g.name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"gallery {name!r} does not exist")
-        return GalleryRecord(*row)
+        return _gallery_record(row)
 
     def list_galleries(self) -> list[GalleryRecord]:
         """Every gallery, in creation order."""
         rows = self._reader().execute(self._GALLERY_SELECT + " ORDER BY g.gallery_key").fetchall()
-        return [GalleryRecord(*row) for row in rows]
+        return [_gallery_record(row) for row in rows]
 
     def delete_gallery(self, name: str) -> tuple[int, int]:
         """Delete a gallery with its identities, templates and change log.
@@ -390,6 +416,32 @@ class SqliteTemplateStore:
             conn.execute("DELETE FROM galleries WHERE gallery_key = ?", (key,))
         return identities, templates
 
+    def set_policy(self, name: str, policy: DecisionPolicy, threshold: float) -> GalleryRecord:
+        """Store gallery ``name``'s decision policy and L2 ``threshold`` (see GalleryRecord); returns the gallery. Raises NotFound."""
+        with self._write() as conn:
+            key = _gallery_key(conn, name)
+            conn.execute("UPDATE galleries SET policy = ?, threshold = ? WHERE gallery_key = ?", (json.dumps(policy.to_json()), float(threshold), key))
+            row = conn.execute(self._GALLERY_SELECT + " WHERE g.gallery_key = ?", (key,)).fetchone()
+        return _gallery_record(row)
+
+    def identity_sample(self, gallery: str, limit: int) -> tuple[list[str], np.ndarray]:
+        """Up to ``limit`` identities with the embedding of each one's first template.
+
+        The sample is deterministic (identities ordered by a multiplicative hash of their key),
+        so repeated calls over an unchanged gallery give the same identities. Returns
+        ``(identity_ids, x (n, D) float32)``. Raises NotFound.
+        """
+        with self._read() as conn:
+            key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+            rows = conn.execute(
+                "SELECT i.identity_id, t.embedding FROM identities i JOIN templates t ON t.template_id = "
+                "(SELECT MIN(template_id) FROM templates WHERE identity_key = i.identity_key) "
+                "WHERE i.gallery_key = ? ORDER BY (i.identity_key * 2654435761) % 4294967296 LIMIT ?",
+                (key, int(limit)),
+            ).fetchall()
+        x = np.stack([_embedding(r[1], dim) for r in rows]) if rows else np.zeros((0, dim), np.float32)
+        return [r[0] for r in rows], x
+
     def set_model_id(self, name: str, model_id: str) -> GalleryRecord:
         """Record ``model_id`` as the model of gallery ``name``'s templates; returns the gallery.
 
@@ -400,7 +452,7 @@ class SqliteTemplateStore:
             key = _gallery_key(conn, name)
             conn.execute("UPDATE galleries SET model_id = ? WHERE gallery_key = ?", (model_id, key))
             row = conn.execute(self._GALLERY_SELECT + " WHERE g.gallery_key = ?", (key,)).fetchone()
-        return GalleryRecord(*row)
+        return _gallery_record(row)
 
     # -- templates ---------------------------------------------------------------------------
 
@@ -573,6 +625,27 @@ class SqliteTemplateStore:
             rows = conn.execute("SELECT template_id, embedding FROM templates WHERE identity_key = ? ORDER BY template_id", (row[0],)).fetchall()
         return _stack(rows, dim)
 
+    def identity_templates(self, gallery: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """Every identity with its templates: ``(identity_id, template ids (n,) int64, x (n, D)
+        float32)``, in identity order, read in blocks of rows (keyset paging). Raises NotFound."""
+        conn = self._reader()
+        key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+        last, current, rows_of = (-1, -1), None, []
+        while rows := conn.execute(
+            "SELECT t.identity_key, i.identity_id, t.template_id, t.embedding FROM templates t JOIN identities i ON i.identity_key = t.identity_key "
+            "WHERE t.gallery_key = ? AND (t.identity_key, t.template_id) > (?, ?) ORDER BY t.identity_key, t.template_id LIMIT ?",
+            (key, *last, _FETCH_ROWS),
+        ).fetchall():
+            last = (rows[-1][0], rows[-1][2])
+            for identity_key, identity_id, template_id, blob in rows:
+                if identity_key != current and rows_of:
+                    yield (rows_of[0][0], *_stack([(t, b) for _, t, b in rows_of], dim))
+                    rows_of = []
+                current = identity_key
+                rows_of.append((identity_id, template_id, blob))
+        if rows_of:
+            yield (rows_of[0][0], *_stack([(t, b) for _, t, b in rows_of], dim))
+
     def template_owners(self, template_ids: Iterable[int]) -> dict[int, TemplateOwner]:
         """The identity of each existing template id (ids that do not exist are left out)."""
         ids = [int(i) for i in template_ids]
@@ -663,6 +736,13 @@ class SqliteTemplateStore:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _gallery_record(row: tuple) -> GalleryRecord:
+    """A galleries row (``_GALLERY_SELECT``) as a record; a NULL policy is the fixed threshold."""
+    *fields, policy = row
+    threshold = fields[3]
+    return GalleryRecord(*fields, policy=DecisionPolicy.from_json(json.loads(policy)) if policy else DecisionPolicy.fixed(threshold))
 
 
 def _missing(gallery: str) -> NoReturn:

@@ -25,8 +25,9 @@ __all__ = [
     "check_top_k",
     "check_page_size",
     "check_max_faces",
-    "gallery_threshold",
     "decision_threshold",
+    "score_threshold",
+    "check_max_pairs",
     "check_embedding",
     "check_model",
     "encode_page_token",
@@ -35,6 +36,8 @@ __all__ = [
 
 #: Most candidate identities per probe.
 MAX_TOP_K = 100
+#: Most pairs one duplicates listing returns.
+MAX_DUPLICATE_PAIRS = 10_000
 #: Most identities per listed page.
 MAX_PAGE_SIZE = 1000
 #: Longest identity id, in characters.
@@ -66,6 +69,20 @@ def check_top_k(top_k: int) -> None:
         raise InvalidInput(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
 
 
+def check_max_pairs(max_pairs: int) -> None:
+    """Raise InvalidInput unless 1 <= ``max_pairs`` <= :data:`MAX_DUPLICATE_PAIRS`."""
+    if not 1 <= max_pairs <= MAX_DUPLICATE_PAIRS:
+        raise InvalidInput(f"max_pairs must be 1..{MAX_DUPLICATE_PAIRS}, got {max_pairs}")
+
+
+def score_threshold(override: float | None) -> float | None:
+    """A search's threshold override on the gallery's score scale (an L2 distance, or an S-norm
+    score, which can be negative): None or finite. Raises InvalidInput otherwise."""
+    if override is not None and not math.isfinite(override):
+        raise InvalidInput(f"threshold must be finite, got {override}")
+    return override
+
+
 def check_page_size(page_size: int) -> None:
     """Raise InvalidInput unless 1 <= ``page_size`` <= :data:`MAX_PAGE_SIZE`."""
     if not 1 <= page_size <= MAX_PAGE_SIZE:
@@ -76,18 +93,6 @@ def check_max_faces(max_faces: int) -> None:
     """Raise InvalidInput for a negative ``max_faces`` (0 means every face)."""
     if max_faces < 0:
         raise InvalidInput(f"max_faces must be >= 0, got {max_faces}")
-
-
-def gallery_threshold(threshold: float | None, default: float) -> float:
-    """A new gallery's decision threshold: ``default`` (the model's) when None, else ``threshold``.
-
-    Raises InvalidInput unless a given ``threshold`` is a finite L2 distance > 0.
-    """
-    if threshold is None:
-        return default
-    if not (math.isfinite(threshold) and threshold > 0):
-        raise InvalidInput(f"threshold must be a positive L2 distance, got {threshold}")
-    return threshold
 
 
 def decision_threshold(override: float | None, default: float) -> float:

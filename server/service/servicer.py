@@ -4,8 +4,10 @@ Every method converts the request, calls the manager, converts the result. Error
 the manager as ``FaceGalleryError`` subclasses and turned into statuses by the interceptor
 (interceptors.py); the statuses each method can end with are listed in its docstring. Wire
 defaults live here: an empty gallery name means ``default``, ``top_k`` 0 means 5, ``page_size``
-0 means 100, an empty ``model_id`` beside an embedding means the server's own
-(``manager.pipeline.model_id``).
+0 means 100, ``max_pairs`` 0 means 100, an empty ``model_id`` beside an embedding means the
+server's own (``manager.pipeline.model_id``); a ``DecisionPolicy`` without a rule means the
+default policy on create, an UNSPECIFIED normalisation or aggregation the default of its rule,
+``cohort_size`` 0 the default k. A ``Gallery`` message is its store record plus ``manager.decision_status``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.contract.errors import InvalidInput, NotFound
 from facegallery.server.contract.face import Face, ImageKind
+from facegallery.server.gallery.decision import DEFAULT_POLICY, Aggregation, DecisionPolicy, DecisionStatus, Normalization, ScoreKind
 from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
-from facegallery.server.gallery.results import Identification, Match
+from facegallery.server.gallery.results import DuplicatePair, Identification, Match
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
 from facegallery.server.service.status import status_of
 from facegallery.v1 import gallery_service_pb2 as pb
@@ -45,8 +48,21 @@ _FACE_POLICIES = {
     pb.FACE_POLICY_LARGEST: FacePolicy.LARGEST,
     pb.FACE_POLICY_REJECT_MULTIPLE: FacePolicy.REJECT_MULTIPLE,
 }
+_NORMALIZATIONS = {
+    pb.SCORE_NORMALIZATION_NONE: Normalization.NONE,
+    pb.SCORE_NORMALIZATION_SNORM: Normalization.SNORM,
+}
+_NORMALIZATION_MESSAGES = {v: k for k, v in _NORMALIZATIONS.items()}
+_AGGREGATIONS = {
+    pb.TEMPLATE_AGGREGATION_NEAREST: Aggregation.NEAREST,
+    pb.TEMPLATE_AGGREGATION_MEAN: Aggregation.MEAN,
+}
+_AGGREGATION_MESSAGES = {v: k for k, v in _AGGREGATIONS.items()}
+_SCORE_KINDS = {ScoreKind.DISTANCE: pb.SCORE_KIND_DISTANCE, ScoreKind.SNORM: pb.SCORE_KIND_SNORM}
+#: FindDuplicates pairs when the request's max_pairs is 0.
+DEFAULT_MAX_PAIRS = 100
 _UPDATABLE = {"display_name", "metadata"}
-_E = TypeVar("_E", ImageKind, FacePolicy)
+_E = TypeVar("_E", ImageKind, FacePolicy, Normalization, Aggregation)
 
 
 def server_version() -> str:
@@ -66,21 +82,48 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
     # -- galleries ---------------------------------------------------------------------------
 
     def CreateGallery(self, request: pb.CreateGalleryRequest, context: grpc.ServicerContext) -> pb.Gallery:
-        """OK; INVALID_ARGUMENT bad name or threshold; ALREADY_EXISTS name taken."""
-        return _gallery(self.manager.create_gallery(request.name, threshold=_threshold(request)))
+        """OK; INVALID_ARGUMENT bad name, threshold or policy, or both threshold and policy;
+        ALREADY_EXISTS name taken."""
+        policy = _policy(request.policy, required=False) if request.HasField("policy") else None
+        record = self.manager.create_gallery(request.name, threshold=_threshold(request), policy=policy)
+        return self._gallery_message(record)
 
     def GetGallery(self, request: pb.GetGalleryRequest, context: grpc.ServicerContext) -> pb.Gallery:
         """OK; INVALID_ARGUMENT bad name; NOT_FOUND unknown gallery."""
-        return _gallery(self.manager.get_gallery(request.name))
+        return self._gallery_message(self.manager.get_gallery(request.name))
 
     def ListGalleries(self, request: pb.ListGalleriesRequest, context: grpc.ServicerContext) -> pb.ListGalleriesResponse:
         """OK."""
-        return pb.ListGalleriesResponse(galleries=[_gallery(g) for g in self.manager.list_galleries()])
+        galleries = []
+        for record in self.manager.list_galleries():
+            try:
+                galleries.append(self._gallery_message(record))
+            except NotFound:  # deleted since it was listed
+                continue
+        return pb.ListGalleriesResponse(galleries=galleries)
 
     def DeleteGallery(self, request: pb.DeleteGalleryRequest, context: grpc.ServicerContext) -> pb.DeleteGalleryResponse:
         """OK; INVALID_ARGUMENT bad name; NOT_FOUND unknown gallery."""
         deletion = self.manager.delete_gallery(request.name)
         return pb.DeleteGalleryResponse(deleted_identities=deletion.deleted_identities, deleted_templates=deletion.deleted_templates)
+
+    def UpdateGallery(self, request: pb.UpdateGalleryRequest, context: grpc.ServicerContext) -> pb.Gallery:
+        """OK; INVALID_ARGUMENT bad name, no rule or a policy out of range; NOT_FOUND unknown gallery."""
+        record = self.manager.update_gallery(request.name, policy=_policy(request.policy, required=True))
+        return self._gallery_message(record)
+
+    def FindDuplicates(self, request: pb.FindDuplicatesRequest, context: grpc.ServicerContext) -> pb.FindDuplicatesResponse:
+        """OK (none -> empty ``pairs``); INVALID_ARGUMENT bad name or max_pairs; NOT_FOUND unknown gallery."""
+        name = _gallery_name(request.gallery)
+        pairs = self.manager.find_duplicates(name, max_pairs=request.max_pairs or DEFAULT_MAX_PAIRS)
+        status = self.manager.decision_status(name)
+        return pb.FindDuplicatesResponse(
+            pairs=[_duplicate_pair(p) for p in pairs], score_kind=_score_kind(status.score_kind), threshold=status.threshold
+        )
+
+    def _gallery_message(self, record: GalleryRecord) -> pb.Gallery:
+        """The ``Gallery`` message of a record and its gallery's current decision status."""
+        return _gallery(record, self.manager.decision_status(record.name))
 
     # -- enrollment --------------------------------------------------------------------------
 
@@ -172,6 +215,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             is_match=result.is_match,
             face=_face(result.face),
             probability_same=result.probability_same,  # None leaves the optional field unset
+            estimated_far=result.estimated_far,
         )
 
     def Compare(self, request: pb.CompareRequest, context: grpc.ServicerContext) -> pb.CompareResponse:
@@ -186,6 +230,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             face_a=_face(result.face_a),
             face_b=_face(result.face_b),
             probability_same=result.probability_same,  # None leaves the optional field unset
+            estimated_far=result.estimated_far,
         )
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
@@ -237,7 +282,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         """The gallery, then every template; NOT_FOUND unknown gallery."""
         record, templates = self.manager.export_gallery(_gallery_name(request.gallery))
         try:
-            yield pb.ExportGalleryResponse(gallery=_gallery(record))
+            yield pb.ExportGalleryResponse(gallery=self._gallery_message(record))
             for template in templates:
                 yield pb.ExportGalleryResponse(template=_exported(template))
         finally:
@@ -287,6 +332,42 @@ def _image_kind(kind: int) -> ImageKind:
 
 def _face_policy(policy: int) -> FacePolicy:
     return _enum_value(_FACE_POLICIES, policy, "face policy")
+
+
+def _policy(message: pb.DecisionPolicy, *, required: bool) -> DecisionPolicy:
+    """The engine's policy of a request's ``DecisionPolicy`` (the gallery layer checks the ranges).
+
+    No rule: ``DEFAULT_POLICY`` unless ``required`` (or normalisation / cohort size /
+    aggregation are set, which mean nothing without a rule): InvalidInput. UNSPECIFIED
+    normalisation: SNORM with a target FPIR, NONE with a threshold; UNSPECIFIED aggregation:
+    MEAN with a target FPIR (as ``DEFAULT_POLICY``), NEAREST with a threshold; cohort_size 0: the
+    default k (with a threshold, any other k is InvalidInput; a SNORM threshold is refused by
+    ``check_policy``).
+    """
+    rule = message.WhichOneof("rule")
+    if rule is None:
+        if required:
+            raise InvalidInput("the decision policy needs a rule: threshold or target_fpir")
+        if (
+            message.normalization != pb.SCORE_NORMALIZATION_UNSPECIFIED
+            or message.cohort_size
+            or message.aggregation != pb.TEMPLATE_AGGREGATION_UNSPECIFIED
+        ):
+            raise InvalidInput("normalization, cohort_size and aggregation need a rule: threshold or target_fpir")
+        return DEFAULT_POLICY
+    fields: dict[str, object] = {}
+    if message.normalization != pb.SCORE_NORMALIZATION_UNSPECIFIED:
+        fields["normalization"] = _enum_value(_NORMALIZATIONS, message.normalization, "score normalization")
+    if message.cohort_size:
+        fields["cohort_size"] = message.cohort_size
+    if message.aggregation != pb.TEMPLATE_AGGREGATION_UNSPECIFIED:
+        fields["aggregation"] = _enum_value(_AGGREGATIONS, message.aggregation, "template aggregation")
+    if rule == "threshold":
+        if message.cohort_size:
+            raise InvalidInput("cohort_size goes with target_fpir; a fixed threshold has no cohort")
+        return DecisionPolicy(threshold=message.threshold, **fields)  # type: ignore[arg-type]
+    fields.setdefault("aggregation", Aggregation.MEAN)
+    return DecisionPolicy.targeting(message.target_fpir, **fields)  # type: ignore[arg-type]
 
 
 def _enum_value(table: dict[int, _E], value: int, what: str) -> _E:
@@ -342,8 +423,14 @@ def _optional_face(face: Face | None) -> pb.Face | None:
     return None if face is None else _face(face)
 
 
+def _score_kind(kind: ScoreKind) -> int:
+    return _SCORE_KINDS[kind]
+
+
 def _match(match: Match) -> pb.Match:
-    return pb.Match(identity_id=match.identity_id, display_name=match.display_name, distance=match.distance, template_id=match.template_id)
+    return pb.Match(
+        identity_id=match.identity_id, display_name=match.display_name, distance=match.distance, template_id=match.template_id, score=match.score
+    )
 
 
 def _identification(result: Identification) -> pb.FaceIdentification:
@@ -353,19 +440,52 @@ def _identification(result: Identification) -> pb.FaceIdentification:
         identity_id=result.identity_id or "",
         distance=result.distance,
         threshold=result.threshold,
+        score=result.score,
+        score_kind=_score_kind(result.score_kind),
+        estimated_fpir=result.estimated_fpir,
     )
 
 
-def _gallery(record: GalleryRecord) -> pb.Gallery:
+def _policy_message(policy: DecisionPolicy) -> pb.DecisionPolicy:
+    """A stored policy as the wire reports it: the rule, its normalisation, k with a target FPIR,
+    and its aggregation."""
+    aggregation = _AGGREGATION_MESSAGES[policy.aggregation]
+    if policy.threshold is not None:
+        return pb.DecisionPolicy(threshold=policy.threshold, normalization=pb.SCORE_NORMALIZATION_NONE, aggregation=aggregation)
+    return pb.DecisionPolicy(
+        target_fpir=policy.target_fpir,
+        normalization=_NORMALIZATION_MESSAGES[policy.normalization],
+        cohort_size=policy.cohort_size,
+        aggregation=aggregation,
+    )
+
+
+def _gallery(record: GalleryRecord, status: DecisionStatus) -> pb.Gallery:
     return pb.Gallery(
         name=record.name,
         model_id=record.model_id,
-        threshold=record.threshold,
+        threshold=status.threshold,
         metric=record.metric,
         embedding_dim=record.embedding_dim,
         identity_count=record.identity_count,
         template_count=record.template_count,
         create_time=_timestamp(record.created),
+        policy=_policy_message(status.policy),
+        score_kind=_score_kind(status.score_kind),
+        estimated_fpir=status.estimated_fpir,
+        threshold_basis=status.basis,
+    )
+
+
+def _duplicate_pair(pair: DuplicatePair) -> pb.DuplicatePair:
+    return pb.DuplicatePair(
+        identity_a=pair.identity_a,
+        display_name_a=pair.display_name_a,
+        identity_b=pair.identity_b,
+        display_name_b=pair.display_name_b,
+        score=pair.score,
+        distance=pair.distance,
+        estimated_fpir=pair.estimated_fpir,
     )
 
 

@@ -23,6 +23,24 @@ class FacePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FACE_POLICY_UNSPECIFIED: _ClassVar[FacePolicy]
     FACE_POLICY_LARGEST: _ClassVar[FacePolicy]
     FACE_POLICY_REJECT_MULTIPLE: _ClassVar[FacePolicy]
+
+class ScoreNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORE_NORMALIZATION_UNSPECIFIED: _ClassVar[ScoreNormalization]
+    SCORE_NORMALIZATION_NONE: _ClassVar[ScoreNormalization]
+    SCORE_NORMALIZATION_SNORM: _ClassVar[ScoreNormalization]
+
+class ScoreKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORE_KIND_UNSPECIFIED: _ClassVar[ScoreKind]
+    SCORE_KIND_DISTANCE: _ClassVar[ScoreKind]
+    SCORE_KIND_SNORM: _ClassVar[ScoreKind]
+
+class TemplateAggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEMPLATE_AGGREGATION_UNSPECIFIED: _ClassVar[TemplateAggregation]
+    TEMPLATE_AGGREGATION_NEAREST: _ClassVar[TemplateAggregation]
+    TEMPLATE_AGGREGATION_MEAN: _ClassVar[TemplateAggregation]
 IMAGE_KIND_UNSPECIFIED: ImageKind
 IMAGE_KIND_PHOTO: ImageKind
 IMAGE_KIND_FACE_CROP: ImageKind
@@ -30,6 +48,15 @@ IMAGE_KIND_ALIGNED_CHIP: ImageKind
 FACE_POLICY_UNSPECIFIED: FacePolicy
 FACE_POLICY_LARGEST: FacePolicy
 FACE_POLICY_REJECT_MULTIPLE: FacePolicy
+SCORE_NORMALIZATION_UNSPECIFIED: ScoreNormalization
+SCORE_NORMALIZATION_NONE: ScoreNormalization
+SCORE_NORMALIZATION_SNORM: ScoreNormalization
+SCORE_KIND_UNSPECIFIED: ScoreKind
+SCORE_KIND_DISTANCE: ScoreKind
+SCORE_KIND_SNORM: ScoreKind
+TEMPLATE_AGGREGATION_UNSPECIFIED: TemplateAggregation
+TEMPLATE_AGGREGATION_NEAREST: TemplateAggregation
+TEMPLATE_AGGREGATION_MEAN: TemplateAggregation
 
 class Image(_message.Message):
     __slots__ = ("data", "kind")
@@ -70,19 +97,35 @@ class Face(_message.Message):
     def __init__(self, box: _Optional[_Union[BoundingBox, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Match(_message.Message):
-    __slots__ = ("identity_id", "display_name", "distance", "template_id")
+    __slots__ = ("identity_id", "display_name", "distance", "template_id", "score")
     IDENTITY_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     identity_id: str
     display_name: str
     distance: float
     template_id: int
-    def __init__(self, identity_id: _Optional[str] = ..., display_name: _Optional[str] = ..., distance: _Optional[float] = ..., template_id: _Optional[int] = ...) -> None: ...
+    score: float
+    def __init__(self, identity_id: _Optional[str] = ..., display_name: _Optional[str] = ..., distance: _Optional[float] = ..., template_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class DecisionPolicy(_message.Message):
+    __slots__ = ("threshold", "target_fpir", "normalization", "cohort_size", "aggregation")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FPIR_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    target_fpir: float
+    normalization: ScoreNormalization
+    cohort_size: int
+    aggregation: TemplateAggregation
+    def __init__(self, threshold: _Optional[float] = ..., target_fpir: _Optional[float] = ..., normalization: _Optional[_Union[ScoreNormalization, str]] = ..., cohort_size: _Optional[int] = ..., aggregation: _Optional[_Union[TemplateAggregation, str]] = ...) -> None: ...
 
 class Gallery(_message.Message):
-    __slots__ = ("name", "model_id", "threshold", "metric", "embedding_dim", "identity_count", "template_count", "create_time")
+    __slots__ = ("name", "model_id", "threshold", "metric", "embedding_dim", "identity_count", "template_count", "create_time", "policy", "score_kind", "estimated_fpir", "threshold_basis")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +134,10 @@ class Gallery(_message.Message):
     IDENTITY_COUNT_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FPIR_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_BASIS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_id: str
     threshold: float
@@ -99,7 +146,11 @@ class Gallery(_message.Message):
     identity_count: int
     template_count: int
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., threshold: _Optional[float] = ..., metric: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., identity_count: _Optional[int] = ..., template_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    policy: DecisionPolicy
+    score_kind: ScoreKind
+    estimated_fpir: float
+    threshold_basis: str
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., threshold: _Optional[float] = ..., metric: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., identity_count: _Optional[int] = ..., template_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[DecisionPolicy, _Mapping]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., estimated_fpir: _Optional[float] = ..., threshold_basis: _Optional[str] = ...) -> None: ...
 
 class Template(_message.Message):
     __slots__ = ("template_id", "identity_id", "source_sha256", "face", "create_time")
@@ -141,12 +192,22 @@ class Identity(_message.Message):
     def __init__(self, identity_id: _Optional[str] = ..., display_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., template_count: _Optional[int] = ..., templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateGalleryRequest(_message.Message):
-    __slots__ = ("name", "threshold")
+    __slots__ = ("name", "threshold", "policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     threshold: float
-    def __init__(self, name: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+    policy: DecisionPolicy
+    def __init__(self, name: _Optional[str] = ..., threshold: _Optional[float] = ..., policy: _Optional[_Union[DecisionPolicy, _Mapping]] = ...) -> None: ...
+
+class UpdateGalleryRequest(_message.Message):
+    __slots__ = ("name", "policy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    policy: DecisionPolicy
+    def __init__(self, name: _Optional[str] = ..., policy: _Optional[_Union[DecisionPolicy, _Mapping]] = ...) -> None: ...
 
 class GetGalleryRequest(_message.Message):
     __slots__ = ("name",)
@@ -260,18 +321,24 @@ class IdentifyRequest(_message.Message):
     def __init__(self, gallery: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., top_k: _Optional[int] = ..., threshold: _Optional[float] = ..., max_faces: _Optional[int] = ...) -> None: ...
 
 class FaceIdentification(_message.Message):
-    __slots__ = ("face", "matches", "identity_id", "distance", "threshold")
+    __slots__ = ("face", "matches", "identity_id", "distance", "threshold", "score", "score_kind", "estimated_fpir")
     FACE_FIELD_NUMBER: _ClassVar[int]
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_ID_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FPIR_FIELD_NUMBER: _ClassVar[int]
     face: Face
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     identity_id: str
     distance: float
     threshold: float
-    def __init__(self, face: _Optional[_Union[Face, _Mapping]] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., identity_id: _Optional[str] = ..., distance: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+    score: float
+    score_kind: ScoreKind
+    estimated_fpir: float
+    def __init__(self, face: _Optional[_Union[Face, _Mapping]] = ..., matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., identity_id: _Optional[str] = ..., distance: _Optional[float] = ..., threshold: _Optional[float] = ..., score: _Optional[float] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., estimated_fpir: _Optional[float] = ...) -> None: ...
 
 class IdentifyResponse(_message.Message):
     __slots__ = ("faces", "model_id")
@@ -314,20 +381,22 @@ class VerifyRequest(_message.Message):
     def __init__(self, gallery: _Optional[str] = ..., identity_id: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("identity_id", "distance", "threshold", "is_match", "face", "probability_same")
+    __slots__ = ("identity_id", "distance", "threshold", "is_match", "face", "probability_same", "estimated_far")
     IDENTITY_ID_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     IS_MATCH_FIELD_NUMBER: _ClassVar[int]
     FACE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_SAME_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FAR_FIELD_NUMBER: _ClassVar[int]
     identity_id: str
     distance: float
     threshold: float
     is_match: bool
     face: Face
     probability_same: float
-    def __init__(self, identity_id: _Optional[str] = ..., distance: _Optional[float] = ..., threshold: _Optional[float] = ..., is_match: _Optional[bool] = ..., face: _Optional[_Union[Face, _Mapping]] = ..., probability_same: _Optional[float] = ...) -> None: ...
+    estimated_far: float
+    def __init__(self, identity_id: _Optional[str] = ..., distance: _Optional[float] = ..., threshold: _Optional[float] = ..., is_match: _Optional[bool] = ..., face: _Optional[_Union[Face, _Mapping]] = ..., probability_same: _Optional[float] = ..., estimated_far: _Optional[float] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
     __slots__ = ("image_a", "image_b", "threshold")
@@ -340,20 +409,22 @@ class CompareRequest(_message.Message):
     def __init__(self, image_a: _Optional[_Union[Image, _Mapping]] = ..., image_b: _Optional[_Union[Image, _Mapping]] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
-    __slots__ = ("distance", "threshold", "is_match", "face_a", "face_b", "probability_same")
+    __slots__ = ("distance", "threshold", "is_match", "face_a", "face_b", "probability_same", "estimated_far")
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     IS_MATCH_FIELD_NUMBER: _ClassVar[int]
     FACE_A_FIELD_NUMBER: _ClassVar[int]
     FACE_B_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_SAME_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FAR_FIELD_NUMBER: _ClassVar[int]
     distance: float
     threshold: float
     is_match: bool
     face_a: Face
     face_b: Face
     probability_same: float
-    def __init__(self, distance: _Optional[float] = ..., threshold: _Optional[float] = ..., is_match: _Optional[bool] = ..., face_a: _Optional[_Union[Face, _Mapping]] = ..., face_b: _Optional[_Union[Face, _Mapping]] = ..., probability_same: _Optional[float] = ...) -> None: ...
+    estimated_far: float
+    def __init__(self, distance: _Optional[float] = ..., threshold: _Optional[float] = ..., is_match: _Optional[bool] = ..., face_a: _Optional[_Union[Face, _Mapping]] = ..., face_b: _Optional[_Union[Face, _Mapping]] = ..., probability_same: _Optional[float] = ..., estimated_far: _Optional[float] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("image", "max_faces")
@@ -378,6 +449,42 @@ class EmbedResponse(_message.Message):
     faces: _containers.RepeatedCompositeFieldContainer[EmbeddedFace]
     model_id: str
     def __init__(self, faces: _Optional[_Iterable[_Union[EmbeddedFace, _Mapping]]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class FindDuplicatesRequest(_message.Message):
+    __slots__ = ("gallery", "max_pairs")
+    GALLERY_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    gallery: str
+    max_pairs: int
+    def __init__(self, gallery: _Optional[str] = ..., max_pairs: _Optional[int] = ...) -> None: ...
+
+class DuplicatePair(_message.Message):
+    __slots__ = ("identity_a", "display_name_a", "identity_b", "display_name_b", "score", "distance", "estimated_fpir")
+    IDENTITY_A_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_A_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_B_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_B_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FPIR_FIELD_NUMBER: _ClassVar[int]
+    identity_a: str
+    display_name_a: str
+    identity_b: str
+    display_name_b: str
+    score: float
+    distance: float
+    estimated_fpir: float
+    def __init__(self, identity_a: _Optional[str] = ..., display_name_a: _Optional[str] = ..., identity_b: _Optional[str] = ..., display_name_b: _Optional[str] = ..., score: _Optional[float] = ..., distance: _Optional[float] = ..., estimated_fpir: _Optional[float] = ...) -> None: ...
+
+class FindDuplicatesResponse(_message.Message):
+    __slots__ = ("pairs", "score_kind", "threshold")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[DuplicatePair]
+    score_kind: ScoreKind
+    threshold: float
+    def __init__(self, pairs: _Optional[_Iterable[_Union[DuplicatePair, _Mapping]]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class GetIdentityRequest(_message.Message):
     __slots__ = ("gallery", "identity_id")

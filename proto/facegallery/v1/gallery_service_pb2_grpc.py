@@ -55,6 +55,16 @@ class GalleryServiceStub:
                 request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.DeleteGalleryRequest.SerializeToString,
                 response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.DeleteGalleryResponse.FromString,
                 _registered_method=True)
+        self.UpdateGallery = channel.unary_unary(
+                '/facegallery.v1.GalleryService/UpdateGallery',
+                request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.UpdateGalleryRequest.SerializeToString,
+                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.Gallery.FromString,
+                _registered_method=True)
+        self.FindDuplicates = channel.unary_unary(
+                '/facegallery.v1.GalleryService/FindDuplicates',
+                request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
         self.Enroll = channel.unary_unary(
                 '/facegallery.v1.GalleryService/Enroll',
                 request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.EnrollRequest.SerializeToString,
@@ -164,6 +174,27 @@ class GalleryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateGallery(self, request, context):
+        """Replaces a gallery's decision policy; later searches decide with it. Returns the gallery with
+        its new policy and the threshold it now decides with. Idempotent. NOT_FOUND if unknown;
+        INVALID_ARGUMENT if the policy names no rule or is out of range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindDuplicates(self, request, context):
+        """Pairs of different identities of a gallery that the gallery's policy would confuse: each
+        identity's first template is searched against the other identities with the Identify rule,
+        and a pair is reported when the best other identity scores <= the gallery's threshold
+        (likely the same person enrolled twice, or look-alikes). Each pair once, ranked by score,
+        most similar first. One search per identity. NOT_FOUND if unknown; INVALID_ARGUMENT if
+        max_pairs is out of range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Enroll(self, request, context):
         """Enrolls one face (from an image or a precomputed embedding) as a new template of an identity,
         creating the identity if it does not exist yet. The reply is sent only after the template is
@@ -184,8 +215,9 @@ class GalleryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Identify(self, request, context):
-        """1:N search: for every face in the image, candidate identities ranked by distance and the
-        decision (nearest identity within the threshold, or unknown). No face -> empty `faces`.
+        """1:N search: for every face in the image, candidate identities ranked by score and the
+        decision (the best identity when its score is within the threshold, or unknown), with the
+        estimated FPIR of the answer. No face -> empty `faces`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -302,6 +334,16 @@ def add_GalleryServiceServicer_to_server(servicer, server):
                     servicer.DeleteGallery,
                     request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.DeleteGalleryRequest.FromString,
                     response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.DeleteGalleryResponse.SerializeToString,
+            ),
+            'UpdateGallery': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateGallery,
+                    request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.UpdateGalleryRequest.FromString,
+                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.Gallery.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.FindDuplicatesResponse.SerializeToString,
             ),
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
@@ -488,6 +530,60 @@ class GalleryService:
             '/facegallery.v1.GalleryService/DeleteGallery',
             facegallery_dot_v1_dot_gallery__service__pb2.DeleteGalleryRequest.SerializeToString,
             facegallery_dot_v1_dot_gallery__service__pb2.DeleteGalleryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateGallery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegallery.v1.GalleryService/UpdateGallery',
+            facegallery_dot_v1_dot_gallery__service__pb2.UpdateGalleryRequest.SerializeToString,
+            facegallery_dot_v1_dot_gallery__service__pb2.Gallery.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegallery.v1.GalleryService/FindDuplicates',
+            facegallery_dot_v1_dot_gallery__service__pb2.FindDuplicatesRequest.SerializeToString,
+            facegallery_dot_v1_dot_gallery__service__pb2.FindDuplicatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,312 @@
+"""Scoring probes against one gallery under its decision policy (decision.py), with the state it needs.
+
+:class:`OpenSetScorer` belongs to one :class:`~facegallery.server.gallery.indexed_gallery.IndexedGallery`,
+which calls it with the gallery's read lock held and passes its index. It keeps two derived
+things, both rebuilt from the index when stale:
+
+* **cohort neighbours** per identity: the ascending L2 distances and ids of its
+  ``cohort_size + 1`` nearest other identities (S-norm's template side, one extra so that a
+  leave-one-out search can drop the probe's own identity). Computed on first use, by searching
+  the identity's vectors (``identity_vectors``: its templates, or its mean template);
+  about 3 KB per identity at k = 100; at most :data:`MAX_CACHED_IDENTITIES` are kept (oldest
+  dropped first).
+* the **calibration** (decision.py ``Calibration``): threshold and FPIR estimate from
+  leave-one-out searches of a deterministic sample of M identities.
+
+Both are current within :data:`STALE_FRACTION`: an entry is recomputed once the templates added
+or removed since it was computed exceed that fraction of the templates the gallery had then.
+Costs, for N templates of dimension D and cohort k (flat index): a search scores
+``RERANK_CANDIDATES`` candidates from one search for ``k + 1`` identities (one ``N x D`` scan,
+as a plain search) plus one batched search for the candidates whose neighbours are not cached;
+recalibration runs M + (uncached candidates) searches, every ~5% of change, in the thread that
+first needs it (or in the background) while other threads keep the previous calibration.
+Measured by ``bench/open_set.py`` (synthetic embeddings, one faiss thread): at 1M templates a
+distance search takes ~56 ms, an S-norm search ~64 ms with a warm cohort cache and ~670 ms cold,
+a recalibration ~110 s (distance) and ~210 s (S-norm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from facegallery.server.gallery.decision import (
+    RERANK_CANDIDATES,
+    Calibration,
+    DecisionPolicy,
+    FalseMatchCurve,
+    ScoreKind,
+    calibrate,
+    choose_score_kind,
+    cohort_stats,
+    loo_sample_size,
+    probe_cohort_stats,
+    snorm,
+)
+from facegallery.server.contract.errors import NotFound
+from facegallery.server.gallery.index import IdentityHit, VectorIndex, search_identities
+from facegallery.server.gallery.store import TemplateOwner, TemplateStore
+
+__all__ = ["ScoredHit", "OpenSetScorer", "STALE_FRACTION", "MAX_CACHED_IDENTITIES"]
+
+LOG = logging.getLogger(__name__)
+
+#: ``read(fn)`` runs ``fn(index, version)`` under the gallery's read lock and returns its result.
+Reader = Callable[[Callable[[VectorIndex, int], Any]], Any]
+
+#: Derived state is recomputed once this fraction of the gallery's templates has changed.
+STALE_FRACTION = 0.05
+#: Beyond this fraction of change a stale calibration is not used while a new one is computed.
+STALE_BLOCKING = 0.25
+#: Cohort-neighbour entries kept per gallery (about 3 KB each at k = 100, measured: 101 distances
+#: and identity ids).
+MAX_CACHED_IDENTITIES = 100_000
+#: Leave-one-out probes per batched search.
+_LOO_BATCH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredHit:
+    """A candidate identity with its ``score`` (decision.py ``ScoreKind``; lower = more similar)."""
+
+    hit: IdentityHit
+    score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Neighbours:
+    distances: np.ndarray  # (m,) float64 ascending, m <= k + 1
+    ids: tuple[str, ...]
+    version: int  # the gallery's change counter when computed
+    size: int  # templates in the gallery then
+
+
+class OpenSetScorer:
+    """Scores, thresholds and FPIR estimates of one gallery (module docstring).
+
+    Parameters
+    ----------
+    gallery : str
+        The gallery's name in ``store``.
+    store : TemplateStore
+    policy : DecisionPolicy
+    curve : FalseMatchCurve, optional
+        The model's false-match curve.
+    fallback_threshold : float
+        The model's L2 threshold (decision.py ``calibrate``).
+
+    Every method taking ``index`` must be called with the gallery's read lock held;
+    ``version`` is the gallery's count of template changes (adds + removes) so far.
+    Thread-safe otherwise.
+    """
+
+    def __init__(
+        self,
+        gallery: str,
+        store: TemplateStore,
+        policy: DecisionPolicy,
+        curve: FalseMatchCurve | None,
+        *,
+        fallback_threshold: float,
+        identity_vectors: Callable[[str], np.ndarray] | None = None,
+    ) -> None:
+        self.gallery = gallery
+        #: identity id -> ``(n, D) float32`` vectors that stand for it in the searched index
+        #: (default: its templates from the store).
+        self.identity_vectors = identity_vectors or (lambda identity: store.identity_embeddings(gallery, identity)[1])
+        self.policy = policy
+        self._store = store
+        self._curve = curve
+        self._fallback = fallback_threshold
+        self._neighbours: dict[str, _Neighbours] = {}
+        self._cache_lock = threading.Lock()
+        self._calibration: Calibration | None = None
+        self._calibration_at: tuple[int, int] = (0, 0)  # (version, templates) when computed
+        self._calibrating = threading.Lock()
+
+    def set_policy(self, policy: DecisionPolicy) -> None:
+        """Decide with ``policy`` from now on (the next search recalibrates and recomputes cohorts)."""
+        self.policy = policy
+        self._calibration = None
+        with self._cache_lock:
+            self._neighbours.clear()
+
+    # -- searching ---------------------------------------------------------------------------
+
+    def owners(self, template_ids: list[int]) -> Mapping[int, TemplateOwner]:
+        """Template ids -> owners (the store's), for index.py ``search_identities``."""
+        return self._store.template_owners(template_ids)
+
+    def score(
+        self, index: VectorIndex, x: np.ndarray, top_k: int, *, version: int, kind: ScoreKind, exclude: list[str | None] | None = None
+    ) -> list[list[ScoredHit]]:
+        """The ``top_k`` best-scored identities of each probe ``x`` ``(n, D) float32``, best first.
+
+        ``kind`` DISTANCE: nearest identities, score = L2 distance. SNORM: the
+        ``max(top_k, RERANK_CANDIDATES)`` nearest identities get their S-norm score (the probe's
+        cohort from the same search) and are reranked by it. ``exclude[i]`` leaves one identity
+        out of probe i's search (a template of that identity as the probe: enrollment,
+        leave-one-out), also from its candidates' cohorts.
+        """
+        k = self.policy.cohort_size
+        exclude = exclude if exclude is not None else [None] * len(x)
+        extra = 1 if any(e is not None for e in exclude) else 0
+        if kind is ScoreKind.DISTANCE:
+            ranked = search_identities(index, self.owners, x, top_k + extra)
+            return [[ScoredHit(h, h.distance) for h in hits if h.identity_id != out][:top_k] for hits, out in zip(ranked, exclude, strict=True)]
+        candidates = max(top_k, RERANK_CANDIDATES)
+        ranked = search_identities(index, self.owners, x, max(k + 1, candidates) + extra)
+        ranked = [[h for h in hits if h.identity_id != out] for hits, out in zip(ranked, exclude, strict=True)]
+        wanted = {h.identity_id for hits in ranked for h in hits[:candidates]}
+        neighbours = self.neighbours(index, sorted(wanted), version=version)
+        results = []
+        for hits, out in zip(ranked, exclude, strict=True):
+            head = hits[:candidates]
+            if not head:
+                results.append([])
+                continue
+            distances = np.array([h.distance for h in hits], dtype=np.float64)
+            probe_mu, probe_sigma = probe_cohort_stats(distances, np.arange(len(head)), k)
+            stats = np.array([self._template_stats(neighbours[h.identity_id], out, k) for h in head])
+            scores = snorm(distances[: len(head)], probe_mu, probe_sigma, stats[:, 0], stats[:, 1])
+            scores = np.where(np.isfinite(scores), scores, math.inf)
+            order = np.argsort(scores, kind="stable")[:top_k]
+            results.append([ScoredHit(head[i], float(scores[i])) for i in order])
+        return results
+
+    @staticmethod
+    def _template_stats(entry: _Neighbours, exclude: str | None, k: int) -> tuple[float, float]:
+        if exclude is not None and exclude in entry.ids:
+            keep = [i for i, other in enumerate(entry.ids) if other != exclude]
+            return cohort_stats(entry.distances[keep], k)
+        return cohort_stats(entry.distances, k)
+
+    # -- cohort neighbours -------------------------------------------------------------------
+
+    def neighbours(self, index: VectorIndex, identity_ids: list[str], *, version: int) -> dict[str, _Neighbours]:
+        """Cohort neighbours of each identity: cached when current, else computed in one batched search."""
+        size = index.ntotal
+        found: dict[str, _Neighbours] = {}
+        with self._cache_lock:
+            for identity in identity_ids:
+                entry = self._neighbours.get(identity)
+                if entry is not None and version - entry.version <= STALE_FRACTION * entry.size:
+                    found[identity] = entry
+        missing = [i for i in identity_ids if i not in found]
+        if missing:
+            computed = self._compute_neighbours(index, missing, version=version, size=size)
+            found.update(computed)
+            self._remember(computed)
+        return found
+
+    def forget(self, identity_id: str) -> None:
+        """Drop a deleted identity's entry."""
+        with self._cache_lock:
+            self._neighbours.pop(identity_id, None)
+
+    def _remember(self, entries: dict[str, _Neighbours]) -> None:
+        with self._cache_lock:
+            self._neighbours.update(entries)
+            while len(self._neighbours) > MAX_CACHED_IDENTITIES:
+                self._neighbours.pop(next(iter(self._neighbours)))
+
+    def _compute_neighbours(self, index: VectorIndex, identity_ids: list[str], *, version: int, size: int) -> dict[str, _Neighbours]:
+        """One search of every template of the identities for ``k + 2`` identities; an identity's
+        distance to another is the minimum over its templates (an identity in the true top k + 1
+        is within k + 2 of the template that attains it)."""
+        want = self.policy.cohort_size + 1
+        owners: list[str] = []
+        blocks = []
+        for identity in identity_ids:
+            x = self.identity_vectors(identity)
+            owners.extend([identity] * len(x))
+            blocks.append(x)
+        if not blocks:
+            return {}
+        ranked = search_identities(index, self.owners, np.concatenate(blocks), want + 1)
+        merged: dict[str, dict[str, float]] = {i: {} for i in identity_ids}
+        for identity, hits in zip(owners, ranked, strict=True):
+            best = merged[identity]
+            for h in hits:
+                if h.identity_id != identity and h.distance < best.get(h.identity_id, math.inf):
+                    best[h.identity_id] = h.distance
+        entries = {}
+        for identity, best in merged.items():
+            nearest = sorted(best.items(), key=lambda item: item[1])[:want]
+            entries[identity] = _Neighbours(np.array([d for _, d in nearest], dtype=np.float64), tuple(i for i, _ in nearest), version, size)
+        return entries
+
+    # -- calibration -------------------------------------------------------------------------
+
+    def calibration(self, read: Reader) -> Calibration:
+        """The current calibration; recomputed (:meth:`recalibrate`) when stale.
+
+        ``read(fn)`` runs ``fn(index, version)`` under the gallery's read lock; the
+        recalibration takes that lock once per batch of leave-one-out searches, so writes go on
+        between batches. With at most :data:`STALE_BLOCKING` of change since the current
+        calibration, it is recomputed in a background thread and searches keep deciding with the
+        current one meanwhile; with more (the first templates, a bulk import) they wait for it.
+        """
+        version, size = read(lambda index, version: (version, index.ntotal))
+        current, (at_version, at_size) = self._calibration, self._calibration_at
+        if current is not None:
+            changed = version - at_version
+            if changed <= STALE_FRACTION * at_size:
+                return current
+            if changed <= STALE_BLOCKING * at_size:
+                if not self._calibrating.locked():
+                    threading.Thread(target=self._recalibrate_once, args=(read,), name=f"calibrate-{self.gallery}", daemon=True).start()
+                return current
+        with self._calibrating:
+            if self._calibration is not None and self._calibration is not current:
+                return self._calibration  # computed while we waited
+            return self.recalibrate(read)
+
+    def _recalibrate_once(self, read: Reader) -> None:
+        if not self._calibrating.acquire(blocking=False):
+            return  # another thread is on it
+        try:
+            self.recalibrate(read)
+        except NotFound:  # the gallery was deleted meanwhile
+            pass
+        except Exception:  # keep deciding with the previous calibration; the next search retries
+            LOG.exception("recalibrating gallery %r failed", self.gallery)
+        finally:
+            self._calibrating.release()
+
+    def recalibrate(self, read: Reader) -> Calibration:
+        """Leave-one-out searches of the identity sample, then decision.py ``calibrate``."""
+        version, size = read(lambda index, version: (version, index.ntotal))
+        record = self._store.get_gallery(self.gallery)
+        identities = record.identity_count
+        kind = choose_score_kind(self.policy, identities)
+        started = time.perf_counter()
+        loo = self.leave_one_out(read, loo_sample_size(identities), kind=kind)
+        scores = [s.score for _, s in loo if s is not None]
+        result = calibrate(self.policy, identities, kind, scores, self._curve, fallback_threshold=self._fallback, comparisons=record.template_count)
+        self._calibration, self._calibration_at = result, (version, size)
+        LOG.info(
+            "gallery %r: %s threshold %.4f (%s), from %d leave-one-out searches in %.2f s",
+            self.gallery, self.policy.describe(), result.threshold, kind.value, len(loo), time.perf_counter() - started,
+        )
+        return result
+
+    def leave_one_out(self, read: Reader, limit: int, *, kind: ScoreKind) -> list[tuple[str, ScoredHit | None]]:
+        """For up to ``limit`` identities (store.py ``identity_sample``), the best-scored other
+        identity when its first template is the probe (None when there is no other); the read
+        lock is taken per batch of :data:`_LOO_BATCH` searches."""
+        ids, x = self._store.identity_sample(self.gallery, limit)
+        results: list[tuple[str, ScoredHit | None]] = []
+        for start in range(0, len(ids), _LOO_BATCH):
+            batch = ids[start : start + _LOO_BATCH]
+            probes = x[start : start + _LOO_BATCH]
+            best = read(lambda index, version: self.score(index, probes, 1, version=version, kind=kind, exclude=list(batch)))  # noqa: B023
+            results.extend((identity, hits[0] if hits else None) for identity, hits in zip(batch, best, strict=True))
+        return results
