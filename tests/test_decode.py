@@ -139,3 +139,52 @@ def test_byte_and_pixel_limits(photo):
     with pytest.raises(ImageTooLargeError):
         decode_image(data, DecodeLimits(max_pixels=320 * 240 - 1))
     assert decode_image(data, DecodeLimits(max_bytes=len(data), max_pixels=320 * 240)).shape == photo.shape
+
+
+def test_read_header_does_not_decode():
+    from facegallery.server.face.decode import read_header
+
+    header = read_header(_png_header_only(10900, 10900))  # its pixel data is 64 bytes: decoding would fail
+    assert (header.width, header.height, header.mode, header.format) == (10900, 10900, "RGB", "PNG")
+    assert header.pixels == 118_810_000 and header.reducible and not header.transposed
+    with pytest.raises(ImageTooLargeError):
+        read_header(_png_header_only(30000, 30000))
+    with pytest.raises(ImageDecodeError):
+        read_header(b"not an image")
+
+
+def test_read_header_sees_the_orientation(photo):
+    from facegallery.server.face.decode import read_header
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    header = read_header(_encode(Image.fromarray(photo), "JPEG", exif=exif.tobytes()))
+    assert header.transposed and header.upright_size == (photo.shape[1], photo.shape[0])
+    assert header.decoded_pixels(4) == (-(-photo.shape[1] // 4)) * (-(-photo.shape[0] // 4))  # JPEG draft 1/4
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_reduced_decoding(photo, fmt):
+    """reduce=k decodes at ceil(side / k), close to a downscale of the full decode."""
+    big = np.asarray(Image.fromarray(photo).resize((photo.shape[1] * 4, photo.shape[0] * 4), Image.BICUBIC))
+    data = _encode(Image.fromarray(big), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    full = decode_image(data)
+    for k in (2, 3, 4):
+        reduced = decode_image(data, reduce=k)
+        assert reduced.shape == (-(-big.shape[0] // k), -(-big.shape[1] // k), 3) and reduced.dtype == np.uint8
+        expected = np.asarray(Image.fromarray(full).reduce(k), dtype=np.float32)
+        assert np.abs(reduced.astype(np.float32) - expected).mean() < 3
+
+
+def test_reduced_decoding_keeps_orientation_and_transparency(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.ascontiguousarray(np.rot90(photo, 1))
+    upright = decode_image(_encode(Image.fromarray(stored), "PNG", exif=exif.tobytes()), reduce=2)
+    assert upright.shape == (photo.shape[0] // 2, photo.shape[1] // 2, 3)
+    palette = Image.new("P", (64, 64), 0)
+    palette.putpalette([255, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert (decode_image(_encode(palette, "PNG"), reduce=4) == 255).all()  # transparent -> white, as at full size
+    wide = Image.fromarray(np.full((40, 40), 40000, np.uint16))  # 16-bit grey is never reduced
+    assert decode_image(_encode(wide, "PNG"), reduce=4).shape == (40, 40, 3)

@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,11 +24,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fakes import DIM
+from fakes import DIM, FakePipeline
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_store import damaged_store
 
 from facegallery.server.gallery.manager import DEFAULT_GALLERY, INDEX_DIR, STORE_FILE
 from facegallery.server.gallery.snapshot import open_gallery_index, snapshot_path
 from facegallery.server.gallery.store import SqliteTemplateStore
+from facegallery.server.service.app import SERVICE_NAME, ServerConfig, create_server
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
@@ -167,3 +171,64 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, caplog):
         restarted.process.send_signal(signal.SIGTERM)
         assert restarted.process.wait(30) == 0
     assert "server stopped" in restarted.drain_log()
+
+
+def test_a_server_on_a_damaged_store_does_not_start(tmp_path):
+    data_dir = tmp_path / "data"
+    damaged_store(data_dir / STORE_FILE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", SERVER_SCRIPT, str(data_dir)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode != 0
+    assert f"StoreCorruptError: the gallery store {data_dir / STORE_FILE} is damaged" in done.stderr
+    assert "PRAGMA quick_check" in done.stderr and ".recover" in done.stderr
+    assert "listening on" not in done.stderr  # refused before binding or loading anything
+
+
+def test_a_store_failure_at_run_time_turns_health_not_serving(tmp_path, monkeypatch, caplog):
+    running = create_server(ServerConfig(data_dir=tmp_path, port=0, snapshot_interval_s=None, grace_s=1.0), pipeline=FakePipeline())
+    try:
+        with grpc.insecure_channel(f"localhost:{running.port}") as channel:
+            stub = pb_grpc.GalleryServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status() -> list[int]:
+                return [health.Check(health_pb2.HealthCheckRequest(service=name)).status for name in ("", SERVICE_NAME)]
+
+            def fail(exc):
+                def raiser(*args, **kwargs):
+                    raise exc
+
+                monkeypatch.setattr(running.manager.store, "list_identities", raiser)
+
+            stub.ListIdentities(pb.ListIdentitiesRequest())
+            assert status() == [health_pb2.HealthCheckResponse.SERVING] * 2
+            fail(sqlite3.OperationalError("database is locked"))  # not damage: health stays
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListIdentities(pb.ListIdentitiesRequest())
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            assert status() == [health_pb2.HealthCheckResponse.SERVING] * 2
+            fail(sqlite3.DatabaseError("database disk image is malformed"))
+            with caplog.at_level(logging.CRITICAL, logger="facegallery.server.service.app"):
+                for _ in range(2):
+                    with pytest.raises(grpc.RpcError) as caught:
+                        stub.ListIdentities(pb.ListIdentitiesRequest())
+                    assert caught.value.code() == grpc.StatusCode.INTERNAL
+            assert status() == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+            critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+            assert len(critical) == 1 and str(tmp_path / STORE_FILE) in critical[0].getMessage()
+            assert "malformed" in critical[0].getMessage() and "ListIdentities" in critical[0].getMessage()
+    finally:
+        running.stop(None)
+
+
+def test_facegallery_serve_refuses_a_damaged_store_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from facegallery.server.service.cli import make_serve_command
+
+    damaged_store(tmp_path / STORE_FILE)
+    command = make_serve_command(lambda: tmp_path / "no-model")  # refused before the model is loaded
+    result = CliRunner().invoke(command, ["--data-dir", str(tmp_path), "--port", "0", "--integrity-check", "full"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert f"Error: the gallery store {tmp_path / STORE_FILE} is damaged" in result.output and "PRAGMA integrity_check" in result.output

@@ -23,6 +23,16 @@ from facegallery.server.contract.errors import (
 from facegallery.server.gallery.decision import DecisionPolicy
 from facegallery.server.gallery.manager import _IMPORT_BATCH, DEFAULT_GALLERY, STORE_FILE, FacePolicy, GalleryManager
 from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
+from facegallery.server.gallery.validation import (
+    MAX_DISPLAY_NAME_BYTES,
+    MAX_LIST_REPLY_BYTES,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_KEY_BYTES,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_BYTES,
+    MAX_PAGE_SIZE,
+    identity_reply_bytes,
+)
 
 ANN, BOB, CAT, DAN = (200, 10), (10, 200), (120, 120), (60, 250)  # (red, green) = a person
 
@@ -370,3 +380,109 @@ def test_legacy_model_ids_are_migrated_on_open(tmp_path, caplog):
         assert manager.identify("default", shot(ANN, 30))[0].identity_id == "ann"
     finally:
         manager.close()
+
+
+def max_metadata(tag: str = "") -> dict[str, str]:
+    """A map at every metadata limit at once: 64 keys of 128 bytes, two values of 4096 bytes
+    (two-byte characters), 16 KiB in all."""
+    keys = [f"{tag}{i:02d}".ljust(MAX_METADATA_KEY_BYTES, "k") for i in range(MAX_METADATA_KEYS)]
+    values = ["é" * (MAX_METADATA_VALUE_BYTES // 2)] * 2 + [""] * (MAX_METADATA_KEYS - 2)
+    metadata = dict(zip(keys, values, strict=True))
+    assert sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items()) == MAX_METADATA_BYTES
+    return metadata
+
+
+#: (display_name, metadata) over one limit each, and the words its message must contain.
+OVER_LIMITS = [
+    ("é" * (MAX_DISPLAY_NAME_BYTES // 2) + "x", {}, "display_name must be at most 256 bytes"),
+    ("Ann\nBob", {}, "display_name must not contain control characters"),
+    ("", {"": "v"}, "key must be 1..128 bytes"),
+    ("", {"K" * 1_000_000: "v"}, "key must be 1..128 bytes"),
+    ("", {"é" * 64 + "x": "v"}, "key must be 1..128 bytes"),
+    ("", {"a\tb": "v"}, "key must not contain control characters"),
+    ("", {"big": "v" * (MAX_METADATA_VALUE_BYTES + 1)}, "value of key 'big' must be at most 4096 bytes"),
+    ("", {"big": "é" * (MAX_METADATA_VALUE_BYTES // 2) + "x"}, "value of key 'big' must be at most 4096 bytes"),
+    ("", {f"k{i}": "" for i in range(MAX_METADATA_KEYS + 1)}, "at most 64 keys"),
+    ("", {**max_metadata(), "00".ljust(MAX_METADATA_KEY_BYTES, "k"): "é" * 2048 + "x"}, "value of key"),
+    ("", {**max_metadata(), "63".ljust(MAX_METADATA_KEY_BYTES, "k"): "x"}, "at most 16384 bytes in all"),
+]
+
+
+@pytest.mark.parametrize(("display_name", "metadata", "message"), OVER_LIMITS)
+def test_display_names_and_metadata_over_the_limits_are_refused_everywhere(manager, display_name, metadata, message):
+    with pytest.raises(InvalidInput, match=message) as info:
+        manager.enroll("default", "ann", embedding=person_embedding(*ANN), display_name=display_name, metadata=metadata)
+    assert len(str(info.value)) < 300  # the offending key is cut, never echoed whole
+    with pytest.raises(InvalidInput, match=message):
+        manager.enroll("default", "ann", image=shot(ANN), display_name=display_name, metadata=metadata)
+    with pytest.raises(NotFound):
+        manager.get_identity("default", "ann")
+    manager.enroll("default", "ann", embedding=person_embedding(*ANN))
+    with pytest.raises(InvalidInput, match=message):
+        manager.update_identity("default", "ann", display_name=display_name or None, metadata=metadata or None)
+    item = NewTemplate("bob", person_embedding(*BOB), display_name=display_name, metadata=metadata)
+    with pytest.raises(InvalidInput, match=message):
+        manager.import_embeddings("default", manager.pipeline.model_id, [NewTemplate("cat", person_embedding(*CAT)), item])
+    assert [r.identity_id for r in manager.list_identities("default").identities] == ["ann"]
+    assert manager.get_identity("default", "ann").metadata == {}
+
+
+def test_display_names_and_metadata_at_the_limits_are_accepted(manager):
+    name = "é" * (MAX_DISPLAY_NAME_BYTES // 2)
+    full = max_metadata()
+    manager.enroll("default", "ann", embedding=person_embedding(*ANN), display_name=name, metadata=full)
+    manager.enroll("default", "bob", image=shot(BOB), display_name="x" * MAX_DISPLAY_NAME_BYTES, metadata={"é" * 64: "v" * MAX_METADATA_VALUE_BYTES})
+    assert (manager.get_identity("default", "ann").display_name, manager.get_identity("default", "ann").metadata) == (name, full)
+    assert manager.update_identity("default", "bob", display_name=name, metadata=full).metadata == full
+    manager.enroll("default", "ann", embedding=person_embedding(*ANN, 50), metadata={next(iter(full)): "é" * 2048})  # replaces a value: same size
+    result = manager.import_embeddings("copy", manager.pipeline.model_id, [NewTemplate("cat", person_embedding(*CAT), display_name=name, metadata=full)])
+    assert result.imported == 1 and manager.get_identity("copy", "cat").metadata == full
+
+
+def test_metadata_merged_by_enroll_and_import_must_fit_too(manager):
+    full = max_metadata()
+    manager.enroll("default", "ann", embedding=person_embedding(*ANN), metadata=full)
+    with pytest.raises(InvalidInput, match="'ann' merged with its stored metadata must be at most 16384 bytes in all"):
+        manager.enroll("default", "ann", embedding=person_embedding(*ANN, 50), metadata={"02".ljust(MAX_METADATA_KEY_BYTES, "k"): "x"})
+    with pytest.raises(InvalidInput, match="merged with its stored metadata may have at most 64 keys"):
+        manager.enroll("default", "ann", image=shot(ANN, 50), metadata={"x": ""})
+    with pytest.raises(InvalidInput, match="merged with its stored metadata"):
+        manager.import_embeddings("default", manager.pipeline.model_id, [NewTemplate("ann", person_embedding(*ANN, 80), metadata={"x": ""})])
+    ann = manager.get_identity("default", "ann")
+    assert (ann.template_count, ann.metadata) == (1, full)
+    # within one import stream: items of one identity merge
+    half = {k: v for k, v in list(full.items())[:40]}
+    rest = {k[:-1] + "x": v for k, v in list(full.items())[:40]}
+    items = [NewTemplate("bob", person_embedding(*BOB), metadata=half), NewTemplate("bob", person_embedding(*BOB, 30), metadata=rest)]
+    with pytest.raises(InvalidInput, match="'bob' merged over the import's items may have at most 64 keys"):
+        manager.import_embeddings("default", manager.pipeline.model_id, items)
+    with pytest.raises(NotFound):
+        manager.get_identity("default", "bob")
+    # replacing the whole map (update) is checked on its own, not merged
+    assert manager.update_identity("default", "ann", metadata={"x": "y"}).metadata == {"x": "y"}
+    assert manager.enroll("default", "ann", embedding=person_embedding(*ANN, 50), metadata={"z": "w"}).template_id
+
+
+def test_identity_pages_shrink_to_fit_the_reply_limit(manager):
+    count = 120
+    for i in range(count):
+        manager.enroll("default", f"id-{i:03d}-" + "i" * 248, embedding=person_embedding(i, 7), display_name="é" * 128, metadata=max_metadata(f"{i}-"))
+    largest = identity_reply_bytes("i" * 256, "é" * 128, max_metadata("000-"))
+    assert largest < 19 * 1024  # one identity without templates, every field at its limit
+    seen, pages, token = [], 0, ""
+    while True:
+        page = manager.list_identities("default", page_size=MAX_PAGE_SIZE, page_token=token)
+        pages += 1
+        size = sum(identity_reply_bytes(r.identity_id, r.display_name, r.metadata) for r in page.identities)
+        assert 0 < len(page.identities) < count and size <= MAX_LIST_REPLY_BYTES - 64
+        seen += [r.identity_id for r in page.identities]
+        if not (token := page.next_page_token):
+            break
+    assert seen == [f"id-{i:03d}-" + "i" * 248 for i in range(count)] and pages == 3
+    # a page holds at least one identity whatever the budget; small identities fill whole pages
+    one = manager.list_identities("default", page_size=10, max_reply_bytes=100)
+    assert len(one.identities) == 1 and one.next_page_token
+    manager.create_gallery("small")
+    for i in range(30):
+        manager.enroll("small", f"s{i}", embedding=person_embedding(i, 9), metadata={"n": str(i)})
+    assert len(manager.list_identities("small", page_size=MAX_PAGE_SIZE).identities) == 30

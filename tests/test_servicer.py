@@ -649,3 +649,41 @@ def test_unavailable_and_not_serving_until_loaded(tmp_path):
         thread.join(10)
         if "server" in started:
             started["server"].stop(1.0)
+
+
+def test_metadata_over_the_limits_is_invalid_argument_and_full_metadata_lists_in_pages(stub):
+    from facegallery.server.gallery.validation import MAX_LIST_REPLY_BYTES, MAX_METADATA_KEYS, MAX_PAGE_SIZE
+
+    stub.CreateGallery(pb.CreateGalleryRequest(name="bounded"))
+
+    def full(i: int) -> dict[str, str]:  # every limit at once: 64 keys of 128 bytes, 16 KiB in all
+        keys = [f"{i}-{j:02d}".ljust(128, "k") for j in range(MAX_METADATA_KEYS)]
+        return dict(zip(keys, ["é" * 2048] * 2 + [""] * (MAX_METADATA_KEYS - 2), strict=True))
+
+    over = {"big": "v" * 4097}
+    code, message = status_of(stub.Enroll, pb.EnrollRequest(gallery="bounded", identity_id="x", metadata=over, embedding=embedding(1, 2)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "value of key 'big' must be at most 4096 bytes" in message
+    code, message = status_of(stub.Enroll, pb.EnrollRequest(gallery="bounded", identity_id="x", display_name="n" * 257, image=shot(ANN)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "display_name must be at most 256 bytes" in message
+
+    count = 120  # over two pages of such identities under the test server's 1 MiB message limit
+    requests = (
+        pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="bounded", identity_id=f"p{i:03d}", display_name="é" * 128, metadata=full(i), embedding=embedding(i, 5)))
+        for i in range(count)
+    )
+    assert all(r.code == grpc.StatusCode.OK.value[0] for r in stub.BulkEnroll(requests))
+    (refused,) = stub.BulkEnroll(iter([pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="bounded", identity_id="p000", metadata={"x": ""}, embedding=embedding(1, 5)))]))
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "at most 64 keys" in refused.message  # merged with p000's 64
+    identity = pb.Identity(identity_id="p001", metadata={"k\n": "v"})
+    code, message = status_of(stub.UpdateIdentity, pb.UpdateIdentityRequest(gallery="bounded", identity=identity, update_mask=FieldMask(paths=["metadata"])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "control characters" in message
+
+    seen, token = [], ""
+    while True:
+        page = stub.ListIdentities(pb.ListIdentitiesRequest(gallery="bounded", page_size=MAX_PAGE_SIZE, page_token=token))
+        assert 0 < len(page.identities) < count and page.ByteSize() <= MAX_LIST_REPLY_BYTES < MAX_MESSAGE
+        assert all(dict(r.metadata) == full(int(r.identity_id[1:])) for r in page.identities)
+        seen += [r.identity_id for r in page.identities]
+        if not (token := page.next_page_token):
+            break
+    assert seen == [f"p{i:03d}" for i in range(count)]

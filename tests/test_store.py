@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 
 import numpy as np
 import pytest
 
-from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, NotFound
+from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, NotFound, StoreCorruptError
 from facegallery.server.contract.face import Face
 from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
 
@@ -161,3 +162,58 @@ def test_everything_survives_reopen(tmp_path):
         assert s._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         s.close()
+
+
+def damaged_store(path, templates: int = 3000, dim: int = 128) -> None:
+    """A closed store of ``templates`` templates with 64 KiB of garbage over pages in its middle."""
+    s = SqliteTemplateStore(path)
+    s.create_gallery("g", model_id="m", threshold=0.6, metric="euclidean", embedding_dim=dim)
+    rng = np.random.default_rng(0)
+    s.add_templates("g", [NewTemplate(f"p{i}", rng.standard_normal(dim).astype(np.float32)) for i in range(templates)])
+    s.close()  # checkpoints the WAL into the file
+    size = path.stat().st_size
+    assert size > 4 * 65536
+    with open(path, "r+b") as f:
+        f.seek(size // 2 // 4096 * 4096)
+        f.write(np.random.default_rng(1).bytes(65536))
+
+
+def test_a_damaged_page_is_refused_with_the_file_and_the_repair_options(tmp_path):
+    path = tmp_path / "gallery.sqlite3"
+    damaged_store(path)
+    for level, pragma in (("quick", "quick_check"), ("full", "integrity_check")):
+        with pytest.raises(StoreCorruptError) as caught:
+            SqliteTemplateStore(path, integrity_check=level)
+        message = str(caught.value)
+        assert caught.value.code == "DATA_LOSS"
+        assert str(path) in message and f"PRAGMA {pragma}" in message
+        assert "backup" in message and "export-gallery" in message and f"sqlite3 {path} .recover" in message
+    # "off" opens it; the damage shows when it is read.
+    s = SqliteTemplateStore(path, integrity_check="off")
+    try:
+        with pytest.raises(sqlite3.DatabaseError):
+            s.template_ids("g")
+    finally:
+        s.close()
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    path = tmp_path / "gallery.sqlite3"
+    path.write_bytes(b"not a database" * 1000)
+    with pytest.raises(StoreCorruptError, match="not a database") as caught:
+        SqliteTemplateStore(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_sound_store_passes_both_checks(tmp_path, caplog):
+    path = tmp_path / "gallery.sqlite3"
+    s = SqliteTemplateStore(path)
+    s.create_gallery("g", model_id="m", threshold=0.6, metric="euclidean", embedding_dim=D)
+    s.add_templates("g", [NewTemplate(f"p{i}", vec(i)) for i in range(20)])
+    s.check_integrity("full")
+    s.close()
+    with caplog.at_level("INFO", logger="facegallery.server.gallery.store"):
+        SqliteTemplateStore(path, integrity_check="full").close()
+    assert "passed PRAGMA integrity_check" in caplog.text
+    with pytest.raises(ValueError):
+        SqliteTemplateStore(path, integrity_check="fast")

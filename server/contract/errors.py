@@ -19,7 +19,8 @@ message and a logged traceback.
     │   └── ModelMismatchError            gallery built with another model
     ├── ResourceExhausted                 (RESOURCE_EXHAUSTED)
     │   └── ImageTooLargeError            image over the byte or pixel limit
-    └── ModelError                        (INTERNAL)  missing or corrupt model files
+    ├── ModelError                        (INTERNAL)  missing or corrupt model files
+    └── StoreCorruptError                 (DATA_LOSS)  the SQLite store fails its integrity check
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "ResourceExhausted",
     "ImageTooLargeError",
     "ModelError",
+    "StoreCorruptError",
 ]
 
 
@@ -91,5 +93,19 @@ class ImageTooLargeError(ResourceExhausted):
     """The image is over the configured byte or pixel limit."""
 
 
+class StreamIdleError(FaceGalleryError):
+    """A request stream sent nothing for longer than the server's idle timeout (service/streams.py)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class ModelError(FaceGalleryError):
     """A model directory is missing files, fails its checksums, or disagrees with its manifest."""
+
+
+class StoreCorruptError(FaceGalleryError):
+    """The gallery store (SQLite file) is damaged: it failed ``PRAGMA quick_check`` /
+    ``integrity_check`` or SQLite reported it malformed. The message names the file, what SQLite
+    reported and the repair options; the server refuses to serve such a store."""
+
+    code = "DATA_LOSS"

@@ -10,6 +10,12 @@
 
 The gallery (gallery/manager.py) and the CLI call :meth:`FacePipeline.analyze`; the server may wrap
 the embedder in a batching layer shared by concurrent requests (batching.py).
+
+Memory: before decoding, :meth:`FacePipeline.analyze` reads the image header, estimates the call's
+working memory and holds it in the pipeline's :class:`~facegallery.server.face.memory_budget.MemoryBudget`
+for the call (memory_budget.py: waits briefly, then RESOURCE_EXHAUSTED). Photos over
+``reduce_above_pixels`` are decoded at an integer fraction of their side, the detector running on a
+downscaled copy anyway; boxes and landmarks are mapped back to pixels of the full upright image.
 :attr:`FacePipeline.model_id` names the embedding space the pipeline produces; galleries record it.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -29,13 +36,32 @@ from facegallery.server.contract.errors import InvalidInput
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.face.align import extract_chips, template_in_chip
-from facegallery.server.face.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DecodeLimits, decode_image
+from facegallery.server.face.decode import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodeLimits,
+    ImageHeader,
+    decode_image,
+    read_header,
+)
 from facegallery.server.face.detect import DetectionConfig, FaceDetector
 from facegallery.server.face.embed import Embedder
 from facegallery.server.face.landmarks import LandmarkPredictor
+from facegallery.server.face.memory_budget import (
+    DEFAULT_WAIT_S,
+    TRIM_ABOVE_BYTES,
+    MemoryBudget,
+    default_budget_bytes,
+    estimate_working_bytes,
+    return_memory_to_os,
+)
 from facegallery.server.face.same_head import SameHead
 
-__all__ = ["PipelineConfig", "FacePipeline", "ChipEmbedder"]
+__all__ = ["PipelineConfig", "FacePipeline", "ChipEmbedder", "DEFAULT_REDUCE_ABOVE_PIXELS"]
+
+#: Photos over this many pixels are decoded at reduced size (above the largest golden test image,
+#: 4352 px a side / 14 MP, and common 12-20 MP phone photos). See :meth:`FacePipeline.reduce_factor`.
+DEFAULT_REDUCE_ABOVE_PIXELS = 24_000_000
 
 LOG = logging.getLogger(__name__)
 
@@ -68,6 +94,13 @@ class PipelineConfig:
         accuracy 98.68 % -> 98.88 %, accuracy at the fixed threshold 0.6 98.15 % -> 98.85 %.
         Part of :attr:`FacePipeline.model_id`: a gallery enrolled with it on is refused by a
         server with it off, and the other way round.
+    memory_budget_bytes : int or None
+        Working memory all concurrent calls of this pipeline may hold together, bytes
+        (memory_budget.py); None = 25 % of physical memory (at least 1 GiB), 0 = no budget.
+    memory_wait_s : float
+        How long a call waits for budget held by other calls before RESOURCE_EXHAUSTED, seconds.
+    reduce_above_pixels : int
+        Photos (and face crops) over this many pixels are decoded at reduced size; 0 = never.
     """
 
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
@@ -75,6 +108,15 @@ class PipelineConfig:
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
     intra_op_threads: int = 0
     flip_augment: bool = False
+    memory_budget_bytes: int | None = None
+    memory_wait_s: float = DEFAULT_WAIT_S
+    reduce_above_pixels: int = DEFAULT_REDUCE_ABOVE_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 0:
+            raise InvalidInput(f"memory_budget_bytes must be >= 0, got {self.memory_budget_bytes}")
+        if self.memory_wait_s < 0 or self.reduce_above_pixels < 0:
+            raise InvalidInput("memory_wait_s and reduce_above_pixels must be >= 0")
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -98,6 +140,7 @@ class FacePipeline:
         embedder: ChipEmbedder,
         head: SameHead | None,
         config: PipelineConfig,
+        memory_budget: MemoryBudget | None = None,
     ) -> None:
         self.manifest = manifest
         self.model_dir = model_dir
@@ -106,6 +149,11 @@ class FacePipeline:
         self.embedder = embedder
         self.head = head
         self.config = config
+        if memory_budget is None:
+            limit = default_budget_bytes() if config.memory_budget_bytes is None else config.memory_budget_bytes
+            memory_budget = MemoryBudget(limit, wait_s=config.memory_wait_s)
+        #: Shared by every call of this pipeline (one per server process).
+        self.memory_budget = memory_budget
 
     @property
     def model_id(self) -> str:
@@ -202,7 +250,44 @@ class FacePipeline:
         """
         if max_faces < 0:
             raise InvalidInput(f"max_faces must be >= 0, got {max_faces}")
-        rgb = decode_image(image, self.config.decode_limits)
+        detection = detection or self.config.detection
+        header = read_header(image, self.config.decode_limits)
+        reduce = self.reduce_factor(header, kind, detection)
+        estimate = self.estimate_bytes(header, reduce)
+        try:
+            with self.memory_budget.reserve(estimate):
+                return self._analyze(image, header, reduce, kind, max_faces, detection)
+        finally:
+            if estimate > TRIM_ABOVE_BYTES:
+                return_memory_to_os()
+
+    def reduce_factor(self, header: ImageHeader, kind: ImageKind, detection: DetectionConfig) -> int:
+        """The integer factor the image is decoded at (1 = full size).
+
+        Only encoded photos and face crops over ``reduce_above_pixels``, and only when the
+        detector rescales: the image is reduced to no less than ``max(4 * max_detect_pixels,
+        reduce_above_pixels / 4)`` pixels, i.e. at least twice the detector's side. Every face the
+        detector can find (at least its 80 px window at the detection scale) is then at least
+        160 px in the reduced image, more than the 150 px chip it is resampled to.
+        """
+        limit = self.config.reduce_above_pixels
+        if not limit or kind is ImageKind.ALIGNED_CHIP or not detection.rescale or not header.reducible:
+            return 1
+        if header.pixels <= limit:
+            return 1
+        floor = max(4 * detection.max_detect_pixels, limit / 4)
+        return max(1, math.floor(math.sqrt(header.pixels / floor)))
+
+    @staticmethod
+    def estimate_bytes(header: ImageHeader, reduce: int) -> int:
+        """Estimated peak working memory of one call on this image, bytes (memory_budget.py)."""
+        working = -(-header.width // reduce) * -(-header.height // reduce)
+        return estimate_working_bytes(header.decoded_pixels(reduce), header.frame_bytes_per_pixel, working)
+
+    def _analyze(
+        self, image: ImageInput, header: ImageHeader, reduce: int, kind: ImageKind, max_faces: int, detection: DetectionConfig
+    ) -> list[Face]:
+        rgb = decode_image(image, self.config.decode_limits, reduce=reduce)
         height, width = rgb.shape[:2]
         size = self.manifest.chip.size
         if kind is ImageKind.ALIGNED_CHIP:
@@ -217,10 +302,13 @@ class FacePipeline:
                 boxes = np.array([[0, 0, width - 1, height - 1]], dtype=np.float32)
                 scores = np.zeros(1, dtype=np.float32)
             else:
-                detections = self.detector.detect(rgb, detection or self.config.detection)
+                detections = self.detector.detect(rgb, detection)
                 boxes, scores = _largest_first(detections.boxes, detections.scores, max_faces)
             landmarks = self.landmarks.predict(rgb, boxes)
             chips = extract_chips(rgb, landmarks, self.manifest.chip)
+        del rgb
+        if reduce > 1:
+            boxes, landmarks = _to_full_size(boxes, landmarks, (height, width), header.upright_size)
         embeddings = self._embed(chips)
         return [
             Face(box=boxes[i].astype(np.float32), landmarks=landmarks[i].astype(np.float32), score=float(scores[i]), embedding=embeddings[i])
@@ -252,6 +340,22 @@ class FacePipeline:
         if self.head is None:
             return None
         return self.head.probability_same(a, b)
+
+
+def _to_full_size(
+    boxes: np.ndarray, landmarks: np.ndarray, reduced: tuple[int, int], full: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (inclusive pixel corners) and landmarks (pixel centres) of a reduced image -> full size."""
+    sy, sx = full[0] / reduced[0], full[1] / reduced[1]
+    boxes = boxes.astype(np.float64)
+    boxes[:, 0] *= sx
+    boxes[:, 1] *= sy
+    boxes[:, 2] = (boxes[:, 2] + 1) * sx - 1
+    boxes[:, 3] = (boxes[:, 3] + 1) * sy - 1
+    landmarks = landmarks.astype(np.float64)
+    landmarks[..., 0] = (landmarks[..., 0] + 0.5) * sx - 0.5
+    landmarks[..., 1] = (landmarks[..., 1] + 0.5) * sy - 0.5
+    return boxes.astype(np.float32), landmarks.astype(np.float32)
 
 
 def _largest_first(boxes: np.ndarray, scores: np.ndarray, max_faces: int) -> tuple[np.ndarray, np.ndarray]:

@@ -66,15 +66,19 @@ from facegallery.server.gallery.results import (
 from facegallery.server.gallery.snapshot import remove_stale_snapshots, snapshot_path
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, SqliteTemplateStore, TemplateStore
 from facegallery.server.gallery.validation import (
+    MAX_LIST_REPLY_BYTES,
+    check_display_name,
     check_embedding,
     check_gallery_name,
     check_identity_id,
     check_max_faces,
     check_max_pairs,
+    check_metadata,
     check_model,
     check_page_size,
     check_top_k,
     decision_threshold,
+    identity_reply_bytes,
     decode_page_token,
     encode_page_token,
     score_threshold,
@@ -188,10 +192,12 @@ class GalleryManager:
             self._snapshotter.start()
 
     @classmethod
-    def open(cls, data_dir: str | Path, pipeline: FaceAnalyzer, **options: object) -> GalleryManager:
-        """A manager over ``data_dir`` (``gallery.sqlite3`` + ``index/``); ``options`` as the constructor's."""
+    def open(cls, data_dir: str | Path, pipeline: FaceAnalyzer, *, integrity_check: str = "quick", **options: object) -> GalleryManager:
+        """A manager over ``data_dir`` (``gallery.sqlite3`` + ``index/``); ``integrity_check`` as
+        store.py's (``"off"`` when the caller has just checked the store); ``options`` as the
+        constructor's. Raises StoreCorruptError (DATA_LOSS) for a damaged store."""
         data_dir = Path(data_dir)
-        store = SqliteTemplateStore(data_dir / STORE_FILE)
+        store = SqliteTemplateStore(data_dir / STORE_FILE, integrity_check=integrity_check)
         try:
             return cls(store, pipeline, index_dir=data_dir / INDEX_DIR, **options)  # type: ignore[arg-type]
         except BaseException:
@@ -376,9 +382,12 @@ class GalleryManager:
             The embedding id ``embedding`` was computed with; None or ``""`` means the server's
             (``pipeline.model_id``). Only with an embedding: an image is embedded by the server.
         display_name : str
-            Set on creation, or replaces the current one when non-empty.
+            Set on creation, or replaces the current one when non-empty. At most 256 bytes
+            (UTF-8), no control characters.
         metadata : dict[str, str], optional
-            Merged into the identity's metadata.
+            Merged into the identity's metadata; the merged map must fit the limits of
+            validation.check_metadata (64 keys, keys 1..128 bytes, values <= 4096 bytes,
+            16 KiB in all).
         face_policy : FacePolicy
             LARGEST enrolls the largest face; REJECT_MULTIPLE refuses images with several.
 
@@ -390,7 +399,8 @@ class GalleryManager:
         Raises
         ------
         InvalidInput
-            Malformed ids, both or neither source, a ``model_id`` with an image (INVALID_ARGUMENT).
+            Malformed ids, display name or metadata (also when merged with the identity's),
+            both or neither source, a ``model_id`` with an image (INVALID_ARGUMENT).
         ImageDecodeError, NoFaceError, EmbeddingShapeError
             Undecodable image, no face, wrong-length or non-finite embedding (INVALID_ARGUMENT).
         MultipleFacesError, ModelMismatchError
@@ -403,6 +413,10 @@ class GalleryManager:
         """
         state = self._gallery(gallery)
         check_identity_id(identity_id)
+        check_display_name(display_name)
+        metadata = dict(metadata or {})
+        check_metadata(metadata)
+        self._check_merged_metadata(gallery, {identity_id: metadata})
         if (image is None) == (embedding is None):
             raise InvalidInput("enroll needs exactly one of an image or an embedding")
         face: Face | None = None
@@ -419,10 +433,26 @@ class GalleryManager:
             vector = check_embedding(embedding, state.embedding_dim)
         (scored,), calibration = state.identify(vector[None], 1, exclude=[identity_id])
         duplicate = Match.from_scored(scored[0]) if scored and scored[0].score <= calibration.threshold else None
-        item = NewTemplate(identity_id, vector, display_name=display_name, metadata=dict(metadata or {}), source_sha256=sha, face=face)
+        item = NewTemplate(identity_id, vector, display_name=display_name, metadata=metadata, source_sha256=sha, face=face)
         (added,) = state.add_templates([item])
         LOG.debug("enrolled template %d of %r in %r", added.template_id, identity_id, state.name)
         return EnrollResult(identity_id, added.template_id, face, added.identity_created, duplicate, sha)
+
+    def _check_merged_metadata(self, gallery: str, additions: dict[str, dict[str, str]]) -> None:
+        """Raise InvalidInput when an identity's stored metadata merged with ``additions[id]`` (the
+        store merges on enroll and import) would be over the metadata limits.
+
+        Checked before the write, outside its transaction: two concurrent writes that each fit
+        could together still exceed the total (the store should re-check within its transaction).
+        """
+        for identity_id, added in additions.items():
+            if not added:
+                continue
+            try:
+                current = self.store.get_identity(gallery, identity_id).metadata
+            except NotFound:
+                continue
+            check_metadata({**current, **added}, what=f"metadata of identity {identity_id[:40]!r} merged with its stored metadata")
 
     def _enrollment_face(self, image: bytes, kind: ImageKind, policy: FacePolicy) -> Face:
         faces = self.pipeline.analyze(image, kind=kind, max_faces=2 if policy is FacePolicy.REJECT_MULTIPLE else 1)
@@ -573,11 +603,20 @@ class GalleryManager:
         check_identity_id(identity_id)
         return self.store.get_identity(gallery, identity_id)
 
-    def list_identities(self, gallery: str, *, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "") -> IdentityPage:
-        """Identities in enrollment order, ``page_size`` (1..1000) at a time (no templates).
+    def list_identities(
+        self, gallery: str, *, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = "", max_reply_bytes: int = MAX_LIST_REPLY_BYTES
+    ) -> IdentityPage:
+        """Identities in enrollment order, up to ``page_size`` (1..1000) at a time (no templates).
 
         ``page_token`` is ``""`` for the first page, else a previous page's ``next_page_token``
         (opaque; bound to the gallery). Raises InvalidInput for a bad size or token, NotFound.
+
+        A page can hold fewer identities than ``page_size`` (and still have a next page): it is
+        cut so that its reply stays within ``max_reply_bytes`` (an upper bound of the protobuf
+        size, validation.identity_reply_bytes; default validation.MAX_LIST_REPLY_BYTES, under
+        1 MiB), so a listing never exceeds the gRPC message limit. With the metadata limits one
+        identity is at most about 18 KiB, so a page always holds at least one, and about 53
+        identities carrying the maximum metadata; small identities fill whole pages.
         """
         state = self._gallery(gallery)
         check_page_size(page_size)
@@ -585,16 +624,29 @@ class GalleryManager:
         rows = self.store.list_identities(gallery, after_key=after, limit=page_size + 1)
         more = len(rows) > page_size
         rows = rows[:page_size]
+        budget = max_reply_bytes - 64  # next_page_token: tag, length and at most ~40 characters
+        for count, row in enumerate(rows):
+            budget -= identity_reply_bytes(row.identity_id, row.display_name, row.metadata)
+            if budget < 0 and count > 0:
+                rows, more = rows[:count], True
+                break
         token = encode_page_token(state.key, rows[-1].key) if more else ""
         return IdentityPage(rows, token)
 
     def update_identity(self, gallery: str, identity_id: str, *, display_name: str | None = None, metadata: dict[str, str] | None = None) -> IdentityRecord:
         """Replace the display name and/or the whole metadata map (None keeps a field).
 
-        Returns the identity with its templates. Raises NotFound / InvalidInput.
+        Returns the identity with its templates. Raises NotFound; InvalidInput for a malformed
+        id, a display name or metadata over the limits (validation.check_display_name,
+        check_metadata).
         """
         self._gallery(gallery)
         check_identity_id(identity_id)
+        if display_name is not None:
+            check_display_name(display_name)
+        if metadata is not None:
+            metadata = dict(metadata)
+            check_metadata(metadata)
         self.store.update_identity(gallery, identity_id, display_name=display_name, metadata=None if metadata is None else dict(metadata))
         return self.store.get_identity(gallery, identity_id)
 
@@ -633,7 +685,9 @@ class GalleryManager:
             ``model_id`` differs from the gallery's, or from the server's for a gallery to be
             created (FAILED_PRECONDITION, naming both ids).
         InvalidInput, EmbeddingShapeError
-            Empty ``model_id``, a malformed identity id or embedding (INVALID_ARGUMENT).
+            Empty ``model_id``, a malformed identity id or embedding, a display name or metadata
+            over the limits, also when merged with the identity's stored metadata and the
+            stream's earlier items (INVALID_ARGUMENT).
         """
         check_gallery_name(gallery)
         if not model_id:
@@ -654,8 +708,16 @@ class GalleryManager:
         items = iter(templates)
         try:
             while batch := list(itertools.islice(items, _IMPORT_BATCH)):
+                additions: dict[str, dict[str, str]] = {}
                 for item in batch:
                     check_identity_id(item.identity_id)
+                    check_display_name(item.display_name)
+                    check_metadata(item.metadata)
+                    if item.metadata:
+                        additions[item.identity_id] = {**additions.get(item.identity_id, {}), **item.metadata}
+                for identity_id, added in additions.items():
+                    check_metadata(added, what=f"metadata of identity {identity_id[:40]!r} merged over the import's items")
+                self._check_merged_metadata(gallery, additions)
                 batch = [dataclasses.replace(item, embedding=check_embedding(item.embedding, state.embedding_dim)) for item in batch]
                 stored = sum(r is not None for r in state.add_templates(batch, skip_duplicates=True))
                 imported += stored

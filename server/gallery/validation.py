@@ -20,6 +20,15 @@ __all__ = [
     "MAX_TOP_K",
     "MAX_PAGE_SIZE",
     "MAX_ID_LENGTH",
+    "MAX_DISPLAY_NAME_BYTES",
+    "MAX_METADATA_KEYS",
+    "MAX_METADATA_KEY_BYTES",
+    "MAX_METADATA_VALUE_BYTES",
+    "MAX_METADATA_BYTES",
+    "MAX_LIST_REPLY_BYTES",
+    "check_display_name",
+    "check_metadata",
+    "identity_reply_bytes",
     "check_gallery_name",
     "check_identity_id",
     "check_top_k",
@@ -42,6 +51,23 @@ MAX_DUPLICATE_PAIRS = 10_000
 MAX_PAGE_SIZE = 1000
 #: Longest identity id, in characters.
 MAX_ID_LENGTH = 256
+#: Longest display name, in UTF-8 bytes: a person's name or a short label, never a document.
+MAX_DISPLAY_NAME_BYTES = 256
+#: Most metadata keys per identity: metadata are a few labels (employee number, department,
+#: source), not a key-value store; 64 leaves room for that and bounds the per-key overhead.
+MAX_METADATA_KEYS = 64
+#: Longest metadata key, in UTF-8 bytes (at least 1): a field name.
+MAX_METADATA_KEY_BYTES = 128
+#: Longest metadata value, in UTF-8 bytes: room for a URL or a short note, not for a file.
+MAX_METADATA_VALUE_BYTES = 4096
+#: Most UTF-8 bytes of one identity's whole metadata map (keys + values): 16 KiB, so one listed
+#: identity (id, display name, metadata, counts) is at most about 18 KiB on the wire.
+MAX_METADATA_BYTES = 16 * 1024
+#: Largest identity listing reply (bytes, an upper bound of its protobuf size): pages are
+#: shortened to fit. Under 1 MiB, the smallest message limit the server is run with (the test
+#: servers'; the default is 96 MiB) and a quarter of gRPC's default 4 MiB, so every client can
+#: read a page; a page of identities carrying the maximum metadata holds about 53 of them.
+MAX_LIST_REPLY_BYTES = 1_000_000
 _GALLERY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -61,6 +87,72 @@ def check_identity_id(identity_id: str) -> None:
         raise InvalidInput(f"identity_id must be at most {MAX_ID_LENGTH} characters, got {len(identity_id)}")
     if _CONTROL.search(identity_id):
         raise InvalidInput(f"identity_id must not contain control characters, got {identity_id!r}")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters (with an ellipsis), quoted, for error messages."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _utf8_size(text: object, what: str) -> int:
+    if not isinstance(text, str):
+        raise InvalidInput(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} {_short(text)} is not valid Unicode (lone surrogate)") from None
+
+
+def check_display_name(display_name: str) -> None:
+    """Raise InvalidInput unless ``display_name`` is a str of at most :data:`MAX_DISPLAY_NAME_BYTES`
+    UTF-8 bytes without control characters (``""`` is allowed: no name)."""
+    size = _utf8_size(display_name, "display_name")
+    if size > MAX_DISPLAY_NAME_BYTES:
+        raise InvalidInput(f"display_name must be at most {MAX_DISPLAY_NAME_BYTES} bytes (UTF-8), got {size}: {_short(display_name)}")
+    if _CONTROL.search(display_name):
+        raise InvalidInput(f"display_name must not contain control characters, got {_short(display_name)}")
+
+
+def check_metadata(metadata: dict[str, str], *, what: str = "metadata") -> None:
+    """Raise InvalidInput unless ``metadata`` fits the limits of one identity's map.
+
+    At most :data:`MAX_METADATA_KEYS` keys; each key 1..:data:`MAX_METADATA_KEY_BYTES` UTF-8
+    bytes without control characters; each value at most :data:`MAX_METADATA_VALUE_BYTES`;
+    keys and values together at most :data:`MAX_METADATA_BYTES`. The message names the limit
+    and the offending key (cut to 40 characters). ``what`` names the map in messages (e.g.
+    ``"merged metadata"``).
+    """
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidInput(f"{what} may have at most {MAX_METADATA_KEYS} keys, got {len(metadata)}")
+    total = 0
+    for key, value in metadata.items():
+        key_size = _utf8_size(key, f"{what} key")
+        if not 1 <= key_size <= MAX_METADATA_KEY_BYTES:
+            raise InvalidInput(f"{what} key must be 1..{MAX_METADATA_KEY_BYTES} bytes (UTF-8), got {key_size}: {_short(key)}")
+        if _CONTROL.search(key):
+            raise InvalidInput(f"{what} key must not contain control characters, got {_short(key)}")
+        value_size = _utf8_size(value, f"{what} value of key {_short(key)}:")
+        if value_size > MAX_METADATA_VALUE_BYTES:
+            raise InvalidInput(f"{what} value of key {_short(key)} must be at most {MAX_METADATA_VALUE_BYTES} bytes (UTF-8), got {value_size}")
+        total += key_size + value_size
+    if total > MAX_METADATA_BYTES:
+        raise InvalidInput(f"{what} must be at most {MAX_METADATA_BYTES} bytes in all (keys + values, UTF-8), got {total}")
+
+
+def _field_bytes(size: int) -> int:
+    """Upper bound of a length-delimited protobuf field of ``size`` payload bytes: tag + length + payload."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
+def identity_reply_bytes(identity_id: str, display_name: str, metadata: dict[str, str]) -> int:
+    """An upper bound of the wire size of one identity without templates as a repeated field of a
+    listing reply (ids, name, metadata entries, count and two timestamps included)."""
+    size = _field_bytes(len(identity_id.encode("utf-8", "surrogatepass"))) + _field_bytes(len(display_name.encode("utf-8", "surrogatepass")))
+    for key, value in metadata.items():
+        entry = _field_bytes(len(key.encode("utf-8", "surrogatepass"))) + _field_bytes(len(value.encode("utf-8", "surrogatepass")))
+        size += _field_bytes(entry)
+    size += 11 + 2 * _field_bytes(17)  # template_count (int64 varint); create/update Timestamp (seconds + nanos)
+    return _field_bytes(size)
 
 
 def check_top_k(top_k: int) -> None:

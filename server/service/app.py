@@ -5,6 +5,13 @@ calls UNAVAILABLE), loads the model and every gallery's index, then switches hea
 :func:`serve` runs that until SIGTERM/SIGINT, then stops accepting calls, lets in-flight calls
 finish within a grace period, writes index snapshots and closes the store.
 
+Store integrity: before the model is loaded the store runs SQLite's ``PRAGMA quick_check``
+(``integrity_check="full"``: ``PRAGMA integrity_check``); a damaged store raises
+:class:`~facegallery.server.contract.errors.StoreCorruptError` naming the file and the repair
+options, and the server does not start. A damaged store found at run time (a
+``sqlite3.DatabaseError`` that is not an ``OperationalError`` such as "database is locked") turns
+health NOT_SERVING for good and is logged once, at CRITICAL.
+
 Data directory layout (``ServerConfig.data_dir``): ``gallery.sqlite3`` (the store) and
 ``index/`` (index snapshots), see ``facegallery.server.gallery.manager``.
 """
@@ -29,9 +36,11 @@ from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.contract.paths import user_data_dir
 from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, BatchingEmbedder
 from facegallery.server.gallery.index import DEFAULT_FACTORY, set_search_threads
-from facegallery.server.gallery.manager import FaceAnalyzer, GalleryManager
+from facegallery.server.gallery.manager import STORE_FILE, FaceAnalyzer, GalleryManager
+from facegallery.server.gallery.store import SqliteTemplateStore
 from facegallery.server.service.interceptors import ErrorInterceptor, ReadinessInterceptor
 from facegallery.server.service.servicer import GalleryServicer
+from facegallery.server.service.streams import StreamLimiter
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
@@ -108,6 +117,21 @@ class ServerConfig:
         Seconds between background index snapshots; None = only at shutdown.
     grace_s : float
         Seconds in-flight calls get on shutdown.
+    integrity_check : str
+        SQLite check of the store at start: ``"quick"`` (``PRAGMA quick_check``, about 0.1 s per
+        100,000 templates) or ``"full"`` (``PRAGMA integrity_check``, about twice that).
+    max_streams, max_streams_per_client : int
+        Client streams (BulkEnroll, ImportEmbeddings) open at once, in total and from one peer
+        address; more are refused with RESOURCE_EXHAUSTED (streams.py). The handler pool has
+        ``max_workers + max_streams`` threads, so unary calls always have ``max_workers``.
+    stream_idle_s : float
+        A stream that sends no message for this long ends with DEADLINE_EXCEEDED.
+    max_connections : int
+        TCP connections the server accepts at once (per listening address; gRPC's
+        ``grpc.max_allowed_incoming_connections``).
+    handshake_timeout_s, connection_idle_s : float
+        A connection that has not finished its HTTP/2 handshake after ``handshake_timeout_s`` is
+        closed; one with no call for ``connection_idle_s`` is closed with GOAWAY (clients reconnect).
     """
 
     data_dir: Path = dataclasses.field(default_factory=default_data_dir)
@@ -123,6 +147,13 @@ class ServerConfig:
     index_factory: str = DEFAULT_FACTORY
     snapshot_interval_s: float | None = DEFAULT_SNAPSHOT_INTERVAL_S
     grace_s: float = DEFAULT_GRACE_S
+    integrity_check: str = "quick"
+    max_streams: int = 8
+    max_streams_per_client: int = 4
+    stream_idle_s: float = 30.0
+    max_connections: int = 1000
+    handshake_timeout_s: float = 10.0
+    connection_idle_s: float = 600.0
 
 
 class GalleryServer:
@@ -183,21 +214,33 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         The address cannot be bound.
     ModelError
         The model directory is missing or corrupt.
+    StoreCorruptError
+        The store fails its integrity check (``config.integrity_check``).
     """
+    if config.integrity_check not in ("quick", "full"):
+        raise ValueError(f"integrity_check must be 'quick' or 'full', not {config.integrity_check!r}")
+    store_path = Path(config.data_dir) / STORE_FILE
+    if store_path.is_file():  # before binding and loading the model: a damaged store fails fast
+        SqliteTemplateStore(store_path, integrity_check=config.integrity_check).close()
     ready = threading.Event()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    store_failed = _StoreFailure(store_path, health_servicer)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
-        interceptors=[ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor(f"/{SERVICE_NAME}/")],
+        futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_streams, thread_name_prefix="grpc"),
+        interceptors=[ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor(f"/{SERVICE_NAME}/", on_store_damage=store_failed)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ("grpc.max_allowed_incoming_connections", config.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(config.connection_idle_s * 1000)),
         ],
     )
-    servicer = GalleryServicer(None)  # type: ignore[arg-type]  # manager set below, before `ready`
+    streams = StreamLimiter(config.max_streams, config.max_streams_per_client)
+    servicer = GalleryServicer(None, streams=streams, stream_idle_s=config.stream_idle_s)  # type: ignore[arg-type]  # manager set below, before `ready`
     pb_grpc.add_GalleryServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -215,7 +258,9 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         set_search_threads(config.search_threads)
         if pipeline is None:
             pipeline, embedder = _load_pipeline(config)
-        manager = GalleryManager.open(config.data_dir, pipeline, index_factory=config.index_factory, snapshot_interval_s=config.snapshot_interval_s)
+        manager = GalleryManager.open(
+            config.data_dir, pipeline, integrity_check="off", index_factory=config.index_factory, snapshot_interval_s=config.snapshot_interval_s
+        )  # checked above
     except BaseException:
         server.stop(None)
         if embedder is not None:
@@ -223,10 +268,34 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         raise
     servicer.manager = manager
     ready.set()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if not store_failed.failed:
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.pipeline.model_id[:12], config.data_dir, config.host, port)
     return GalleryServer(server, port, manager, health_servicer, embedder)
+
+
+class _StoreFailure:
+    """``on_store_damage`` of the error interceptor: health NOT_SERVING for good, logged once."""
+
+    def __init__(self, path: Path, health_servicer: health.HealthServicer) -> None:
+        self._path = path
+        self._health = health_servicer
+        self._lock = threading.Lock()
+        self.failed = False
+
+    def __call__(self, exc: BaseException, method: str) -> None:
+        with self._lock:
+            if self.failed:
+                return
+            self.failed = True
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        LOG.critical(
+            "THE GALLERY STORE %s IS DAMAGED: %s raised %s: %s. Health is now NOT_SERVING. Stop the server and start it "
+            "again: its integrity check at start (facegallery serve --integrity-check full) names the damage and the repair options",
+            self._path, method, type(exc).__name__, exc, exc_info=exc,
+        )
 
 
 def _load_pipeline(config: ServerConfig):

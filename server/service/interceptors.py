@@ -6,7 +6,9 @@
 * a :class:`~facegallery.server.contract.errors.FaceGalleryError` aborts the call with the status
   its ``code`` names and the exception's message;
 * anything else is logged with its traceback and aborts with INTERNAL and a generic message (no
-  internals leak to clients); the mapping is :func:`facegallery.server.service.status.status_of`.
+  internals leak to clients); the mapping is :func:`facegallery.server.service.status.status_of`;
+* an exception that says the store is damaged (:func:`~facegallery.server.service.status.store_damage`)
+  is also handed to ``on_store_damage`` (the server turns its health to NOT_SERVING).
 
 :class:`ReadinessInterceptor` answers UNAVAILABLE for a service's methods until the model and the
 indexes are loaded (clients retry UNAVAILABLE; the health service says NOT_SERVING meanwhile).
@@ -25,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from facegallery.server.service.status import status_of
+from facegallery.server.service.status import status_of, store_damage
 
 __all__ = ["ErrorInterceptor", "ReadinessInterceptor"]
 
@@ -52,7 +54,9 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Cal
     return handler
 
 
-def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str, on_store_damage: Callable[[BaseException, str], None] | None) -> None:
+    if on_store_damage is not None and (damage := store_damage(exc)) is not None:
+        on_store_damage(damage, method)
     context.abort(*status_of(exc, method))
 
 
@@ -65,10 +69,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         Only methods under this prefix (e.g. ``"/facegallery.v1.GalleryService/"``) are wrapped;
         the standard services (health, reflection) keep their own handlers untouched, since
         grpc's non-blocking health ``Watch`` handler cannot be re-wrapped.
+    on_store_damage : callable (exception, method) -> None, optional
+        Called, before the call is aborted, when the exception says the store is damaged.
     """
 
-    def __init__(self, service_prefix: str) -> None:
+    def __init__(self, service_prefix: str, on_store_damage: Callable[[BaseException, str], None] | None = None) -> None:
         self._prefix = service_prefix
+        self._on_store_damage = on_store_damage
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
@@ -84,7 +91,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     try:
                         yield from behavior(request, context)
                     except Exception as exc:
-                        _abort_for(exc, context, method)
+                        _abort_for(exc, context, method, self._on_store_damage)
 
                 return streaming
 
@@ -93,7 +100,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 try:
                     return behavior(request, context)
                 except Exception as exc:
-                    _abort_for(exc, context, method)
+                    _abort_for(exc, context, method, self._on_store_damage)
 
             return unary
 

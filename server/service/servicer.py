@@ -12,6 +12,7 @@ default policy on create, an UNSPECIFIED normalisation or aggregation the defaul
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import itertools
 import json
@@ -30,6 +31,7 @@ from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZ
 from facegallery.server.gallery.results import DuplicatePair, Identification, Match
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
 from facegallery.server.service.status import status_of
+from facegallery.server.service.streams import StreamLimiter, with_idle_timeout
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
@@ -63,6 +65,7 @@ _SCORE_KINDS = {ScoreKind.DISTANCE: pb.SCORE_KIND_DISTANCE, ScoreKind.SNORM: pb.
 DEFAULT_MAX_PAIRS = 100
 _UPDATABLE = {"display_name", "metadata"}
 _E = TypeVar("_E", ImageKind, FacePolicy, Normalization, Aggregation)
+_M = TypeVar("_M")  # a request message of a stream
 
 
 def server_version() -> str:
@@ -76,8 +79,23 @@ def server_version() -> str:
 class GalleryServicer(pb_grpc.GalleryServiceServicer):
     """``GalleryService`` over a :class:`GalleryManager` (see gallery_service.proto for semantics)."""
 
-    def __init__(self, manager: GalleryManager) -> None:
+    def __init__(self, manager: GalleryManager, *, streams: StreamLimiter | None = None, stream_idle_s: float | None = None) -> None:
+        """``streams`` caps concurrent client streams (None: no cap); ``stream_idle_s`` ends a
+        stream that sends nothing for that long (None: never); see streams.py."""
         self.manager = manager
+        self.streams = streams
+        self.stream_idle_s = stream_idle_s
+
+    @contextlib.contextmanager
+    def _stream(self, request_iterator: Iterable[_M], context: grpc.ServicerContext, what: str) -> Iterator[Iterator[_M]]:
+        """A slot of the stream limiter and the stream's messages with the idle timeout.
+
+        Raises ResourceExhausted (RESOURCE_EXHAUSTED) over a cap; the messages raise
+        StreamIdleError (DEADLINE_EXCEEDED) after ``stream_idle_s`` without one.
+        """
+        slot = self.streams.slot(context.peer()) if self.streams is not None else contextlib.nullcontext()
+        with slot:
+            yield with_idle_timeout(request_iterator, self.stream_idle_s, what) if self.stream_idle_s else iter(request_iterator)
 
     # -- galleries ---------------------------------------------------------------------------
 
@@ -137,7 +155,11 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
     def BulkEnroll(self, request_iterator: Iterable[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResult]:
         """One result per request, in order, each with the status Enroll would have returned; the
         stream itself ends OK (or CANCELLED/DEADLINE_EXCEEDED from the client)."""
-        for index, item in enumerate(request_iterator):
+        with self._stream(request_iterator, context, "BulkEnroll") as messages:
+            yield from self._bulk_enroll(messages)
+
+    def _bulk_enroll(self, messages: Iterator[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollResult]:
+        for index, item in enumerate(messages):
             try:
                 response = self._enroll(item.request)
             except Exception as exc:  # one item must not end the stream; the interceptor's rule per item
@@ -291,12 +313,12 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
     def ImportEmbeddings(self, request_iterator: Iterable[pb.ImportEmbeddingsRequest], context: grpc.ServicerContext) -> pb.ImportEmbeddingsResponse:
         """OK with counts; INVALID_ARGUMENT empty stream, missing model_id, bad id or embedding;
         FAILED_PRECONDITION model_id differs from the gallery's."""
-        messages = iter(request_iterator)
-        first = next(messages, None)
-        if first is None:
-            raise InvalidInput("the import stream is empty; its first message must name the gallery and model_id")
-        templates = (_new_template(m.template) for m in itertools.chain([first], messages) if m.HasField("template"))
-        result = self.manager.import_embeddings(_gallery_name(first.gallery), first.model_id, templates)
+        with self._stream(request_iterator, context, "ImportEmbeddings") as messages:
+            first = next(messages, None)
+            if first is None:
+                raise InvalidInput("the import stream is empty; its first message must name the gallery and model_id")
+            templates = (_new_template(m.template) for m in itertools.chain([first], messages) if m.HasField("template"))
+            result = self.manager.import_embeddings(_gallery_name(first.gallery), first.model_id, templates)
         return pb.ImportEmbeddingsResponse(imported=result.imported, skipped=result.skipped)
 
     # -- server info -------------------------------------------------------------------------

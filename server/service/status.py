@@ -9,12 +9,13 @@ no internals reach a client; the caller logs its traceback.
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 import grpc
 
-from facegallery.server.contract.errors import FaceGalleryError
+from facegallery.server.contract.errors import FaceGalleryError, StoreCorruptError
 
-__all__ = ["INTERNAL_MESSAGE", "status_of"]
+__all__ = ["INTERNAL_MESSAGE", "status_of", "store_damage"]
 
 LOG = logging.getLogger(__name__)
 
@@ -33,3 +34,20 @@ def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode[exc.code], str(exc)
     LOG.error("unexpected error in %s", method, exc_info=exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def store_damage(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s cause/context chain that says the store is damaged, or None.
+
+    Damage is a :class:`sqlite3.DatabaseError` other than :class:`sqlite3.OperationalError`
+    ("database disk image is malformed", "file is not a database"; not "database is locked" or a
+    disk I/O error), or a :class:`StoreCorruptError`.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StoreCorruptError) or (isinstance(current, sqlite3.DatabaseError) and not isinstance(current, sqlite3.OperationalError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
