@@ -4,7 +4,7 @@ Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries`
 ``create-gallery``, ``update-gallery``, ``delete-gallery``, ``duplicates``, ``identities``,
 ``delete``, ``import``, ``export-gallery``, ``import-embeddings``) talk to a running server and all
 take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json`` and
-``--timeout SECONDS``. The server and offline commands (``serve``, ``export``, ``embed``,
+``--timeout SECONDS``. The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
 ``eval``, ``train``, ``calibrate``) live in other packages and are imported only when invoked,
 so a missing optional dependency (e.g. torch for ``train``) breaks only its own command.
 
@@ -55,6 +55,7 @@ LOG = logging.getLogger(__name__)
 #: Commands implemented elsewhere: name -> "module:attribute" of a click command, imported lazily.
 LAZY_COMMANDS = {
     "serve": "facegallery.client.cli:serve_command",
+    "doctor": "facegallery.client.cli:doctor_command",
     "export": "facegallery.export.dlib.cli:export",
     "embed": "facegallery.export.embed_cli:embed",
     "eval": "facegallery.client.eval_openset:eval_group",
@@ -116,6 +117,15 @@ def serve_command() -> click.Command:
     from facegallery.server.service.cli import make_serve_command
 
     return make_serve_command(default_model=ensure_default_model)
+
+
+def doctor_command() -> click.Command:
+    """``facegallery doctor``, checking the default dlib model directory (``facegallery.export.dlib``)
+    when no ``--model-dir`` is given; the server side cannot name it, so it is handed in here."""
+    from facegallery.export.dlib.default_model import default_model_dir
+    from facegallery.server.service.cli import make_doctor_command
+
+    return make_doctor_command(default_model_dir=default_model_dir)
 
 
 def _count(n: int, singular: str, plural: str | None = None) -> str:

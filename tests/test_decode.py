@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -188,3 +189,25 @@ def test_reduced_decoding_keeps_orientation_and_transparency(photo):
     assert (decode_image(_encode(palette, "PNG"), reduce=4) == 255).all()  # transparent -> white, as at full size
     wide = Image.fromarray(np.full((40, 40), 40000, np.uint16))  # 16-bit grey is never reduced
     assert decode_image(_encode(wide, "PNG"), reduce=4).shape == (40, 40, 3)
+
+
+def test_random_bytes_in_the_exif_block_keep_the_pixels(photo):
+    """Issue 8: a broken EXIF block is ignored (orientation 1), never the whole photo lost."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera" * 20
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    data = buf.getvalue()
+    app1 = data.find(b"\xff\xe1")
+    length = data[app1 + 2] * 256 + data[app1 + 3]
+    upright = decode_image(data, DecodeLimits())
+    rng = np.random.default_rng(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns about the corrupt EXIF data it skips
+        for _ in range(100):
+            damaged = bytearray(data)
+            for pos in rng.integers(app1 + 4, app1 + 2 + length, size=8):  # inside the segment, its length kept
+                damaged[pos] = int(rng.integers(0, 256))
+            pixels = decode_image(bytes(damaged), DecodeLimits())
+            assert pixels.shape in (upright.shape, (upright.shape[1], upright.shape[0], 3))

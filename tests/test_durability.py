@@ -212,7 +212,7 @@ def test_a_store_failure_at_run_time_turns_health_not_serving(tmp_path, monkeypa
                 for _ in range(2):
                     with pytest.raises(grpc.RpcError) as caught:
                         stub.ListIdentities(pb.ListIdentitiesRequest())
-                    assert caught.value.code() == grpc.StatusCode.INTERNAL
+                    assert caught.value.code() == grpc.StatusCode.DATA_LOSS and "damaged" in caught.value.details()
             assert status() == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
             critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
             assert len(critical) == 1 and str(tmp_path / STORE_FILE) in critical[0].getMessage()

@@ -157,3 +157,101 @@ def test_model_id_covers_the_flip_augmentation():
     assert pipeline_with(PipelineConfig()).model_id == manifest.model_id == manifest.embedding_id(False)
     assert pipeline_with(PipelineConfig(flip_augment=True)).model_id == manifest.embedding_id(True) != manifest.model_id
     assert pipeline_with(PipelineConfig(intra_op_threads=1, max_image_bytes=1000)).model_id == manifest.model_id
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height whose pixel data is a few bytes (decoding it fails)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _stageless(config):
+    """A pipeline without stages: enough for what happens before decoding."""
+    from fakes import fake_manifest
+
+    from facegallery.server.face.pipeline import FacePipeline
+
+    return FacePipeline(fake_manifest(), Path("."), detector=None, landmarks=None, embedder=None, head=None, config=config)
+
+
+def _sharing_stages(pipeline, config):
+    from facegallery.server.face.pipeline import FacePipeline
+
+    return FacePipeline(
+        pipeline.manifest, pipeline.model_dir, detector=pipeline.detector, landmarks=pipeline.landmarks,
+        embedder=pipeline.embedder, head=pipeline.head, config=config,
+    )  # fmt: skip
+
+
+def test_an_image_over_the_memory_budget_is_refused_before_decoding():
+    """10900x10900 is under the pixel limit; its estimate (~700 MB) is over a 500 MB budget."""
+    from facegallery.server.face.pipeline import PipelineConfig
+
+    pipeline = _stageless(PipelineConfig(memory_budget_bytes=500 << 20, memory_wait_s=5))
+    data = _png_header_only(10900, 10900)  # decoding would raise ImageDecodeError (no pixel data)
+    with pytest.raises(ImageTooLargeError, match="over the server's memory budget of 500 MB"):
+        pipeline.analyze(data)
+    assert pipeline.memory_budget.used_bytes == 0
+    with pytest.raises(ImageDecodeError):  # with room in the budget it is decoded (and fails)
+        _stageless(PipelineConfig(memory_budget_bytes=0)).analyze(data)
+
+
+def test_a_call_waits_for_budget_held_by_others_then_is_refused():
+    from facegallery.server.face.memory_budget import MemoryBudgetExhausted
+    from facegallery.server.face.pipeline import PipelineConfig
+
+    pipeline = _stageless(PipelineConfig(memory_budget_bytes=2 << 30, memory_wait_s=0.1))
+    pipeline.memory_budget.acquire(1800 << 20)  # other calls
+    with pytest.raises(MemoryBudgetExhausted, match="memory budget of 2048 MB is in use"):
+        pipeline.analyze(_png_header_only(10900, 10900))
+    pipeline.memory_budget.release(1800 << 20)
+    with pytest.raises(ImageDecodeError):  # admitted now; the budget is returned after the failure
+        pipeline.analyze(_png_header_only(10900, 10900))
+    assert pipeline.memory_budget.used_bytes == 0
+
+
+def test_estimates_and_reduction_factors():
+    from facegallery.server.face.decode import read_header
+    from facegallery.server.face.detect import DetectionConfig
+    from facegallery.server.face.pipeline import PipelineConfig
+
+    pipeline = _stageless(PipelineConfig())
+    hostile = read_header(_png_header_only(10900, 10900))
+    assert pipeline.reduce_factor(hostile, ImageKind.PHOTO, DetectionConfig()) == 4  # 119 MP -> 7.4 MP
+    assert pipeline.reduce_factor(hostile, ImageKind.ALIGNED_CHIP, DetectionConfig()) == 1
+    assert pipeline.reduce_factor(hostile, ImageKind.PHOTO, DetectionConfig(rescale=False)) == 1  # dlib at full size
+    assert pipeline.reduce_factor(read_header(_png_header_only(4352, 3264)), ImageKind.PHOTO, DetectionConfig()) == 1
+    assert 600 << 20 < pipeline.estimate_bytes(hostile, 4) < 800 << 20
+    assert 1200 << 20 < pipeline.estimate_bytes(hostile, 1) < 1500 << 20
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_huge_photo_decoded_at_reduced_size_reports_full_size_pixels(pipeline, obama, fmt):
+    """Over reduce_above_pixels the photo is decoded at 1/k of its side; boxes and landmarks are
+    mapped back to the full image and agree with a full-size decode."""
+    from facegallery.server.face.pipeline import PipelineConfig
+
+    rgb, _ = obama
+    big = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * 4, rgb.shape[0] * 4), Image.BICUBIC))
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {"compress_level": 1}))
+    data = buf.getvalue()
+    from facegallery.server.face.decode import read_header
+    from facegallery.server.face.detect import DetectionConfig
+
+    detection = DetectionConfig(max_detect_pixels=500_000)  # 16.5 MP: reduced to >= 2 MP, by 2
+    full = _sharing_stages(pipeline, PipelineConfig(reduce_above_pixels=0, detection=detection))
+    reducing = _sharing_stages(pipeline, PipelineConfig(reduce_above_pixels=4_000_000, detection=detection))
+    assert reducing.reduce_factor(read_header(data), ImageKind.PHOTO, detection) == 2
+    (at_full,) = full.analyze(data)
+    (at_half,) = reducing.analyze(data)
+    assert np.abs(at_half.box - at_full.box).max() <= 8  # 2 px of the reduced image
+    side = at_full.box[2] - at_full.box[0]  # ~950 px
+    assert np.abs(at_half.landmarks - at_full.landmarks).max() <= 0.015 * side  # measured <= 9.5 px
+    assert _distance(at_half, at_full) < 0.1  # measured 0.059 (PNG), as for test_huge_photo_is_detected_on_a_downscaled_copy

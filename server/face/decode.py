@@ -120,7 +120,7 @@ def read_header(image: bytes | Image.Image | np.ndarray, limits: DecodeLimits = 
         return ImageHeader(image.size[0], image.size[1], image.mode, None, _orientation(image) in _TRANSPOSING)
     if isinstance(image, (bytes, bytearray, memoryview)):
         with _opened(bytes(image), limits) as img:
-            return ImageHeader(img.size[0], img.size[1], img.mode, img.format, _orientation(img) in _TRANSPOSING)
+            return ImageHeader(img.size[0], img.size[1], img.mode, img.format, _header_orientation(img) in _TRANSPOSING)
     raise InvalidInput(f"unsupported image type {type(image).__name__}: expected bytes, a PIL image or a numpy array")
 
 
@@ -258,6 +258,23 @@ def _orientation(img: Image.Image) -> int:
         value = img.getexif().get(0x0112, 1)
         return value if isinstance(value, int) and 1 <= value <= 8 else 1
     except Exception:  # a malformed EXIF block must not lose the picture
+        return 1
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """:func:`_orientation` without decoding: a PNG's ``getexif`` decodes the whole image to look
+    for an eXIf chunk after the pixels, so for PNG only a chunk before them counts here."""
+    if img.format != "PNG":
+        return _orientation(img)
+    raw = img.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(0x0112, 1)
+        return value if isinstance(value, int) and 1 <= value <= 8 else 1
+    except Exception:
         return 1
 
 

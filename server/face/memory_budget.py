@@ -11,8 +11,14 @@ with :func:`estimate_working_bytes`, and holds that many bytes of the budget unt
   release theirs, then is refused with :class:`MemoryBudgetExhausted` (RESOURCE_EXHAUSTED, "retry");
 * it exceeds the whole budget: refused at once (no wait could admit it).
 
-Calls on small images (a 12 MP photo is estimated at ~130 MB) never wait on each other unless large
+Calls on small images (a 12 MP photo is estimated at ~230 MB) never wait on each other unless large
 ones hold the budget. ``MemoryBudget(0)`` admits everything (no budget).
+
+Worst case with the default settings: the budget (25 % of physical memory, e.g. 5.9 GB of 23 GB)
+bounds the *estimated* working memory of all image calls together; the estimates are above the
+measured peaks (table below), so the server's RSS stays under its idle RSS (~350 MB with the dlib
+model) plus the budget, plus onnxruntime's arenas, which grow once with the number of concurrent
+detector runs (up to ~100 MB each) and are kept.
 
 After a call whose estimate was large (:data:`TRIM_ABOVE_BYTES`), :func:`return_memory_to_os` asks
 glibc to give freed heap pages back (``malloc_trim``): Pillow's and numpy's big buffers are freed by
@@ -55,11 +61,18 @@ DEFAULT_WAIT_S = 2.0
 
 #: Peak working memory per pixel of the image the pipeline works on (after any reduced decoding),
 #: bytes, beyond :data:`FIXED_WORKING_BYTES`. Measured with ``python bench/hostile_memory.py
-#: --factor`` (peak RSS of one call in a warmed-up process over the RSS before it; flat-colour PNGs
-#: and JPEGs of 4-119 MP, decoded at full size): 17.7 MB per MP before this module existed (PIL's
-#: 4-byte RGBX frame, an ``exif_transpose`` copy, a ``convert("RGB")`` copy, the array and the
-#: detector's ``Image.fromarray`` copy), 10.0 MB per MP after decode.py stopped copying (16 MP:
-#: 169 MB, 49 MP: 490 MB, 119 MP: 1,189 MB). 11 with a margin.
+#: --factor`` (peak RSS of one ``analyze`` in a warmed-up process over the RSS before it; flat-colour
+#: PNGs and JPEGs): 17.7 MB per MP before this module existed (PIL's 4-byte RGBX frame, an
+#: ``exif_transpose`` copy, a ``convert("RGB")`` copy, the array and the detector's
+#: ``Image.fromarray`` copy), 10.0 MB per MP once decode.py stopped copying. Peak over start, MB::
+#:
+#:     decoded at            4 MP   16 MP   49 MP   119 MP
+#:     full size (PNG/JPEG)  139    184-194 490     1,190     estimate 145 / 277 / 640 / 1,408
+#:     reduced, PNG          139    169     271     522       estimate 145 / 277 / 350 / 658
+#:     reduced, JPEG draft   136    181     176     147       estimate 145 / 277 / 150 / 182
+#:
+#: (reduced = over the default ``reduce_above_pixels`` of 24 MP: 49 MP by 2, 119 MP by 4). 11 with
+#: a margin; a reduced PNG also counts its full 4-byte frame (``decoded_bytes_per_pixel``).
 BYTES_PER_WORKING_PIXEL = 11
 #: Per-call memory independent of the image size: the detector's pyramid at up to
 #: ``max_detect_pixels`` (1.25 MP by default), landmarks, chips and the embedder batch; ~100 MB

@@ -254,12 +254,13 @@ class FacePipeline:
         header = read_header(image, self.config.decode_limits)
         reduce = self.reduce_factor(header, kind, detection)
         estimate = self.estimate_bytes(header, reduce)
-        try:
-            with self.memory_budget.reserve(estimate):
-                return self._analyze(image, header, reduce, kind, max_faces, detection)
-        finally:
-            if estimate > TRIM_ABOVE_BYTES:
-                return_memory_to_os()
+        large = estimate > TRIM_ABOVE_BYTES
+        with self.memory_budget.reserve(estimate):
+            try:
+                return self._analyze(image, header, reduce, kind, max_faces, detection, trim=large)
+            finally:
+                if large:  # before the budget is released, so the next call finds the memory returned
+                    return_memory_to_os()
 
     def reduce_factor(self, header: ImageHeader, kind: ImageKind, detection: DetectionConfig) -> int:
         """The integer factor the image is decoded at (1 = full size).
@@ -285,9 +286,19 @@ class FacePipeline:
         return estimate_working_bytes(header.decoded_pixels(reduce), header.frame_bytes_per_pixel, working)
 
     def _analyze(
-        self, image: ImageInput, header: ImageHeader, reduce: int, kind: ImageKind, max_faces: int, detection: DetectionConfig
+        self,
+        image: ImageInput,
+        header: ImageHeader,
+        reduce: int,
+        kind: ImageKind,
+        max_faces: int,
+        detection: DetectionConfig,
+        *,
+        trim: bool = False,
     ) -> list[Face]:
         rgb = decode_image(image, self.config.decode_limits, reduce=reduce)
+        if trim and reduce > 1:  # the full-size frame is freed: give it back before detection
+            return_memory_to_os()
         height, width = rgb.shape[:2]
         size = self.manifest.chip.size
         if kind is ImageKind.ALIGNED_CHIP:
@@ -308,7 +319,7 @@ class FacePipeline:
             chips = extract_chips(rgb, landmarks, self.manifest.chip)
         del rgb
         if reduce > 1:
-            boxes, landmarks = _to_full_size(boxes, landmarks, (height, width), header.upright_size)
+            boxes, landmarks = _to_full_size(boxes, landmarks, (height, width), _full_size(header, (height, width)))
         embeddings = self._embed(chips)
         return [
             Face(box=boxes[i].astype(np.float32), landmarks=landmarks[i].astype(np.float32), score=float(scores[i]), embedding=embeddings[i])
@@ -340,6 +351,15 @@ class FacePipeline:
         if self.head is None:
             return None
         return self.head.probability_same(a, b)
+
+
+def _full_size(header: ImageHeader, reduced: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of the full upright image whose reduced decode is ``reduced``: the
+    declared size, transposed when the reduced image is (a PNG's late eXIf chunk is only seen then)."""
+    h, w = header.height, header.width
+    if abs(math.log((h / reduced[0]) / (w / reduced[1]))) > abs(math.log((w / reduced[0]) / (h / reduced[1]))):
+        return w, h
+    return h, w
 
 
 def _to_full_size(

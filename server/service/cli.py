@@ -1,4 +1,5 @@
-"""``facegallery serve``: the click command that runs the gRPC server.
+"""``facegallery serve``: the click command that runs the gRPC server; ``facegallery doctor``, which
+checks a data directory offline (gallery/doctor.py).
 
 The client CLI's main group (client/cli.py) builds this command with :func:`make_serve_command`,
 handing it the default-model bootstrap: the dlib converter lives in ``facegallery.export``, which
@@ -7,6 +8,7 @@ the server never imports. Every ``--help`` default is read from the constant the
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX
 from facegallery.server.face.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from facegallery.server.face.detect import DEFAULT_MAX_DETECT_PIXELS, DEFAULT_MIN_FACE_SIZE, DetectionConfig
 from facegallery.server.face.pipeline import PipelineConfig
+from facegallery.server.gallery.doctor import Status, diagnose, worst
 from facegallery.server.service.app import (
     DEFAULT_GRACE_S,
     DEFAULT_HOST,
@@ -30,7 +33,7 @@ from facegallery.server.service.app import (
 )
 from facegallery.server.service.app import serve as run_server
 
-__all__ = ["make_serve_command"]
+__all__ = ["make_doctor_command", "make_serve_command"]
 
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -68,6 +71,9 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
                   help="Larger images are refused with RESOURCE_EXHAUSTED.")
     @click.option("--max-image-pixels", type=click.IntRange(1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
                   help="Images with more pixels are refused with RESOURCE_EXHAUSTED.")
+    @click.option("--memory-budget", type=click.IntRange(0), default=None, metavar="MB",
+                  help="Working memory all image calls may hold at once, MiB (estimated from each image's header); a call "
+                  "that does not fit waits up to 2 s, then gets RESOURCE_EXHAUSTED. Default: 25% of physical memory; 0 = no budget.")
     @click.option("--flip-augment", is_flag=True,
                   help="Embed each face chip and its mirror image and average (better accuracy, 2x embedding cost). "
                   "It changes the model id: galleries made without it are refused, and the other way round.")
@@ -102,6 +108,7 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
         max_detect_pixels: int,
         max_image_bytes: int,
         max_image_pixels: int,
+        memory_budget: int | None,
         flip_augment: bool,
         intra_op_threads: int,
         search_threads: int,
@@ -125,6 +132,7 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
             detection=DetectionConfig(min_face_size=min_face_size, max_detect_pixels=max_detect_pixels),
             max_image_bytes=max_image_bytes,
             max_image_pixels=max_image_pixels,
+            memory_budget_bytes=None if memory_budget is None else memory_budget << 20,
         )
         config = ServerConfig(
             data_dir=data_dir if data_dir is not None else default_data_dir(),
@@ -150,3 +158,47 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
             raise click.ClickException(str(exc)) from exc
 
     return serve
+
+
+def make_doctor_command(default_model_dir: Callable[[], Path]) -> click.Command:
+    """The ``doctor`` click command.
+
+    Parameters
+    ----------
+    default_model_dir : callable () -> Path
+        Returns the default model directory (``facegallery.export.dlib.default_model.default_model_dir``),
+        checked when ``--model-dir`` is not given and it exists; never converts anything.
+    """
+
+    @click.command("doctor")
+    @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help=f"Data directory to check  [default: {default_data_dir()}]")
+    @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Model directory to check (every file's sha256, and the galleries' model ids)  "
+                  "[default: the default dlib model directory, when it exists]")
+    @click.option("--full", is_flag=True, help="Run PRAGMA integrity_check (also every index against its table, ~2x) instead of quick_check.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per check: check, status, message.")
+    def doctor(data_dir: Path | None, model_dir: Path | None, full: bool, as_json: bool) -> None:
+        """Check a data directory without the server: the store (SQLite integrity check, schema,
+        galleries), its WAL, the index snapshots and the model files.
+
+        One line per check, OK, WARN or FAIL. The server may be running (SQLite lets a reader in
+        while it writes). Exit 0 when nothing FAILed (WARN included), 1 on any FAIL.
+        """
+        data_dir = data_dir if data_dir is not None else default_data_dir()
+        if model_dir is None:
+            default = default_model_dir()
+            model_dir = default if default.is_dir() else None
+        if not data_dir.is_dir():
+            raise click.ClickException(f"no data directory at {data_dir}")
+        findings = diagnose(data_dir, model_dir, integrity_check="full" if full else "quick")
+        width = max(len(f.check) for f in findings)
+        for f in findings:
+            click.echo(json.dumps(f.to_json(), ensure_ascii=False) if as_json else f"{f.status.value:<4}  {f.check:<{width}}  {f.message}")
+        if not as_json:
+            counts = {s: sum(f.status is s for f in findings) for s in Status}
+            click.echo(f"{counts[Status.OK]} OK, {counts[Status.WARN]} WARN, {counts[Status.FAIL]} FAIL", err=True)
+        if worst(findings) is Status.FAIL:
+            raise SystemExit(1)
+
+    return doctor

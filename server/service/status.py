@@ -26,12 +26,15 @@ def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc`` raised while serving ``method``.
 
     A :class:`FaceGalleryError` maps to ``grpc.StatusCode[exc.code]`` with the exception's message
-    (logged at DEBUG); anything else to INTERNAL and :data:`INTERNAL_MESSAGE`, its traceback logged
-    at ERROR.
+    (logged at DEBUG); a damaged store (:func:`store_damage`) to DATA_LOSS; anything else to
+    INTERNAL and :data:`INTERNAL_MESSAGE`, its traceback logged at ERROR.
     """
     if isinstance(exc, FaceGalleryError):
         LOG.debug("%s -> %s: %s", method, exc.code, exc)
         return grpc.StatusCode[exc.code], str(exc)
+    if store_damage(exc) is not None:
+        LOG.error("the store failed in %s", method, exc_info=exc)
+        return grpc.StatusCode.DATA_LOSS, "the server's store is damaged; the server is NOT_SERVING (its log names the file and the repair options)"
     LOG.error("unexpected error in %s", method, exc_info=exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
