@@ -49,13 +49,7 @@ def eval_lfw(pairs_file: Path, images_dir: Path, as_json: bool, plot: Path | Non
     from facegallery.export.evaluate.lfw import embed_lfw_images, read_pairs
     from facegallery.export.evaluate.metrics import tar_at_far, verification_10fold
 
-    if plot is not None:
-        from facegallery.export.evaluate.plots import require_matplotlib
-
-        try:
-            require_matplotlib()
-        except RuntimeError as exc:
-            raise click.UsageError(f"--plot: {exc}") from exc
+    _check_plot(plot)
     try:
         pairs = read_pairs(pairs_file)
     except ValueError as exc:
@@ -154,13 +148,7 @@ def openset_command(open_gallery: GalleryOpener) -> click.Command:
             raise click.UsageError(f"{exc} (--threshold [--aggregation], or --target-fpir [--normalization, --cohort-size, --aggregation])") from exc
         if (server is None) != (gallery_name is None):
             raise click.UsageError("--server and --gallery go together: the gallery is created on that server")
-        if plot is not None:
-            from facegallery.export.evaluate.plots import require_matplotlib
-
-            try:
-                require_matplotlib()
-            except RuntimeError as exc:
-                raise click.UsageError(f"--plot: {exc}") from exc
+        _check_plot(plot)
         try:
             protocol = openset.build_protocol(
                 openset.list_identity_images(images_dir), enroll_per_identity=k, max_probes=max_probes, gallery_size=gallery_size, seed=seed
@@ -200,3 +188,15 @@ def openset_command(open_gallery: GalleryOpener) -> click.Command:
                 click.echo(f"DET curve written to {plot}")
 
     return eval_openset
+
+
+def _check_plot(plot: Path | None) -> None:
+    """A usage error before any work when ``--plot`` is given but matplotlib is missing."""
+    if plot is None:
+        return
+    from facegallery.export.evaluate.plots import require_matplotlib
+
+    try:
+        require_matplotlib()
+    except RuntimeError as exc:
+        raise click.UsageError(f"--plot: {exc}") from exc
