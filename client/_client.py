@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -130,6 +131,25 @@ def _retry_service_config(retries: int) -> str:
     return json.dumps({"methodConfig": [method_config]})
 
 
+def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def _tls_credentials(
+    ca: str | os.PathLike[str] | bytes | None, cert: str | os.PathLike[str] | bytes | None, key: str | os.PathLike[str] | bytes | None
+) -> grpc.ChannelCredentials | None:
+    """``grpc.ssl_channel_credentials`` from the ``tls_*`` arguments; None when all are None."""
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key go together (a client certificate and its private key)")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert))
+
+
 class GalleryClient:
     """Client of a facegallery server (enroll, identify, verify, manage galleries).
 
@@ -172,12 +192,20 @@ class GalleryClient:
     max_message_bytes : int, keyword-only
         Largest message sent or received, in bytes (images travel in one message).
     credentials : grpc.ChannelCredentials or None, keyword-only
-        TLS credentials; None = an insecure (plaintext) channel.
+        TLS credentials; None = an insecure (plaintext) channel unless a ``tls_*`` argument is given.
+    tls_ca, tls_cert, tls_key : str, Path, bytes or None, keyword-only
+        PEM files (paths) or PEM bytes: any of them opens a TLS channel
+        (``grpc.ssl_channel_credentials``). ``tls_ca`` = the CA that signed the server's
+        certificate (None = the system roots); ``tls_cert`` and ``tls_key`` = this client's
+        certificate and private key for a server that requires mTLS (both or neither).
 
     Raises
     ------
     ValueError
-        A negative ``retries`` or ``timeout``.
+        A negative ``retries`` or ``timeout``; ``tls_cert`` without ``tls_key`` or the other
+        way round; ``credentials`` together with a ``tls_*`` argument.
+    OSError
+        A ``tls_*`` file cannot be read.
     """
 
     def __init__(
@@ -190,6 +218,9 @@ class GalleryClient:
         gallery: str = DEFAULT_GALLERY,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        tls_ca: str | os.PathLike[str] | bytes | None = None,
+        tls_cert: str | os.PathLike[str] | bytes | None = None,
+        tls_key: str | os.PathLike[str] | bytes | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -202,7 +233,9 @@ class GalleryClient:
         self.retries = retries
         self.gallery = gallery
         self.max_message_bytes = max_message_bytes
-        self._credentials = credentials
+        self._credentials = credentials if credentials is not None else _tls_credentials(tls_ca, tls_cert, tls_key)
+        if credentials is not None and (tls_ca, tls_cert, tls_key) != (None, None, None):
+            raise ValueError("give either credentials or tls_ca/tls_cert/tls_key, not both")
         self._state = _ClientState.UNOPENED
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.GalleryServiceStub | None = None

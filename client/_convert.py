@@ -321,6 +321,7 @@ def bulk_enroll_item(message: pb.BulkEnrollResult) -> BulkEnrollItem:
         code=code,
         message=message.message,
         result=enroll_result(message.response) if ok and message.HasField("response") else None,
+        reason=message.reason or None,
     )
 
 

@@ -2,9 +2,20 @@
 
 Every failed call raises a subclass of :class:`FaceGalleryClientError` chosen by the status the
 server (or the channel) reported; the original ``grpc.RpcError`` is chained as ``__cause__``.
-Catch at any level::
+Catch at any level, then branch on the stable ``reason`` the server sends (a
+``google.rpc.ErrorInfo`` in the status details, e.g. ``"NO_FACE"``, ``"GALLERY_NOT_FOUND"``;
+``None`` when the status carries none, e.g. a channel error)::
 
-    FaceGalleryClientError              any failed call; .code (grpc.StatusCode), .message
+    try:
+        client.enroll("ann", "photo.jpg")
+    except InvalidArgument as exc:
+        if exc.reason == "NO_FACE":
+            ...
+        for violation in exc.field_violations:   # google.rpc.BadRequest, e.g. ("top_k", "...")
+            print(violation.field, violation.description)
+
+    FaceGalleryClientError              any failed call; .code (grpc.StatusCode), .message,
+                                        .reason, .domain, .metadata, .field_violations
     ├── InvalidArgument                 INVALID_ARGUMENT: undecodable image, no face where one is
     │                                   required, wrong embedding length, empty or malformed id
     ├── NotFound                        NOT_FOUND: unknown gallery, identity or template
@@ -26,7 +37,13 @@ used.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 __all__ = [
     "FaceGalleryClientError",
@@ -42,7 +59,18 @@ __all__ = [
     "PermissionDenied",
     "ServerError",
     "ClientClosedError",
+    "FieldViolation",
 ]
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One ``google.rpc.BadRequest`` field violation: the request ``field`` at fault and why."""
+
+    field: str
+    description: str
 
 
 class FaceGalleryClientError(Exception):
@@ -54,15 +82,38 @@ class FaceGalleryClientError(Exception):
         The status of this error (for the base class: whatever status was received).
     message : str
         The server's human-readable message (the status details).
+    reason : str or None
+        The stable, machine-readable reason of the server's ``google.rpc.ErrorInfo``
+        (UPPER_SNAKE_CASE, e.g. ``"NO_FACE"``, ``"GALLERY_NOT_FOUND"``); None when the status
+        carried no ErrorInfo (channel errors, older servers).
+    domain : str or None
+        The ErrorInfo's domain (``"facegallery.v1"``), or None.
+    metadata : Mapping[str, str]
+        The ErrorInfo's metadata (e.g. ``{"gallery": "staff"}``); empty when none.
+    field_violations : tuple of FieldViolation
+        The ``google.rpc.BadRequest`` field violations (INVALID_ARGUMENT naming a field).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str | None = None,
+        domain: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: tuple[FieldViolation, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        self.reason = reason
+        self.domain = domain
+        self.metadata: Mapping[str, str] = MappingProxyType(dict(metadata)) if metadata else _EMPTY
+        self.field_violations = tuple(field_violations)
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -136,13 +187,41 @@ _BY_CODE: dict[grpc.StatusCode, type[FaceGalleryClientError]] = {
 }
 
 
-def error_for_status(code: grpc.StatusCode, message: str) -> FaceGalleryClientError:
-    """The exception instance for a status ``code`` with the server's ``message``."""
-    return _BY_CODE.get(code, FaceGalleryClientError)(message, code=code)
+def error_for_status(code: grpc.StatusCode, message: str, **info: object) -> FaceGalleryClientError:
+    """The exception instance for a status ``code`` with the server's ``message``; ``info`` are
+    the keyword attributes of :class:`FaceGalleryClientError` (``reason``, ``metadata``, ...)."""
+    return _BY_CODE.get(code, FaceGalleryClientError)(message, code=code, **info)
 
 
 def from_rpc_error(error: grpc.RpcError) -> FaceGalleryClientError:
-    """Translate a ``grpc.RpcError`` (a failed ``grpc.Call``) into the client's tree."""
+    """Translate a ``grpc.RpcError`` (a failed ``grpc.Call``) into the client's tree, with the
+    ErrorInfo and BadRequest details of its status when it has them."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else None
-    return error_for_status(code, details or str(code.value[1]))
+    return error_for_status(code, details or str(code.value[1]), **rich_details(error))
+
+
+def rich_details(error: grpc.RpcError) -> dict[str, object]:
+    """``reason``, ``domain``, ``metadata`` and ``field_violations`` from ``error``'s
+    ``google.rpc.Status`` trailer (``grpc_status.rpc_status.from_call``); empty when it has none
+    or it cannot be parsed (a client never fails on a malformed trailer)."""
+    try:
+        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 - a malformed or mismatched trailer is ignored
+        return {}
+    if status is None:
+        return {}
+    found: dict[str, object] = {}
+    violations: list[FieldViolation] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and "reason" not in found:
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            found.update(reason=info.reason or None, domain=info.domain or None, metadata=dict(info.metadata))
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+    if violations:
+        found["field_violations"] = tuple(violations)
+    return found

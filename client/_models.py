@@ -314,6 +314,9 @@ class BulkEnrollItem(_Result):
         Error message when not ``ok``; empty otherwise.
     result : EnrollResult or None
         The enrollment when ``ok``.
+    reason : str or None
+        When not ``ok``: the stable reason :meth:`GalleryClient.enroll`'s exception would have had
+        (e.g. ``"NO_FACE"``, see :attr:`FaceGalleryClientError.reason`); None when ``ok``.
     """
 
     index: int
@@ -321,6 +324,7 @@ class BulkEnrollItem(_Result):
     code: grpc.StatusCode
     message: str
     result: EnrollResult | None
+    reason: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

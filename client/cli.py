@@ -3,8 +3,8 @@
 Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries``,
 ``create-gallery``, ``update-gallery``, ``delete-gallery``, ``duplicates``, ``identities``,
 ``delete``, ``import``, ``export-gallery``, ``import-embeddings``) talk to a running server and all
-take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json`` and
-``--timeout SECONDS``. The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
+take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json``,
+``--timeout SECONDS`` and ``--tls-ca``/``--tls-cert``/``--tls-key`` (env ``FACEGALLERY_TLS_*``). The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
 ``eval``, ``train``, ``calibrate``) live in other packages and are imported only when invoked,
 so a missing optional dependency (e.g. torch for ``train``) breaks only its own command.
 
@@ -177,7 +177,7 @@ class _Session:
 
 
 def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --server/--gallery/--json/--timeout, open a client, map client errors to exit code 1."""
+    """Add --server/--gallery/--json/--timeout/--tls-*, open a client, map client errors to exit code 1."""
 
     @click.option(
         "--server",
@@ -196,10 +196,20 @@ def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         help="Deadline of each call in seconds.",
     )
+    @click.option("--tls-ca", envvar="FACEGALLERY_TLS_CA", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM CA certificate that signed the server's: connect with TLS [env FACEGALLERY_TLS_CA].")
+    @click.option("--tls-cert", envvar="FACEGALLERY_TLS_CERT", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM client certificate, for a server that requires mTLS (needs --tls-key) [env FACEGALLERY_TLS_CERT].")
+    @click.option("--tls-key", envvar="FACEGALLERY_TLS_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM private key of --tls-cert [env FACEGALLERY_TLS_KEY].")
     @functools.wraps(func)
-    def wrapper(server: str, gallery: str, as_json: bool, timeout: float, **kwargs: Any) -> Any:
+    def wrapper(
+        server: str, gallery: str, as_json: bool, timeout: float, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, **kwargs: Any
+    ) -> Any:
+        if (tls_cert is None) != (tls_key is None):
+            raise click.UsageError("--tls-cert and --tls-key go together")
         try:
-            with GalleryClient(server, timeout=timeout, gallery=gallery) as client:
+            with GalleryClient(server, timeout=timeout, gallery=gallery, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
                 return func(_Session(client, as_json), **kwargs)
         except Unavailable as exc:
             raise click.ClickException(f"{exc} (is a server running at {server}?)") from exc

@@ -2,105 +2,191 @@
 
 Every error the engine raises on purpose derives from :class:`FaceGalleryError` and carries the
 *name* of the gRPC status it maps to as the class attribute ``code`` (a ``str`` such as
-``"INVALID_ARGUMENT"``), the way click's exceptions carry ``exit_code``. This module knows nothing
-of grpc: ``facegallery.server.service.status`` turns the names into ``grpc.StatusCode`` values, in
-one place, for unary and streaming calls alike; anything else becomes INTERNAL with a generic
-message and a logged traceback.
+``"INVALID_ARGUMENT"``), the way click's exceptions carry ``exit_code``, and a stable, machine-readable
+``reason`` (UPPER_SNAKE_CASE, e.g. ``"NO_FACE"``) that the service sends as the ``reason`` of a
+``google.rpc.ErrorInfo`` (domain :data:`ERROR_DOMAIN`). Reasons are API: a client program branches
+on them, so they are never renamed; a subclass overrides its parent's. This module knows nothing
+of grpc: ``facegallery.server.service.status`` turns the names into ``grpc.StatusCode`` values and
+rich statuses, in one place, for unary and streaming calls alike; anything else becomes INTERNAL
+with a generic message and a logged traceback.
 
-    FaceGalleryError                      (INTERNAL)
-    ├── InvalidInput                      (INVALID_ARGUMENT)
-    │   ├── ImageDecodeError              undecodable, truncated or empty image bytes
-    │   ├── NoFaceError                   no face found where one is required (enroll, verify)
-    │   └── EmbeddingShapeError           vector of the wrong length or dtype
-    ├── NotFound                          (NOT_FOUND)  gallery, identity or template unknown
-    ├── AlreadyExists                     (ALREADY_EXISTS)
-    ├── FailedPrecondition                (FAILED_PRECONDITION)
-    │   ├── MultipleFacesError            several faces under the "reject" face policy
-    │   └── ModelMismatchError            gallery built with another model
-    ├── ResourceExhausted                 (RESOURCE_EXHAUSTED)
-    │   └── ImageTooLargeError            image over the byte or pixel limit
-    ├── ModelError                        (INTERNAL)  missing or corrupt model files
-    └── StoreCorruptError                 (DATA_LOSS)  the SQLite store fails its integrity check
+Every error also takes two optional keywords: ``field`` (the request field at fault, sent as a
+``google.rpc.BadRequest`` field violation for INVALID_ARGUMENT) and ``metadata`` (``str`` →
+``str``, added to the ErrorInfo's metadata, e.g. ``{"gallery": name}``).
+
+    FaceGalleryError                      (INTERNAL)             INTERNAL
+    ├── InvalidInput                      (INVALID_ARGUMENT)     INVALID_ARGUMENT
+    │   ├── ImageDecodeError              undecodable, truncated or empty image bytes: IMAGE_UNDECODABLE
+    │   ├── NoFaceError                   no face where one is required (enroll, verify): NO_FACE
+    │   └── EmbeddingShapeError           vector of the wrong length or dtype: EMBEDDING_SHAPE
+    ├── NotFound                          (NOT_FOUND)            NOT_FOUND
+    │   ├── GalleryNotFound               GALLERY_NOT_FOUND
+    │   ├── IdentityNotFound              IDENTITY_NOT_FOUND
+    │   └── TemplateNotFound              TEMPLATE_NOT_FOUND
+    ├── AlreadyExists                     (ALREADY_EXISTS)       ALREADY_EXISTS
+    ├── FailedPrecondition                (FAILED_PRECONDITION)  FAILED_PRECONDITION
+    │   ├── MultipleFacesError            several faces under the "reject" face policy: MULTIPLE_FACES
+    │   └── ModelMismatchError            gallery built with another model: MODEL_MISMATCH
+    ├── ResourceExhausted                 (RESOURCE_EXHAUSTED)   RESOURCE_EXHAUSTED
+    │   ├── ImageTooLargeError            image over the byte or pixel limit: IMAGE_TOO_LARGE
+    │   └── TooManyStreams                stream cap (server or per client) reached: TOO_MANY_STREAMS
+    │   (face/memory_budget.py MemoryBudgetExhausted: MEMORY_BUDGET_EXHAUSTED)
+    ├── StreamIdleError                   (DEADLINE_EXCEEDED)    STREAM_IDLE
+    ├── ModelError                        (INTERNAL)  missing or corrupt model files: MODEL_ERROR
+    └── StoreCorruptError                 (DATA_LOSS)  the store fails its integrity check: STORE_DAMAGED
+
+Statuses not raised as engine errors: NOT_READY (UNAVAILABLE while the server starts) and INTERNAL
+(any unexpected exception) come from ``facegallery.server.service``.
 """
 
 from __future__ import annotations
 
+#: The ``domain`` of every ``google.rpc.ErrorInfo`` the server sends.
+ERROR_DOMAIN = "facegallery.v1"
+
 __all__ = [
+    "ERROR_DOMAIN",
     "FaceGalleryError",
     "InvalidInput",
     "ImageDecodeError",
     "NoFaceError",
     "EmbeddingShapeError",
     "NotFound",
+    "GalleryNotFound",
+    "IdentityNotFound",
+    "TemplateNotFound",
     "AlreadyExists",
     "FailedPrecondition",
     "MultipleFacesError",
     "ModelMismatchError",
     "ResourceExhausted",
     "ImageTooLargeError",
+    "TooManyStreams",
+    "StreamIdleError",
     "ModelError",
     "StoreCorruptError",
 ]
 
 
 class FaceGalleryError(Exception):
-    """Base of every deliberate engine error; ``code`` names the gRPC status it maps to."""
+    """Base of every deliberate engine error; ``code`` names the gRPC status it maps to and
+    ``reason`` is its stable ErrorInfo reason.
+
+    Parameters
+    ----------
+    *args
+        As for :class:`Exception` (the first is the message).
+    field : str, optional
+        The request field at fault (``"top_k"``, ``"identity_id"``, ``"gallery"``, ...).
+    metadata : dict of str to str, optional
+        Extra ErrorInfo metadata, e.g. ``{"gallery": name}``.
+    """
 
     code: str = "INTERNAL"
+    reason: str = "INTERNAL"
+
+    def __init__(self, *args: object, field: str | None = None, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
 
 
 class InvalidInput(FaceGalleryError):
     code = "INVALID_ARGUMENT"
+    reason = "INVALID_ARGUMENT"
 
 
 class ImageDecodeError(InvalidInput):
     """The bytes are not an image Pillow can decode (random, truncated, empty)."""
 
+    reason = "IMAGE_UNDECODABLE"
+
 
 class NoFaceError(InvalidInput):
     """No face was detected where the operation needs one."""
+
+    reason = "NO_FACE"
 
 
 class EmbeddingShapeError(InvalidInput):
     """An embedding has the wrong length, dtype, or non-finite values."""
 
+    reason = "EMBEDDING_SHAPE"
+
 
 class NotFound(FaceGalleryError):
     code = "NOT_FOUND"
+    reason = "NOT_FOUND"
+
+
+class GalleryNotFound(NotFound):
+    """No gallery of that name (or one the caller may not see)."""
+
+    reason = "GALLERY_NOT_FOUND"
+
+
+class IdentityNotFound(NotFound):
+    """No identity of that id in the gallery."""
+
+    reason = "IDENTITY_NOT_FOUND"
+
+
+class TemplateNotFound(NotFound):
+    """No template of that id in the gallery."""
+
+    reason = "TEMPLATE_NOT_FOUND"
 
 
 class AlreadyExists(FaceGalleryError):
     code = "ALREADY_EXISTS"
+    reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(FaceGalleryError):
     code = "FAILED_PRECONDITION"
+    reason = "FAILED_PRECONDITION"
 
 
 class MultipleFacesError(FailedPrecondition):
     """Several faces were found and the face policy rejects such images."""
 
+    reason = "MULTIPLE_FACES"
+
 
 class ModelMismatchError(FailedPrecondition):
     """The gallery's templates were computed by a different model than the one loaded."""
 
+    reason = "MODEL_MISMATCH"
+
 
 class ResourceExhausted(FaceGalleryError):
     code = "RESOURCE_EXHAUSTED"
+    reason = "RESOURCE_EXHAUSTED"
 
 
 class ImageTooLargeError(ResourceExhausted):
     """The image is over the configured byte or pixel limit."""
+
+    reason = "IMAGE_TOO_LARGE"
+
+
+class TooManyStreams(ResourceExhausted):
+    """The server's stream cap, in all or per client, is reached (service/streams.py)."""
+
+    reason = "TOO_MANY_STREAMS"
 
 
 class StreamIdleError(FaceGalleryError):
     """A request stream sent nothing for longer than the server's idle timeout (service/streams.py)."""
 
     code = "DEADLINE_EXCEEDED"
+    reason = "STREAM_IDLE"
 
 
 class ModelError(FaceGalleryError):
     """A model directory is missing files, fails its checksums, or disagrees with its manifest."""
+
+    reason = "MODEL_ERROR"
 
 
 class StoreCorruptError(FaceGalleryError):
@@ -109,3 +195,4 @@ class StoreCorruptError(FaceGalleryError):
     reported and the repair options; the server refuses to serve such a store."""
 
     code = "DATA_LOSS"
+    reason = "STORE_DAMAGED"

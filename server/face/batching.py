@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from facegallery.server.contract.timing import record
+
 if TYPE_CHECKING:
     from facegallery.server.face.pipeline import ChipEmbedder
 
@@ -31,11 +33,12 @@ DEFAULT_MAX_DELAY_MS = 5.0
 
 
 class _Request:
-    __slots__ = ("chips", "future")
+    __slots__ = ("chips", "future", "queued")
 
     def __init__(self, chips: np.ndarray) -> None:
         self.chips = chips
         self.future: Future[np.ndarray] = Future()
+        self.queued = time.monotonic()  # for the queue-wait measurement (contract/timing.py)
 
 
 _STOP = object()
@@ -136,10 +139,14 @@ class BatchingEmbedder:
         return batch, False
 
     def _embed_batch(self, batch: list[_Request]) -> None:
+        now = time.monotonic()
+        for request in batch:
+            record("batch_queue_wait_seconds", now - request.queued)
         if len(batch) > 1:
             try:
                 chips = np.concatenate([r.chips for r in batch])
                 started = time.perf_counter()
+                record("batch_size", len(chips))
                 embeddings = self.embedder.embed(chips)
                 LOG.debug("embedded %d chips of %d requests in %.1f ms", len(chips), len(batch), (time.perf_counter() - started) * 1e3)
             except Exception:  # one request's bad chips must not fail the others: retry one by one
@@ -152,6 +159,7 @@ class BatchingEmbedder:
                 return
         for request in batch:
             try:
+                record("batch_size", len(request.chips))
                 request.future.set_result(self.embedder.embed(request.chips))
             except Exception as exc:
                 request.future.set_exception(exc)

@@ -85,6 +85,8 @@ TRIM_ABOVE_BYTES = 256 * 1024 * 1024
 class MemoryBudgetExhausted(ResourceExhausted):
     """The server's memory budget is held by other calls (RESOURCE_EXHAUSTED); retry later."""
 
+    reason = "MEMORY_BUDGET_EXHAUSTED"
+
 
 def physical_memory_bytes() -> int:
     """The machine's physical memory, bytes (``SC_PAGE_SIZE * SC_PHYS_PAGES``); 0 if unknown."""

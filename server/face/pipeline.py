@@ -35,6 +35,7 @@ from PIL import Image
 from facegallery.server.contract.errors import InvalidInput
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.contract.timing import record, timed
 from facegallery.server.face.align import extract_chips, template_in_chip
 from facegallery.server.face.decode import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -205,7 +206,9 @@ class FacePipeline:
             head=SameHead.from_manifest(model_dir, manifest),
             config=config,
         )
-        LOG.info("loaded model %s (%s) from %s in %.2f s", manifest.name, pipeline.model_id[:12], model_dir, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        record("model_load_seconds", elapsed)
+        LOG.info("loaded model %s (%s) from %s in %.2f s", manifest.name, pipeline.model_id[:12], model_dir, elapsed)
         return pipeline
 
     @staticmethod
@@ -296,7 +299,8 @@ class FacePipeline:
         *,
         trim: bool = False,
     ) -> list[Face]:
-        rgb = decode_image(image, self.config.decode_limits, reduce=reduce)
+        with timed("decode"):
+            rgb = decode_image(image, self.config.decode_limits, reduce=reduce)
         if trim and reduce > 1:  # the full-size frame is freed: give it back before detection
             return_memory_to_os()
         height, width = rgb.shape[:2]
@@ -313,14 +317,18 @@ class FacePipeline:
                 boxes = np.array([[0, 0, width - 1, height - 1]], dtype=np.float32)
                 scores = np.zeros(1, dtype=np.float32)
             else:
-                detections = self.detector.detect(rgb, detection)
+                with timed("detect"):
+                    detections = self.detector.detect(rgb, detection)
                 boxes, scores = _largest_first(detections.boxes, detections.scores, max_faces)
-            landmarks = self.landmarks.predict(rgb, boxes)
-            chips = extract_chips(rgb, landmarks, self.manifest.chip)
+            with timed("landmarks"):
+                landmarks = self.landmarks.predict(rgb, boxes)
+            with timed("align"):
+                chips = extract_chips(rgb, landmarks, self.manifest.chip)
         del rgb
         if reduce > 1:
             boxes, landmarks = _to_full_size(boxes, landmarks, (height, width), _full_size(header, (height, width)))
-        embeddings = self._embed(chips)
+        with timed("embed"):
+            embeddings = self._embed(chips)
         return [
             Face(box=boxes[i].astype(np.float32), landmarks=landmarks[i].astype(np.float32), score=float(scores[i]), embedding=embeddings[i])
             for i in range(len(boxes))

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from facegallery.server.contract.errors import NotFound
+from facegallery.server.contract.errors import IdentityNotFound, NotFound
 from facegallery.server.gallery.index import VectorIndex, make_index
 from facegallery.server.gallery.store import TemplateStore
 
@@ -59,10 +59,10 @@ class IdentityMeans:
         return means
 
     def vector(self, identity_id: str) -> np.ndarray:
-        """The mean of one identity, ``(1, D) float32``. Raises NotFound when it has no template."""
+        """The mean of one identity, ``(1, D) float32``. Raises IdentityNotFound when it has no template."""
         mean = self._mean_of.get(identity_id)
         if mean is None:
-            raise NotFound(f"identity {identity_id!r} does not exist in gallery {self._gallery!r}")
+            raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {self._gallery!r}")
         return mean[None]
 
     def refresh(self, identity_ids: Iterable[str]) -> None:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facegallery.server.contract.errors import NotFound
+from facegallery.server.contract.errors import GalleryNotFound, NotFound
+from facegallery.server.contract.timing import record, timed
 from facegallery.server.gallery.decision import Aggregation, Calibration, DecisionPolicy, DecisionStatus, FalseMatchCurve
 from facegallery.server.gallery.identity_means import IdentityMeans
 from facegallery.server.gallery.index import VectorIndex, make_index
@@ -143,7 +144,8 @@ class IndexedGallery:
         calibration = self.scorer.calibration(self._read)
         with self._lock.read():
             self._check_live()
-            scored = self.scorer.score(self._searched, x, top_k, version=self._version, kind=calibration.score_kind, exclude=exclude)
+            with timed("search"):
+                scored = self.scorer.score(self._searched, x, top_k, version=self._version, kind=calibration.score_kind, exclude=exclude)
         return scored, calibration
 
     def _read(self, fn: Callable[[VectorIndex, int], T]) -> T:
@@ -283,7 +285,7 @@ class IndexedGallery:
     def _check_live(self) -> None:
         """Raise NotFound if the gallery was deleted while the caller waited for the lock."""
         if self._deleted:
-            raise NotFound(f"gallery {self.name!r} does not exist")
+            raise GalleryNotFound(f"gallery {self.name!r} does not exist")
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -306,6 +308,7 @@ class IndexedGallery:
             header = write_snapshot(self.snapshot_file, index, gallery_key=self.key, gallery=self.name, last_seq=seq)
             self._snapshot_seq = header.last_seq
         written = time.perf_counter()
+        record("snapshot_seconds", written - started)
         try:
             self._store.prune_changes(self.name, header.last_seq)
         except NotFound:  # deleted meanwhile: delete() removes the file once we released the snapshot lock

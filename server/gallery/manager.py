@@ -46,9 +46,10 @@ from typing import Protocol
 
 import numpy as np
 
-from facegallery.server.contract.errors import AlreadyExists, InvalidInput, MultipleFacesError, NoFaceError, NotFound
+from facegallery.server.contract.errors import AlreadyExists, GalleryNotFound, InvalidInput, MultipleFacesError, NoFaceError, NotFound
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.contract import timing
 from facegallery.server.gallery.decision import DEFAULT_POLICY, DecisionPolicy, DecisionStatus, FalseMatchCurve, check_policy
 from facegallery.server.gallery.index import DEFAULT_FACTORY
 from facegallery.server.gallery.indexed_gallery import IndexedGallery
@@ -502,13 +503,15 @@ class GalleryManager:
         started = time.perf_counter()
         faces = self.pipeline.analyze(image, kind=kind, max_faces=max_faces)
         analyzed = time.perf_counter()
+        timing.record("faces_per_image", len(faces))
         if not faces:
             return []
         x = np.stack([f.embedding for f in faces]).astype(np.float32)
         ranked, calibration = state.identify(x, top_k)
         searched = time.perf_counter()
         LOG.debug("identify %r: %d faces, analyze %.1f ms, search %.1f ms", state.name, len(faces), (analyzed - started) * 1e3, (searched - analyzed) * 1e3)
-        return [Identification.decide(face, scored, calibration, threshold) for face, scored in zip(faces, ranked, strict=True)]
+        with timing.timed("decision"):
+            return [Identification.decide(face, scored, calibration, threshold) for face, scored in zip(faces, ranked, strict=True)]
 
     def identify_embedding(
         self, gallery: str, embedding: np.ndarray, *, model_id: str | None = None, top_k: int = DEFAULT_TOP_K, threshold: float | None = None
@@ -528,7 +531,8 @@ class GalleryManager:
         threshold = score_threshold(threshold)
         vector = check_embedding(embedding, state.embedding_dim)
         (scored,), calibration = state.identify(vector[None], top_k)
-        return Identification.decide(None, scored, calibration, threshold)
+        with timing.timed("decision"):
+            return Identification.decide(None, scored, calibration, threshold)
 
     def verify(self, gallery: str, identity_id: str, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, threshold: float | None = None) -> Verification:
         """1:1: the largest face of ``image`` against one identity's templates.
@@ -585,7 +589,9 @@ class GalleryManager:
     def embed(self, image: bytes, *, kind: ImageKind = ImageKind.PHOTO, max_faces: int = 0) -> list[Face]:
         """Every face of an image with its embedding, largest first (``[]`` when none)."""
         check_max_faces(max_faces)
-        return self.pipeline.analyze(image, kind=kind, max_faces=max_faces)
+        faces = self.pipeline.analyze(image, kind=kind, max_faces=max_faces)
+        timing.record("faces_per_image", len(faces))
+        return faces
 
     def _estimated_far(self, distance: float) -> float | None:
         """The model's false-match rate at an L2 distance (decision.py ``FalseMatchCurve``), or None."""
@@ -789,7 +795,7 @@ class GalleryManager:
         with self._lock:
             state = self._galleries.get(name)
         if state is None:
-            raise NotFound(f"gallery {name!r} does not exist")
+            raise GalleryNotFound(f"gallery {name!r} does not exist")
         return state
 
     def _check_server_model(self, gallery: IndexedGallery) -> None:

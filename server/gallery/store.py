@@ -38,7 +38,7 @@ from typing import NoReturn, Protocol
 
 import numpy as np
 
-from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, NotFound, StoreCorruptError
+from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, GalleryNotFound, IdentityNotFound, StoreCorruptError, TemplateNotFound
 from facegallery.server.contract.face import Face
 from facegallery.server.gallery.decision import DecisionPolicy
 from facegallery.server.gallery.validation import check_metadata
@@ -450,7 +450,7 @@ class SqliteTemplateStore:
         """The gallery ``name`` with its identity and template counts. Raises NotFound."""
         row = self._reader().execute(self._GALLERY_SELECT + " WHERE g.name = ?", (name,)).fetchone()
         if row is None:
-            raise NotFound(f"gallery {name!r} does not exist")
+            raise GalleryNotFound(f"gallery {name!r} does not exist")
         return _gallery_record(row)
 
     def list_galleries(self) -> list[GalleryRecord]:
@@ -589,7 +589,7 @@ class SqliteTemplateStore:
             key = _gallery_key(conn, gallery)
             row = conn.execute("SELECT identity_key FROM templates WHERE template_id = ? AND gallery_key = ?", (int(template_id), key)).fetchone()
             if row is None:
-                raise NotFound(f"template {template_id} does not exist in gallery {gallery!r}")
+                raise TemplateNotFound(f"template {template_id} does not exist in gallery {gallery!r}")
             (identity_key,) = row
             conn.execute("DELETE FROM templates WHERE template_id = ?", (int(template_id),))
             seq = conn.execute("INSERT INTO changes (gallery_key, op, template_id) VALUES (?, 'remove', ?)", (key, int(template_id))).lastrowid
@@ -612,7 +612,7 @@ class SqliteTemplateStore:
             key = _gallery_key(conn, gallery)
             row = conn.execute(self._IDENTITY_SELECT + " WHERE i.gallery_key = ? AND i.identity_id = ?", (key, identity_id)).fetchone()
             if row is None:
-                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+                raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
             dim = conn.execute("SELECT embedding_dim FROM galleries WHERE gallery_key = ?", (key,)).fetchone()[0]
             rows = conn.execute(
                 "SELECT template_id, embedding, source_sha256, face, created FROM templates WHERE identity_key = ? ORDER BY template_id",
@@ -642,7 +642,7 @@ class SqliteTemplateStore:
             key = _gallery_key(conn, gallery)
             row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
             if row is None:
-                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+                raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
             if display_name is not None:
                 conn.execute("UPDATE identities SET display_name = ? WHERE identity_key = ?", (display_name, row[0]))
             if metadata is not None:
@@ -660,7 +660,7 @@ class SqliteTemplateStore:
             key, seq = conn.execute("SELECT gallery_key, last_seq FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
             row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
             if row is None:
-                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+                raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
             ids = [r[0] for r in conn.execute("SELECT template_id FROM templates WHERE identity_key = ?", (row[0],))]
             conn.execute("DELETE FROM templates WHERE identity_key = ?", (row[0],))
             for template_id in ids:
@@ -677,7 +677,7 @@ class SqliteTemplateStore:
             key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
             row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
             if row is None:
-                raise NotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+                raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
             rows = conn.execute("SELECT template_id, embedding FROM templates WHERE identity_key = ? ORDER BY template_id", (row[0],)).fetchall()
         return _stack(rows, dim)
 
@@ -816,7 +816,7 @@ def _gallery_record(row: tuple) -> GalleryRecord:
 
 
 def _missing(gallery: str) -> NoReturn:
-    raise NotFound(f"gallery {gallery!r} does not exist")
+    raise GalleryNotFound(f"gallery {gallery!r} does not exist")
 
 
 def _gallery_key(conn: sqlite3.Connection, name: str) -> int:

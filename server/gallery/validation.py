@@ -75,18 +75,18 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 def check_gallery_name(name: str) -> None:
     """Raise InvalidInput unless ``name`` is 1..128 characters of ``[A-Za-z0-9_.-]``."""
     if not isinstance(name, str) or not _GALLERY_NAME.fullmatch(name):
-        raise InvalidInput(f"gallery name must be 1..128 characters of [A-Za-z0-9_.-], got {name!r}")
+        raise InvalidInput(f"gallery name must be 1..128 characters of [A-Za-z0-9_.-], got {name!r}", field="gallery")
 
 
 def check_identity_id(identity_id: str) -> None:
     """Raise InvalidInput unless ``identity_id`` is a non-empty str of at most
     :data:`MAX_ID_LENGTH` characters without control characters (U+0000..U+001F, U+007F)."""
     if not isinstance(identity_id, str) or not identity_id:
-        raise InvalidInput("identity_id must not be empty")
+        raise InvalidInput("identity_id must not be empty", field="identity_id")
     if len(identity_id) > MAX_ID_LENGTH:
-        raise InvalidInput(f"identity_id must be at most {MAX_ID_LENGTH} characters, got {len(identity_id)}")
+        raise InvalidInput(f"identity_id must be at most {MAX_ID_LENGTH} characters, got {len(identity_id)}", field="identity_id")
     if _CONTROL.search(identity_id):
-        raise InvalidInput(f"identity_id must not contain control characters, got {identity_id!r}")
+        raise InvalidInput(f"identity_id must not contain control characters, got {identity_id!r}", field="identity_id")
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -108,9 +108,9 @@ def check_display_name(display_name: str) -> None:
     UTF-8 bytes without control characters (``""`` is allowed: no name)."""
     size = _utf8_size(display_name, "display_name")
     if size > MAX_DISPLAY_NAME_BYTES:
-        raise InvalidInput(f"display_name must be at most {MAX_DISPLAY_NAME_BYTES} bytes (UTF-8), got {size}: {_short(display_name)}")
+        raise InvalidInput(f"display_name must be at most {MAX_DISPLAY_NAME_BYTES} bytes (UTF-8), got {size}: {_short(display_name)}", field="display_name")
     if _CONTROL.search(display_name):
-        raise InvalidInput(f"display_name must not contain control characters, got {_short(display_name)}")
+        raise InvalidInput(f"display_name must not contain control characters, got {_short(display_name)}", field="display_name")
 
 
 def check_metadata(metadata: dict[str, str], *, what: str = "metadata") -> None:
@@ -158,33 +158,33 @@ def identity_reply_bytes(identity_id: str, display_name: str, metadata: dict[str
 def check_top_k(top_k: int) -> None:
     """Raise InvalidInput unless 1 <= ``top_k`` <= :data:`MAX_TOP_K`."""
     if not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidInput(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
+        raise InvalidInput(f"top_k must be 1..{MAX_TOP_K}, got {top_k}", field="top_k")
 
 
 def check_max_pairs(max_pairs: int) -> None:
     """Raise InvalidInput unless 1 <= ``max_pairs`` <= :data:`MAX_DUPLICATE_PAIRS`."""
     if not 1 <= max_pairs <= MAX_DUPLICATE_PAIRS:
-        raise InvalidInput(f"max_pairs must be 1..{MAX_DUPLICATE_PAIRS}, got {max_pairs}")
+        raise InvalidInput(f"max_pairs must be 1..{MAX_DUPLICATE_PAIRS}, got {max_pairs}", field="max_pairs")
 
 
 def score_threshold(override: float | None) -> float | None:
     """A search's threshold override on the gallery's score scale (an L2 distance, or an S-norm
     score, which can be negative): None or finite. Raises InvalidInput otherwise."""
     if override is not None and not math.isfinite(override):
-        raise InvalidInput(f"threshold must be finite, got {override}")
+        raise InvalidInput(f"threshold must be finite, got {override}", field="threshold")
     return override
 
 
 def check_page_size(page_size: int) -> None:
     """Raise InvalidInput unless 1 <= ``page_size`` <= :data:`MAX_PAGE_SIZE`."""
     if not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise InvalidInput(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
+        raise InvalidInput(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}", field="page_size")
 
 
 def check_max_faces(max_faces: int) -> None:
     """Raise InvalidInput for a negative ``max_faces`` (0 means every face)."""
     if max_faces < 0:
-        raise InvalidInput(f"max_faces must be >= 0, got {max_faces}")
+        raise InvalidInput(f"max_faces must be >= 0, got {max_faces}", field="max_faces")
 
 
 def decision_threshold(override: float | None, default: float) -> float:
@@ -195,7 +195,7 @@ def decision_threshold(override: float | None, default: float) -> float:
     if override is None:
         return float(default)
     if not (math.isfinite(override) and override >= 0):
-        raise InvalidInput(f"threshold must be a finite L2 distance >= 0, got {override}")
+        raise InvalidInput(f"threshold must be a finite L2 distance >= 0, got {override}", field="threshold")
     return float(override)
 
 
@@ -206,9 +206,9 @@ def check_embedding(embedding: np.ndarray | None, dim: int) -> np.ndarray:
     """
     vector = np.asarray(embedding, dtype=np.float32)
     if vector.ndim != 1 or vector.shape[0] != dim:
-        raise EmbeddingShapeError(f"embedding must have {dim} values (float32), got shape {vector.shape}")
+        raise EmbeddingShapeError(f"embedding must have {dim} values (float32), got shape {vector.shape}", field="embedding")
     if not np.all(np.isfinite(vector)):
-        raise EmbeddingShapeError("embedding values must be finite (no NaN or infinity)")
+        raise EmbeddingShapeError("embedding values must be finite (no NaN or infinity)", field="embedding")
     return vector.copy()
 
 
@@ -223,7 +223,8 @@ def check_model(gallery: str, gallery_model: str, other_model: str, other_label:
     if gallery_model != other_model:
         raise ModelMismatchError(
             f"gallery {gallery!r} holds embeddings of model {gallery_model}, but {other_label} model {other_model}; "
-            "embeddings of different models cannot be compared (serve the gallery with its model, or re-enroll it)"
+            "embeddings of different models cannot be compared (serve the gallery with its model, or re-enroll it)",
+            metadata={"gallery": gallery, "gallery_model_id": gallery_model, "other_model_id": other_model},
         )
 
 
@@ -243,7 +244,7 @@ def decode_page_token(token: str, gallery_key: int) -> int:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         key, after = (int(part) for part in raw.split(":"))
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput("page_token is malformed; pass a next_page_token from a previous response") from None
+        raise InvalidInput("page_token is malformed; pass a next_page_token from a previous response", field="page_token") from None
     if key != gallery_key:
-        raise InvalidInput("page_token belongs to another gallery")
+        raise InvalidInput("page_token belongs to another gallery", field="page_token")
     return after

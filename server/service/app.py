@@ -19,6 +19,7 @@ Data directory layout (``ServerConfig.data_dir``): ``gallery.sqlite3`` (the stor
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import signal
 import threading
@@ -39,6 +40,7 @@ from facegallery.server.gallery.index import DEFAULT_FACTORY, set_search_threads
 from facegallery.server.gallery.manager import STORE_FILE, FaceAnalyzer, GalleryManager
 from facegallery.server.gallery.store import SqliteTemplateStore
 from facegallery.server.service.interceptors import ErrorInterceptor, ReadinessInterceptor
+from facegallery.server.service.metrics import ServerMetrics, start_metrics
 from facegallery.server.service.servicer import GalleryServicer
 from facegallery.server.service.streams import StreamLimiter
 from facegallery.v1 import gallery_service_pb2 as pb
@@ -58,6 +60,8 @@ __all__ = [
     "default_data_dir",
     "ServerConfig",
     "GalleryServer",
+    "InsecureAddressError",
+    "is_loopback_host",
     "create_server",
     "serve",
 ]
@@ -129,9 +133,19 @@ class ServerConfig:
     max_connections : int
         TCP connections the server accepts at once (per listening address; gRPC's
         ``grpc.max_allowed_incoming_connections``).
+    metrics_port : int
+        Serve Prometheus metrics on ``http://host:metrics_port/metrics`` (metrics.py); 0 = off.
     handshake_timeout_s, connection_idle_s : float
         A connection that has not finished its HTTP/2 handshake after ``handshake_timeout_s`` is
         closed; one with no call for ``connection_idle_s`` is closed with GOAWAY (clients reconnect).
+    tls_cert, tls_key : Path or None
+        PEM server certificate (chain) and private key: serve TLS. Both or neither.
+    tls_client_ca : Path or None
+        PEM CA certificate(s) for mTLS: clients without a certificate signed by them are refused at
+        the TLS handshake. Requires ``tls_cert``/``tls_key``.
+    insecure : bool
+        Allow plaintext on a non-loopback ``host`` (logged as a WARNING). Without TLS and without
+        it, a non-loopback host refuses to start (:class:`InsecureAddressError`).
     """
 
     data_dir: Path = dataclasses.field(default_factory=default_data_dir)
@@ -154,6 +168,11 @@ class ServerConfig:
     max_connections: int = 1000
     handshake_timeout_s: float = 10.0
     connection_idle_s: float = 600.0
+    metrics_port: int = 0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
 
 
 class GalleryServer:
@@ -164,13 +183,20 @@ class GalleryServer:
     """
 
     def __init__(
-        self, server: grpc.Server, port: int, manager: GalleryManager, health_servicer: health.HealthServicer, embedder: BatchingEmbedder | None
+        self,
+        server: grpc.Server,
+        port: int,
+        manager: GalleryManager,
+        health_servicer: health.HealthServicer,
+        embedder: BatchingEmbedder | None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.server = server
         self.port = port
         self.manager = manager
         self.health = health_servicer
         self._embedder = embedder
+        self._metrics = metrics
         self._stopped = False
 
     def __iter__(self):
@@ -186,6 +212,8 @@ class GalleryServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
         LOG.info("in-flight calls drained in %.2f s", time.perf_counter() - started)
+        if self._metrics is not None:
+            self._metrics.stop()
         self.manager.close()
         if self._embedder is not None:
             self._embedder.close()
@@ -211,7 +239,9 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     Raises
     ------
     RuntimeError
-        The address cannot be bound.
+        The address cannot be bound, or a TLS file cannot be read.
+    InsecureAddressError
+        No TLS on a non-loopback host without ``config.insecure`` (raised before binding).
     ModelError
         The model directory is missing or corrupt.
     StoreCorruptError
@@ -219,6 +249,7 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     """
     if config.integrity_check not in ("quick", "full"):
         raise ValueError(f"integrity_check must be 'quick' or 'full', not {config.integrity_check!r}")
+    credentials = _server_credentials(config)  # before anything else: a refused address fails fast
     store_path = Path(config.data_dir) / STORE_FILE
     if store_path.is_file():  # before binding and loading the model: a damaged store fails fast
         SqliteTemplateStore(store_path, integrity_check=config.integrity_check).close()
@@ -227,9 +258,13 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     store_failed = _StoreFailure(store_path, health_servicer)
+    metrics = start_metrics(config.metrics_port, addr=config.host) if config.metrics_port else None  # before the model load it times
+    interceptors = [ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor(f"/{SERVICE_NAME}/", on_store_damage=store_failed)]
+    if metrics is not None:
+        interceptors.insert(0, metrics.interceptor(f"/{SERVICE_NAME}/"))  # outermost: sees the final status code
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_streams, thread_name_prefix="grpc"),
-        interceptors=[ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor(f"/{SERVICE_NAME}/", on_store_damage=store_failed)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -246,13 +281,17 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        raise RuntimeError(f"cannot listen on {address}: {exc}") from exc
+        port, failure = 0, exc
+    else:
+        failure = None
     if port == 0:
-        raise RuntimeError(f"cannot listen on {address}")
+        if metrics is not None:
+            metrics.stop()
+        raise RuntimeError(f"cannot listen on {address}" + (f": {failure}" if failure else "")) from failure
     server.start()
-    LOG.info("listening on %s:%d (starting)", config.host, port)
+    LOG.info("listening on %s:%d (%s, starting)", config.host, port, _transport(config))
     embedder = None
     try:
         set_search_threads(config.search_threads)
@@ -265,14 +304,70 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         server.stop(None)
         if embedder is not None:
             embedder.close()
+        if metrics is not None:
+            metrics.stop()
         raise
     servicer.manager = manager
+    if metrics is not None:
+        metrics.attach(manager)
     ready.set()
     if not store_failed.failed:
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.pipeline.model_id[:12], config.data_dir, config.host, port)
-    return GalleryServer(server, port, manager, health_servicer, embedder)
+    return GalleryServer(server, port, manager, health_servicer, embedder, metrics)
+
+
+class InsecureAddressError(RuntimeError):
+    """Plaintext on a non-loopback address without ``insecure=True`` (``--insecure``)."""
+
+
+#: Hosts that only this machine reaches; anything else needs TLS or ``insecure``.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (``[::1]`` too)."""
+    if host.lower() in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise RuntimeError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config, or None (plaintext; refused off loopback unless insecure)."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise RuntimeError("TLS needs both a certificate and its private key (--tls-cert and --tls-key)")
+    if config.tls_cert is None:
+        if config.tls_client_ca is not None:
+            raise RuntimeError("--tls-client-ca needs --tls-cert and --tls-key")
+        if not is_loopback_host(config.host):
+            if not config.insecure:
+                raise InsecureAddressError(
+                    f"refusing to serve without TLS on the non-loopback address {config.host}: "
+                    "give --tls-cert and --tls-key, listen on localhost, or pass --insecure"
+                )
+            LOG.warning("serving without TLS on a non-loopback address (%s): anyone who reaches it can read and change every gallery", config.host)
+        return None
+    cert = _read_pem(config.tls_cert, "TLS certificate")
+    key = _read_pem(config.tls_key, "TLS private key")  # type: ignore[arg-type]
+    client_ca = None if config.tls_client_ca is None else _read_pem(config.tls_client_ca, "TLS client CA")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _transport(config: ServerConfig) -> str:
+    if config.tls_cert is None:
+        return "plaintext"
+    return "TLS, client certificates required" if config.tls_client_ca is not None else "TLS"
 
 
 class _StoreFailure:

@@ -30,6 +30,7 @@ from facegallery.server.service.app import (
     DEFAULT_SNAPSHOT_INTERVAL_S,
     ServerConfig,
     default_data_dir,
+    is_loopback_host,
 )
 from facegallery.server.service.app import serve as run_server
 
@@ -53,7 +54,8 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
     @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help=f"Store and index directory  [default: {default_data_dir()}]")
     @click.option("--host", default=DEFAULT_HOST, show_default=True,
-                  help="Address to listen on. The API has no authentication: use 0.0.0.0 or [::] only on a trusted network.")
+                  help="Address to listen on. Without --tls-cert/--tls-key only a loopback address (localhost, 127.0.0.1, ::1) is "
+                  "allowed, unless --insecure.")
     @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
                   help="Port to listen on (0 picks a free one, logged at start).")
     @click.option("--model-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
@@ -95,6 +97,16 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
                   help="Seconds a stream may send nothing before it is ended (DEADLINE_EXCEEDED).")
     @click.option("--max-connections", type=click.IntRange(1), default=ServerConfig.max_connections, show_default=True,
                   help="TCP connections accepted at once (per listening address).")
+    @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM server certificate (chain): serve TLS. Needs --tls-key.")
+    @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM private key of --tls-cert.")
+    @click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM CA certificate(s): require mTLS, refusing at the handshake clients without a certificate signed by it.")
+    @click.option("--insecure", is_flag=True,
+                  help="Allow plaintext on a non-loopback --host (logged as a warning): anyone who reaches the port can read and change every gallery.")
+    @click.option("--metrics-port", type=click.IntRange(0, 65535), default=ServerConfig.metrics_port, show_default=True,
+                  help="Serve Prometheus metrics on http://HOST:PORT/metrics (HOST = --host); 0 = off.")
     def serve(
         data_dir: Path | None,
         host: str,
@@ -119,6 +131,11 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
         max_streams_per_client: int,
         stream_idle: float,
         max_connections: int,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        tls_client_ca: Path | None,
+        insecure: bool,
+        metrics_port: int,
     ) -> None:
         """Run the face gallery gRPC server until SIGTERM or Ctrl-C.
 
@@ -126,6 +143,15 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
         survives a crash); the search indexes are rebuilt or reloaded from DATA_DIR/index at start.
         """
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if (tls_cert is None) != (tls_key is None):
+            raise click.UsageError("--tls-cert and --tls-key go together")
+        if tls_client_ca is not None and tls_cert is None:
+            raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        if tls_cert is None and not insecure and not is_loopback_host(host):
+            raise click.UsageError(
+                f"refusing to serve without TLS on the non-loopback address {host}: give --tls-cert and --tls-key, "
+                "listen on localhost, or pass --insecure"
+            )
         pipeline = PipelineConfig(
             intra_op_threads=intra_op_threads,
             flip_augment=flip_augment,
@@ -149,8 +175,13 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
             max_streams_per_client=max_streams_per_client,
             stream_idle_s=stream_idle,
             max_connections=max_connections,
+            metrics_port=metrics_port,
             grace_s=grace,
             integrity_check=integrity_check,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            insecure=insecure,
         )
         try:
             run_server(config)

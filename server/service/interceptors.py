@@ -5,6 +5,9 @@
 
 * a :class:`~facegallery.server.contract.errors.FaceGalleryError` aborts the call with the status
   its ``code`` names and the exception's message;
+* every abort is a rich status (:func:`facegallery.server.service.status.rich_status`): a
+  ``google.rpc.ErrorInfo`` with the error's stable ``reason`` (and a ``google.rpc.BadRequest``
+  field violation when an INVALID_ARGUMENT names its field);
 * anything else is logged with its traceback and aborts with INTERNAL and a generic message (no
   internals leak to clients); the mapping is :func:`facegallery.server.service.status.status_of`;
 * an exception that says the store is damaged (:func:`~facegallery.server.service.status.store_damage`)
@@ -27,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from facegallery.server.service.status import status_of, store_damage
+from facegallery.server.service.status import REASON_NOT_READY, make_status, rich_status, store_damage
 
 __all__ = ["ErrorInterceptor", "ReadinessInterceptor"]
 
@@ -54,10 +57,10 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Cal
     return handler
 
 
-def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str, on_store_damage: Callable[[BaseException, str], None] | None) -> None:
+def _abort_for(exc: Exception, context: grpc.ServicerContext, method: str, on_store_damage: Callable[[BaseException, str], None] | None, request: Any = None) -> None:
     if on_store_damage is not None and (damage := store_damage(exc)) is not None:
         on_store_damage(damage, method)
-    context.abort(*status_of(exc, method))
+    context.abort_with_status(rich_status(exc, method, request))
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -91,7 +94,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     try:
                         yield from behavior(request, context)
                     except Exception as exc:
-                        _abort_for(exc, context, method, self._on_store_damage)
+                        _abort_for(exc, context, method, self._on_store_damage, request)
 
                 return streaming
 
@@ -100,7 +103,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 try:
                     return behavior(request, context)
                 except Exception as exc:
-                    _abort_for(exc, context, method, self._on_store_damage)
+                    _abort_for(exc, context, method, self._on_store_damage, request)
 
             return unary
 
@@ -129,7 +132,9 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
 
         def wrap(behavior: Callable, response_streaming: bool) -> Callable:
             def unavailable(request: Any, context: grpc.ServicerContext):
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is starting (loading the model and the galleries); retry shortly")
+                context.abort_with_status(
+                    make_status(grpc.StatusCode.UNAVAILABLE, "the server is starting (loading the model and the galleries); retry shortly", REASON_NOT_READY)
+                )
 
             if response_streaming:
 

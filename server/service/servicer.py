@@ -30,7 +30,7 @@ from facegallery.server.gallery.decision import DEFAULT_POLICY, Aggregation, Dec
 from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
 from facegallery.server.gallery.results import DuplicatePair, Identification, Match
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
-from facegallery.server.service.status import status_of
+from facegallery.server.service.status import reason_of, status_of
 from facegallery.server.service.streams import StreamLimiter, with_idle_timeout
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
@@ -164,7 +164,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
                 response = self._enroll(item.request)
             except Exception as exc:  # one item must not end the stream; the interceptor's rule per item
                 code, message = status_of(exc, f"BulkEnroll item {index}")
-                yield pb.BulkEnrollResult(index=index, code=code.value[0], message=message)
+                yield pb.BulkEnrollResult(index=index, code=code.value[0], message=message, reason=reason_of(exc))
             else:
                 yield pb.BulkEnrollResult(index=index, code=grpc.StatusCode.OK.value[0], response=response)
 

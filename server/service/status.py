@@ -4,6 +4,13 @@ The engine's exceptions (:mod:`facegallery.server.contract.errors`) carry the *n
 status (``"NOT_FOUND"``); this module, inside the gRPC layer, turns it into ``grpc.StatusCode``.
 An exception that is not a deliberate engine error becomes INTERNAL with a generic message, so
 no internals reach a client; the caller logs its traceback.
+
+Every error status is *rich* (:func:`rich_status`): its ``grpc-status-details-bin`` trailer holds
+a ``google.rpc.Status`` whose details are a ``google.rpc.ErrorInfo`` (domain
+:data:`~facegallery.server.contract.errors.ERROR_DOMAIN`, the exception's stable ``reason``,
+metadata such as ``{"gallery": name}``) and, for an INVALID_ARGUMENT naming its field, a
+``google.rpc.BadRequest`` field violation. Any gRPC language reads them with its
+``google.rpc`` status helpers; the Python client with ``grpc_status.rpc_status.from_call``.
 """
 
 from __future__ import annotations
@@ -11,15 +18,35 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+from collections.abc import Mapping
+
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from facegallery.server.contract.errors import FaceGalleryError, StoreCorruptError
+from facegallery.server.contract.errors import ERROR_DOMAIN, FaceGalleryError, StoreCorruptError
 
-__all__ = ["INTERNAL_MESSAGE", "status_of", "store_damage"]
+__all__ = [
+    "INTERNAL_MESSAGE",
+    "REASON_INTERNAL",
+    "REASON_NOT_READY",
+    "REASON_STORE_DAMAGED",
+    "make_status",
+    "reason_of",
+    "rich_status",
+    "status_of",
+    "store_damage",
+]
 
 LOG = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal server error (the server log has the details)"
+
+#: ErrorInfo reasons the service layer itself gives (the engine's are its exceptions' ``reason``).
+REASON_INTERNAL = "INTERNAL"
+REASON_NOT_READY = "NOT_READY"
+REASON_STORE_DAMAGED = StoreCorruptError.reason
 
 
 def status_of(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
@@ -54,3 +81,73 @@ def store_damage(exc: BaseException) -> BaseException | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+
+def reason_of(exc: BaseException) -> str:
+    """The stable ErrorInfo reason for ``exc``: its ``reason`` for an engine error, STORE_DAMAGED
+    for a damaged store (:func:`store_damage`), INTERNAL for anything else."""
+    if isinstance(exc, FaceGalleryError):
+        return exc.reason
+    if store_damage(exc) is not None:
+        return REASON_STORE_DAMAGED
+    return REASON_INTERNAL
+
+
+def make_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: Mapping[str, str] | None = None,
+    field_violations: Mapping[str, str] | None = None,
+) -> grpc.Status:
+    """A rich ``grpc.Status`` for ``context.abort_with_status``: ``code`` and ``message`` as
+    usual, plus a ``google.rpc.Status`` trailer with an ErrorInfo (domain ``facegallery.v1``,
+    ``reason``, ``metadata``) and, when ``field_violations`` (field → description) is non-empty,
+    a BadRequest."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    details = [_pack(info)]
+    if field_violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=text) for field, text in field_violations.items()]
+        )
+        details.append(_pack(bad))
+    # grpc.StatusCode.value is (int, name); google.rpc.Code uses the same numbers.
+    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
+    return rpc_status.to_status(proto)
+
+
+def rich_status(exc: BaseException, method: str, request: object = None) -> grpc.Status:
+    """The rich status for ``exc`` raised while serving ``method``: :func:`status_of`'s code and
+    message, :func:`reason_of`'s reason, the exception's ``metadata``, plus ``"gallery"`` from the
+    request when it names one, and a BadRequest field violation when the exception names its
+    ``field``. ``request`` is the unary request message (None for a request stream)."""
+    code, message = status_of(exc, method)
+    metadata: dict[str, str] = {}
+    gallery_field = "gallery"
+    names = _request_fields(request)
+    if "gallery" not in names and "name" in names:
+        gallery_field = "name"  # CreateGallery, GetGallery, UpdateGallery, DeleteGallery
+    if gallery_field in names:
+        value = getattr(request, gallery_field, "")
+        if isinstance(value, str) and value:
+            metadata["gallery"] = value
+    violations: dict[str, str] = {}
+    if isinstance(exc, FaceGalleryError):
+        metadata.update(exc.metadata)
+        if exc.field:
+            field = gallery_field if exc.field == "gallery" else exc.field
+            violations[field] = str(exc)
+    return make_status(code, message, reason_of(exc), metadata, violations)
+
+
+def _request_fields(request: object) -> frozenset[str]:
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    fields = getattr(descriptor, "fields_by_name", None)
+    return frozenset(fields) if fields else frozenset()
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

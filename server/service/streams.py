@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from facegallery.server.contract.errors import ResourceExhausted, StreamIdleError
+from facegallery.server.contract.errors import StreamIdleError, TooManyStreams
 
 __all__ = ["StreamLimiter", "with_idle_timeout", "peer_host"]
 
@@ -60,15 +60,15 @@ class StreamLimiter:
     def slot(self, peer: str) -> Iterator[None]:
         """Hold one stream slot for ``peer`` (a gRPC peer string) while the block runs.
 
-        Raises ResourceExhausted (RESOURCE_EXHAUSTED) when a cap is reached.
+        Raises TooManyStreams (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS) when a cap is reached.
         """
         client = peer_host(peer)
         with self._lock:
             total = sum(self._open.values())
             if total >= self.max_streams:
-                raise ResourceExhausted(f"the server has {total} streams open, its limit; retry when one ends")
+                raise TooManyStreams(f"the server has {total} streams open, its limit; retry when one ends")
             if self._open[client] >= self.max_per_client:
-                raise ResourceExhausted(f"this client has {self._open[client]} streams open, the limit per client; end one first")
+                raise TooManyStreams(f"this client has {self._open[client]} streams open, the limit per client; end one first")
             self._open[client] += 1
         try:
             yield

@@ -295,16 +295,18 @@ class BulkEnrollRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[EnrollRequest, _Mapping]] = ...) -> None: ...
 
 class BulkEnrollResult(_message.Message):
-    __slots__ = ("index", "code", "message", "response")
+    __slots__ = ("index", "code", "message", "response", "reason")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     index: int
     code: int
     message: str
     response: EnrollResponse
-    def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[EnrollResponse, _Mapping]] = ...) -> None: ...
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[EnrollResponse, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class IdentifyRequest(_message.Message):
     __slots__ = ("gallery", "image", "top_k", "threshold", "max_faces")
