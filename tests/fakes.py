@@ -100,3 +100,12 @@ class FakePipeline:
         if not self.with_head:
             return None
         return np.exp(-np.linalg.norm(a - b, axis=1)).astype(np.float32)
+
+
+class ExplodingPipeline(FakePipeline):
+    """Fails with a programming error (not a FaceGalleryError) on one particular image, ``b"explode"``."""
+
+    def analyze(self, image, **kwargs):
+        if image == b"explode":
+            raise ZeroDivisionError("boom")
+        return super().analyze(image, **kwargs)

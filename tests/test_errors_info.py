@@ -8,7 +8,7 @@ import threading
 
 import grpc
 import pytest
-from fakes import DIM, FakePipeline, person_embedding, photo
+from fakes import DIM, ExplodingPipeline, person_embedding, photo
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -26,11 +26,6 @@ ANN, BOB = (200, 10), (10, 200)
 MAX_IMAGE = 200_000
 
 
-class ExplodingPipeline(FakePipeline):
-    def analyze(self, image, **kwargs):
-        if image == b"explode":
-            raise ZeroDivisionError("boom")
-        return super().analyze(image, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from fakes import DIM, FakePipeline, person_embedding, photo
+from fakes import DIM, ExplodingPipeline, FakePipeline, person_embedding, photo
 from google.protobuf.field_mask_pb2 import FieldMask
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -28,13 +28,6 @@ MAX_MESSAGE = 1 << 20
 MAX_IMAGE = 200_000
 
 
-class ExplodingPipeline(FakePipeline):
-    """Fails with a programming error (not a FaceGalleryError) on one particular image."""
-
-    def analyze(self, image, **kwargs):
-        if image == b"explode":
-            raise ZeroDivisionError("boom")
-        return super().analyze(image, **kwargs)
 
 
 def config(data_dir, port=0):

@@ -32,7 +32,7 @@ import grpc
 
 from facegallery.server.service.status import REASON_NOT_READY, make_status, rich_status, store_damage
 
-__all__ = ["ErrorInterceptor", "ReadinessInterceptor"]
+__all__ = ["ErrorInterceptor", "ReadinessInterceptor", "rewrap_handler"]
 
 LOG = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _FACTORIES = {
 }
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
+def rewrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour replaced by ``wrap(behaviour, response_streaming)``."""
     for kind, factory in _FACTORIES.items():
         behavior = getattr(handler, kind)
@@ -107,7 +107,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return unary
 
-        return _rewrap(handler, wrap)
+        return rewrap_handler(handler, wrap)
 
 
 class ReadinessInterceptor(grpc.ServerInterceptor):
@@ -145,4 +145,4 @@ class ReadinessInterceptor(grpc.ServerInterceptor):
                 return streaming
             return unavailable
 
-        return _rewrap(handler, wrap)
+        return rewrap_handler(handler, wrap)

@@ -55,6 +55,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from facegallery.server.contract import timing
 from facegallery.server.gallery.snapshot import snapshot_path
+from facegallery.server.service.interceptors import rewrap_handler
 
 if TYPE_CHECKING:
     from facegallery.server.gallery.manager import GalleryManager
@@ -283,29 +284,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             return unary
 
-        return _rewrap(handler, wrap)
-
-
-_FACTORIES = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
-def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour replaced by ``wrap(behaviour, response_streaming)``
-    (as interceptors.py's)."""
-    for kind, factory in _FACTORIES.items():
-        behavior = getattr(handler, kind)
-        if behavior is not None:
-            return factory(
-                wrap(behavior, handler.response_streaming),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-    return handler
+        return rewrap_handler(handler, wrap)
 
 
 def _code_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
