@@ -41,11 +41,13 @@ from facegallery.client._exceptions import (
     PermissionDenied,
     ResourceExhausted,
     ServerError,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
 from facegallery.client._models import (
     Aggregation,
+    ApiKey,
     BulkEnrollItem,
     CompareResult,
     DecisionPolicy,
@@ -76,6 +78,7 @@ from facegallery.client._models import (
 __all__ = [
     "Aggregation",
     "AlreadyExists",
+    "ApiKey",
     "BulkEnrollItem",
     "Cancelled",
     "ClientClosedError",
@@ -118,6 +121,7 @@ __all__ = [
     "ServerInfo",
     "Template",
     "USE_CLIENT_DEFAULT",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "UseClientDefault",

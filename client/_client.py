@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import logging
@@ -18,6 +19,7 @@ from facegallery.client import _convert
 from facegallery.client._exceptions import ClientClosedError, DeadlineExceeded, NotFound, ServerError, Unavailable, from_rpc_error
 from facegallery.client._models import (
     Aggregation,
+    ApiKey,
     BulkEnrollItem,
     CompareResult,
     DuplicatesResult,
@@ -198,12 +200,16 @@ class GalleryClient:
         (``grpc.ssl_channel_credentials``). ``tls_ca`` = the CA that signed the server's
         certificate (None = the system roots); ``tls_cert`` and ``tls_key`` = this client's
         certificate and private key for a server that requires mTLS (both or neither).
+    api_key : str or None, keyword-only
+        An API key (``facegallery keys create``): sent as ``authorization: Bearer KEY`` metadata
+        on every GalleryService call. A server with keys refuses calls without a valid one
+        (:class:`Unauthenticated`) or with too low a role (:class:`PermissionDenied`).
 
     Raises
     ------
     ValueError
         A negative ``retries`` or ``timeout``; ``tls_cert`` without ``tls_key`` or the other
-        way round; ``credentials`` together with a ``tls_*`` argument.
+        way round; ``credentials`` together with a ``tls_*`` argument; an empty ``api_key``.
     OSError
         A ``tls_*`` file cannot be read.
     """
@@ -221,6 +227,7 @@ class GalleryClient:
         tls_ca: str | os.PathLike[str] | bytes | None = None,
         tls_cert: str | os.PathLike[str] | bytes | None = None,
         tls_key: str | os.PathLike[str] | bytes | None = None,
+        api_key: str | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -236,6 +243,9 @@ class GalleryClient:
         self._credentials = credentials if credentials is not None else _tls_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and (tls_ca, tls_cert, tls_key) != (None, None, None):
             raise ValueError("give either credentials or tls_ca/tls_cert/tls_key, not both")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or any(c.isspace() for c in api_key.strip())):
+            raise ValueError("api_key must be a key string such as 'fg_...'")
+        self._api_key = api_key.strip() if api_key is not None else None
         self._state = _ClientState.UNOPENED
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.GalleryServiceStub | None = None
@@ -280,7 +290,8 @@ class GalleryClient:
             self._channel = grpc.insecure_channel(self.address, options=options)
         else:
             self._channel = grpc.secure_channel(self.address, self._credentials, options=options)
-        self._stub = pb_grpc.GalleryServiceStub(self._channel)
+        calls = self._channel if self._api_key is None else grpc.intercept_channel(self._channel, _BearerKey(self._api_key))
+        self._stub = pb_grpc.GalleryServiceStub(calls)
         self._state = _ClientState.OPENED
         LOG.debug("opened channel to %s (retries=%d)", self.address, self.retries)
 
@@ -1014,6 +1025,40 @@ class GalleryClient:
     # -----------------------------------------------------------------------------------------
     # Server
 
+    # -----------------------------------------------------------------------------------------
+    # API keys (an admin key not limited to galleries)
+
+    def create_key(
+        self, name: str, role: str, *, galleries: Iterable[str] = (), timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT
+    ) -> tuple[ApiKey, str]:
+        """Create an API key; returns its record and the key text, shown only now.
+
+        ``role``: ``"read"``, ``"write"`` or ``"admin"``; ``galleries``: limit the key to these
+        (empty = every gallery).
+
+        Raises
+        ------
+        ValueError
+            An unknown role (nothing was sent).
+        AlreadyExists
+            The name is taken.
+        PermissionDenied
+            The caller's key is not an admin key for every gallery.
+        """
+        if role not in _convert.KEY_ROLES:
+            raise ValueError(f"role must be read, write or admin, not {role!r}")
+        request = pb.CreateKeyRequest(name=name, role=_convert.KEY_ROLES[role], galleries=list(galleries))
+        response = self._unary("CreateKey", request, timeout)
+        return _convert.api_key(response.key), response.secret
+
+    def list_keys(self, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT) -> list[ApiKey]:
+        """Every API key, revoked ones too (never their secrets)."""
+        return [_convert.api_key(k) for k in self._unary("ListKeys", pb.ListKeysRequest(), timeout).keys]
+
+    def revoke_key(self, name: str, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT) -> ApiKey:
+        """Revoke a key (idempotent): servers refuse it within a second. Raises NotFound."""
+        return _convert.api_key(self._unary("RevokeKey", pb.RevokeKeyRequest(name=name), timeout))
+
     def server_info(self, *, timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT) -> ServerInfo:
         """Server version and the loaded model's manifest (model id, threshold, embedding size)."""
         return _convert.server_info(self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout))
@@ -1084,3 +1129,35 @@ class GalleryClient:
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             time.sleep(_READY_POLL_S if remaining is None else max(0.0, min(_READY_POLL_S, remaining)))
+
+
+class _ClientCallDetails(
+    collections.namedtuple("_ClientCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer KEY`` metadata to every call."""
+
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, getattr(details, "wait_for_ready", None), getattr(details, "compression", None)
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)

@@ -21,6 +21,7 @@ from PIL import Image
 from facegallery.client._exceptions import ServerError
 from facegallery.client._models import (
     Aggregation,
+    ApiKey,
     BulkEnrollItem,
     CompareResult,
     DecisionPolicy,
@@ -476,3 +477,19 @@ def metadata_dict(metadata: Mapping[str, str] | None) -> dict[str, str]:
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"metadata keys and values must be str, got {key!r}: {value!r}")
     return result
+
+
+#: KeyRole values <-> the role names of ``ApiKey.role``.
+KEY_ROLES = {"read": pb.KEY_ROLE_READ, "write": pb.KEY_ROLE_WRITE, "admin": pb.KEY_ROLE_ADMIN}
+
+
+def api_key(message: pb.ApiKey) -> ApiKey:
+    role = next((name for name, value in KEY_ROLES.items() if value == message.role), "unspecified")
+    return ApiKey(
+        name=message.name,
+        key_id=message.key_id,
+        role=role,
+        galleries=tuple(message.galleries),
+        create_time=_time(message, "create_time"),
+        revoke_time=_time(message, "revoke_time"),
+    )

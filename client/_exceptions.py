@@ -28,7 +28,8 @@ Catch at any level, then branch on the stable ``reason`` the server sends (a
     ├── DeadlineExceeded                DEADLINE_EXCEEDED: the call's timeout expired
     ├── Cancelled                       CANCELLED
     ├── Unimplemented                   UNIMPLEMENTED: the server lacks this rpc
-    ├── PermissionDenied                PERMISSION_DENIED / UNAUTHENTICATED
+    ├── PermissionDenied                PERMISSION_DENIED (role too low)
+    │   └── Unauthenticated             UNAUTHENTICATED (no, wrong or revoked API key)
     └── ServerError                     INTERNAL, UNKNOWN, DATA_LOSS, ABORTED, OUT_OF_RANGE
 
 :class:`ClientClosedError` (a ``RuntimeError``, not a status) is raised when a closed client is
@@ -57,6 +58,7 @@ __all__ = [
     "Cancelled",
     "Unimplemented",
     "PermissionDenied",
+    "Unauthenticated",
     "ServerError",
     "ClientClosedError",
     "FieldViolation",
@@ -159,6 +161,12 @@ class PermissionDenied(FaceGalleryClientError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(PermissionDenied):
+    """No API key, or a wrong or revoked one (UNAUTHENTICATED); a subclass of PermissionDenied."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class ServerError(FaceGalleryClientError):
     code = grpc.StatusCode.INTERNAL
 
@@ -178,7 +186,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FaceGalleryClientError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.INTERNAL: ServerError,
     grpc.StatusCode.UNKNOWN: ServerError,
     grpc.StatusCode.DATA_LOSS: ServerError,

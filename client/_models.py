@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 
 __all__ = [
+    "ApiKey",
     "ImageKind",
     "FacePolicy",
     "Normalization",
@@ -670,3 +671,33 @@ class ServerInfo(_Result):
     version: str
     model: ModelInfo
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey(_Result):
+    """An API key as listed (never its secret).
+
+    Attributes
+    ----------
+    name : str
+    key_id : str
+        The first 8 characters after ``fg_`` of the key (its lookup id).
+    role : str
+        ``"read"``, ``"write"`` or ``"admin"``.
+    galleries : tuple of str
+        The galleries the key is limited to; empty = every gallery.
+    create_time : datetime or None
+    revoke_time : datetime or None
+        None while the key is active.
+    """
+
+    name: str
+    key_id: str
+    role: str
+    galleries: tuple[str, ...]
+    create_time: datetime.datetime | None
+    revoke_time: datetime.datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoke_time is None

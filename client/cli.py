@@ -4,7 +4,9 @@ Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries`
 ``create-gallery``, ``update-gallery``, ``delete-gallery``, ``duplicates``, ``identities``,
 ``delete``, ``import``, ``export-gallery``, ``import-embeddings``) talk to a running server and all
 take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json``,
-``--timeout SECONDS`` and ``--tls-ca``/``--tls-cert``/``--tls-key`` (env ``FACEGALLERY_TLS_*``). The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
+``--timeout SECONDS``, ``--tls-ca``/``--tls-cert``/``--tls-key`` (env ``FACEGALLERY_TLS_*``) and
+``--api-key KEY`` (env ``FACEGALLERY_API_KEY``). ``keys create|list|revoke --data-dir DIR`` manage
+the API keys in a data directory's store directly (a server may be running on it). The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
 ``eval``, ``train``, ``calibrate``) live in other packages and are imported only when invoked,
 so a missing optional dependency (e.g. torch for ``train``) breaks only its own command.
 
@@ -177,7 +179,7 @@ class _Session:
 
 
 def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --server/--gallery/--json/--timeout/--tls-*, open a client, map client errors to exit code 1."""
+    """Add --server/--gallery/--json/--timeout/--tls-*/--api-key, open a client, map client errors to exit code 1."""
 
     @click.option(
         "--server",
@@ -202,14 +204,24 @@ def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
                   help="PEM client certificate, for a server that requires mTLS (needs --tls-key) [env FACEGALLERY_TLS_CERT].")
     @click.option("--tls-key", envvar="FACEGALLERY_TLS_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                   help="PEM private key of --tls-cert [env FACEGALLERY_TLS_KEY].")
+    @click.option("--api-key", envvar="FACEGALLERY_API_KEY", default=None, metavar="KEY",
+                  help="API key (`facegallery keys create`), sent as 'authorization: Bearer KEY' [env FACEGALLERY_API_KEY].")
     @functools.wraps(func)
     def wrapper(
-        server: str, gallery: str, as_json: bool, timeout: float, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, **kwargs: Any
+        server: str,
+        gallery: str,
+        as_json: bool,
+        timeout: float,
+        tls_ca: Path | None,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        api_key: str | None,
+        **kwargs: Any,
     ) -> Any:
         if (tls_cert is None) != (tls_key is None):
             raise click.UsageError("--tls-cert and --tls-key go together")
         try:
-            with GalleryClient(server, timeout=timeout, gallery=gallery, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
+            with GalleryClient(server, timeout=timeout, gallery=gallery, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, api_key=api_key or None) as client:
                 return func(_Session(client, as_json), **kwargs)
         except Unavailable as exc:
             raise click.ClickException(f"{exc} (is a server running at {server}?)") from exc
@@ -785,3 +797,169 @@ def import_embeddings(session: _Session, file: Path) -> None:
         {"file": str(file), "gallery": gallery, "imported": result.imported, "skipped": result.skipped},
         f"imported {_count(result.imported, 'template')} into gallery {gallery} ({result.skipped} already present)",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys, on a data directory's store
+
+
+def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--data-dir DIR (the store directly) or --server HOST:PORT (with an admin --api-key); the
+    wrapped command gets ``keys``: a :class:`_StoreKeys` or :class:`_ServerKeys`."""
+
+    @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="Data directory whose store holds the keys (a server may be running on it)  "
+                  "[default, without --server: the server's default data dir]")
+    @click.option("--server", envvar="FACEGALLERY_SERVER", default=None, metavar="HOST:PORT",
+                  help="Manage the keys through a running server instead (needs an admin --api-key) [env FACEGALLERY_SERVER].")
+    @click.option("--api-key", envvar="FACEGALLERY_API_KEY", default=None, metavar="KEY", help="API key, with --server [env FACEGALLERY_API_KEY].")
+    @click.option("--tls-ca", envvar="FACEGALLERY_TLS_CA", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="With --server: PEM CA certificate of the server's [env FACEGALLERY_TLS_CA].")
+    @click.option("--tls-cert", envvar="FACEGALLERY_TLS_CERT", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="With --server: PEM client certificate (mTLS) [env FACEGALLERY_TLS_CERT].")
+    @click.option("--tls-key", envvar="FACEGALLERY_TLS_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="With --server: PEM private key of --tls-cert [env FACEGALLERY_TLS_KEY].")
+    @functools.wraps(func)
+    def wrapper(
+        data_dir: Path | None, server: str | None, api_key: str | None, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, **kwargs: Any
+    ) -> Any:
+        from facegallery.server.contract.errors import FaceGalleryError
+
+        if (tls_cert is None) != (tls_key is None):
+            raise click.UsageError("--tls-cert and --tls-key go together")
+        try:
+            if data_dir is not None or server is None:
+                with _store_keys(data_dir) as keys:
+                    return func(keys=keys, **kwargs)
+            with GalleryClient(server, api_key=api_key or None, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
+                return func(keys=_ServerKeys(client), **kwargs)
+        except Unavailable as exc:
+            raise click.ClickException(f"{exc} (is a server running at {server}?)") from exc
+        except (FaceGalleryError, FaceGalleryClientError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _key_row(name: str, key_id: str, role: str, galleries: tuple[str, ...], created: float | None, revoked: float | None) -> dict[str, Any]:
+    return {"name": name, "key_id": key_id, "role": role, "galleries": list(galleries), "created": created, "revoked": revoked}
+
+
+@dataclasses.dataclass
+class _StoreKeys:
+    """The keys of a store, opened directly."""
+
+    store: Any
+
+    def create(self, name: str, role: str, galleries: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+        import time
+
+        from facegallery.server.gallery.keys import create_key
+
+        record, key = create_key(self.store, name, role, galleries, now=time.time())
+        return record.to_json(), key
+
+    def list(self) -> list[dict[str, Any]]:
+        return [r.to_json() for r in self.store.list_api_keys()]
+
+    def revoke(self, name: str) -> dict[str, Any]:
+        import time
+
+        from facegallery.server.gallery.keys import revoke_key
+
+        return revoke_key(self.store, name, now=time.time()).to_json()
+
+
+@dataclasses.dataclass
+class _ServerKeys:
+    """The keys of a running server, through its key RPCs."""
+
+    client: GalleryClient
+
+    @staticmethod
+    def _row(k: Any) -> dict[str, Any]:
+        return _key_row(k.name, k.key_id, k.role, k.galleries, k.create_time and k.create_time.timestamp(), k.revoke_time and k.revoke_time.timestamp())
+
+    def create(self, name: str, role: str, galleries: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+        record, key = self.client.create_key(name, role, galleries=galleries)
+        return self._row(record), key
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self._row(k) for k in self.client.list_keys()]
+
+    def revoke(self, name: str) -> dict[str, Any]:
+        return self._row(self.client.revoke_key(name))
+
+
+@contextlib.contextmanager
+def _store_keys(data_dir: Path | None) -> Iterator[_StoreKeys]:
+    """The store of ``data_dir`` (created when missing, so the first key can precede the first start)."""
+    from facegallery.server.contract.paths import user_data_dir
+    from facegallery.server.gallery.manager import STORE_FILE
+    from facegallery.server.gallery.store import SqliteTemplateStore
+
+    store = SqliteTemplateStore(Path(data_dir if data_dir is not None else user_data_dir()) / STORE_FILE)
+    try:
+        yield _StoreKeys(store)
+    finally:
+        store.close()
+
+
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys: create (shown once), list, revoke. A server with any key refuses calls without a
+    valid one; revocation takes effect on running servers within a second.
+
+    Roles: read (identify, verify, compare, embed, read identities and galleries) < write (also
+    enroll, update and delete identities, import) < admin (also create, update, delete and export
+    galleries, and manage keys). A key limited to galleries (--gallery, repeatable) sees no other
+    gallery.
+
+    Each command works on a data directory's store directly (--data-dir, the default; a server may
+    be running on it, and the first admin key is made this way) or through a running server
+    (--server HOST:PORT with an admin --api-key for every gallery).
+    """
+
+
+@keys_group.command("create")
+@_keys_target
+@click.option("--name", required=True, help="Unique name of the key (letters, digits, '.', '_', '-').")
+@click.option("--role", type=click.Choice(["read", "write", "admin"]), required=True, help="What the key may do.")
+@click.option("--gallery", "galleries", multiple=True, help="Limit the key to this gallery (repeatable; default: every gallery).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"name": .., "key": ..}.')
+def keys_create(keys: _StoreKeys | _ServerKeys, name: str, role: str, galleries: tuple[str, ...], as_json: bool) -> None:
+    """Create a key and print it once: only its salted hash is stored."""
+    record, key = keys.create(name, role, galleries)
+    if as_json:
+        click.echo(json.dumps({"name": record["name"], "key": key}))
+        return
+    scope = ", ".join(record["galleries"]) or "every gallery"
+    click.echo(f"created key {record['name']!r} ({record['role']}, {scope}); it is shown only now:", err=True)
+    click.echo(key)
+
+
+@keys_group.command("list")
+@_keys_target
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per key.")
+def keys_list(keys: _StoreKeys | _ServerKeys, as_json: bool) -> None:
+    """Every key: name, role, galleries, created, revoked (never the key itself)."""
+    for r in keys.list():
+        if as_json:
+            click.echo(json.dumps(r))
+            continue
+        state = "active" if r["revoked"] is None else "revoked " + _utc(r["revoked"])
+        created = _utc(r["created"]) if r["created"] is not None else "?"
+        click.echo(f"{r['name']}\t{r['role']}\t{','.join(r['galleries']) or '*'}\tfg_{r['key_id']}...\tcreated {created}\t{state}")
+
+
+@keys_group.command("revoke")
+@_keys_target
+@click.argument("name")
+def keys_revoke(keys: _StoreKeys | _ServerKeys, name: str) -> None:
+    """Revoke the key NAME: running servers refuse it within a second."""
+    record = keys.revoke(name)
+    click.echo(f"revoked key {record['name']!r}")

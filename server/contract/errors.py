@@ -22,7 +22,8 @@ Every error also takes two optional keywords: ``field`` (the request field at fa
     ├── NotFound                          (NOT_FOUND)            NOT_FOUND
     │   ├── GalleryNotFound               GALLERY_NOT_FOUND
     │   ├── IdentityNotFound              IDENTITY_NOT_FOUND
-    │   └── TemplateNotFound              TEMPLATE_NOT_FOUND
+    │   ├── TemplateNotFound              TEMPLATE_NOT_FOUND
+    │   └── KeyNotFound                   KEY_NOT_FOUND
     ├── AlreadyExists                     (ALREADY_EXISTS)       ALREADY_EXISTS
     ├── FailedPrecondition                (FAILED_PRECONDITION)  FAILED_PRECONDITION
     │   ├── MultipleFacesError            several faces under the "reject" face policy: MULTIPLE_FACES
@@ -55,6 +56,7 @@ __all__ = [
     "GalleryNotFound",
     "IdentityNotFound",
     "TemplateNotFound",
+    "KeyNotFound",
     "AlreadyExists",
     "FailedPrecondition",
     "MultipleFacesError",
@@ -135,6 +137,12 @@ class TemplateNotFound(NotFound):
     """No template of that id in the gallery."""
 
     reason = "TEMPLATE_NOT_FOUND"
+
+
+class KeyNotFound(NotFound):
+    """No API key of that name."""
+
+    reason = "KEY_NOT_FOUND"
 
 
 class AlreadyExists(FaceGalleryError):

@@ -160,16 +160,16 @@ def check_store(store_path: str | Path, *, integrity_check: str = "quick") -> tu
     Returns the findings and the open store (the caller closes it), or None when it could not
     be opened: missing (FAIL: ``serve`` would start with an empty store), damaged (FAIL, the
     store's own message with the repair options), an unknown schema version (FAIL), or schema
-    version 1 (WARN: ``serve`` migrates it; doctor does not write, so checks nothing further).
+    version 1 or 2 (WARN: ``serve`` migrates it; doctor does not write, so checks nothing further).
     """
     path = Path(store_path)
     if not path.is_file():
         return [Finding("store", Status.FAIL, f"no store at {path}: `facegallery serve` would start with empty galleries")], None
     version = _schema_version(path)
-    if version is not None and version not in (1, SCHEMA_VERSION):
-        return [Finding("store", Status.FAIL, f"{path} has schema version {version}; this version of facegallery reads 1 and {SCHEMA_VERSION}")], None
-    if version == 1:
-        message = f"{path} has schema version 1: `facegallery serve` migrates it to {SCHEMA_VERSION} at start; run doctor again after that"
+    if version is not None and version not in (1, 2, SCHEMA_VERSION):
+        return [Finding("store", Status.FAIL, f"{path} has schema version {version}; this version of facegallery reads 1 to {SCHEMA_VERSION}")], None
+    if version in (1, 2):
+        message = f"{path} has schema version {version}: `facegallery serve` migrates it to {SCHEMA_VERSION} at start; run doctor again after that"
         return [Finding("store", Status.WARN, message)], None
     started = time.perf_counter()
     try:

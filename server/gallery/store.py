@@ -8,6 +8,9 @@ Tables (schema version :data:`SCHEMA_VERSION`)::
     templates   template_id, identity_key, gallery_key, embedding (float32 BLOB), source_sha256,
                 face (JSON box/landmarks/score), created
     changes     seq, gallery_key, op ('add' | 'remove'), template_id
+    api_keys    name, key_id (lookup id, in clear), role ('read' | 'write' | 'admin'), galleries
+                (JSON list, [] = all), salt, hash (scrypt of the key, keys.py), created, revoked
+                (NULL = active); version 3
 
 ``template_id`` is the id the vector index stores. It and ``seq`` are ``AUTOINCREMENT`` keys,
 so neither is ever reused, even after deletions: an index snapshot that still holds a deleted
@@ -38,9 +41,18 @@ from typing import NoReturn, Protocol
 
 import numpy as np
 
-from facegallery.server.contract.errors import AlreadyExists, EmbeddingShapeError, GalleryNotFound, IdentityNotFound, StoreCorruptError, TemplateNotFound
+from facegallery.server.contract.errors import (
+    AlreadyExists,
+    EmbeddingShapeError,
+    GalleryNotFound,
+    IdentityNotFound,
+    KeyNotFound,
+    StoreCorruptError,
+    TemplateNotFound,
+)
 from facegallery.server.contract.face import Face
 from facegallery.server.gallery.decision import DecisionPolicy
+from facegallery.server.gallery.keys import ApiKeyRecord, Role, StoredKey
 from facegallery.server.gallery.validation import check_metadata
 
 __all__ = [
@@ -60,7 +72,7 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Template ids per ``IN (...)`` query (SQLite's default host-parameter limit is 32766).
 _IN_CHUNK = 500
 #: Rows per fetch when streaming embeddings.
@@ -110,6 +122,17 @@ CREATE TABLE IF NOT EXISTS changes (
     template_id   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_gallery ON changes(gallery_key, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    name          TEXT PRIMARY KEY,
+    key_id        TEXT NOT NULL,
+    role          TEXT NOT NULL CHECK (role IN ('read', 'write', 'admin')),
+    galleries     TEXT NOT NULL,
+    salt          BLOB NOT NULL,
+    hash          BLOB NOT NULL,
+    created       REAL NOT NULL,
+    revoked       REAL
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_id ON api_keys(key_id);
 """
 
 
@@ -310,12 +333,14 @@ class SqliteTemplateStore:
             self._writer.execute("PRAGMA synchronous=FULL")
             self._writer.execute("PRAGMA foreign_keys=ON")
             version = self._writer.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
-                raise RuntimeError(f"{self.path} has schema version {version}; this server reads versions 1 and {SCHEMA_VERSION}")
-            self._writer.executescript(_SCHEMA)
+            if version not in (0, 1, 2, SCHEMA_VERSION):
+                raise RuntimeError(f"{self.path} has schema version {version}; this server reads versions 1 to {SCHEMA_VERSION}")
+            self._writer.executescript(_SCHEMA)  # version 3 added api_keys: created here when missing
             if version == 1:  # version 2 added galleries.policy; NULL keeps each gallery's fixed threshold
                 self._writer.execute("ALTER TABLE galleries ADD COLUMN policy TEXT")
-                LOG.info("migrated store %s from schema version 1 to %d (decision policies)", self.path, SCHEMA_VERSION)
+                LOG.info("migrated store %s from schema version 1 to %d (decision policies, API keys)", self.path, SCHEMA_VERSION)
+            elif version == 2:
+                LOG.info("migrated store %s from schema version 2 to %d (API keys)", self.path, SCHEMA_VERSION)
             self._writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._writer.close()
@@ -792,6 +817,49 @@ class SqliteTemplateStore:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+    # -- API keys (keys.py) ------------------------------------------------------------------
+
+    _KEY_SELECT = "SELECT name, key_id, role, galleries, created, revoked, salt, hash FROM api_keys"
+
+    def insert_api_key(self, record: ApiKeyRecord, salt: bytes, hash: bytes) -> None:
+        """Store a new key's row. Raises AlreadyExists when its name is taken (revoked keys too)."""
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO api_keys (name, key_id, role, galleries, salt, hash, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (record.name, record.key_id, record.role.label, json.dumps(list(record.galleries)), salt, hash, record.created),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"an API key named {record.name!r} already exists", field="name") from None
+
+    def api_keys_by_id(self, key_id: str) -> list[StoredKey]:
+        """The rows (with salt and hash) whose lookup id is ``key_id``, revoked ones too."""
+        rows = self._reader().execute(self._KEY_SELECT + " WHERE key_id = ?", (key_id,)).fetchall()
+        return [StoredKey(_key_record(row[:6]), bytes(row[6]), bytes(row[7])) for row in rows]
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every key (no secrets), by name."""
+        return [_key_record(row[:6]) for row in self._reader().execute(self._KEY_SELECT + " ORDER BY name").fetchall()]
+
+    def revoke_api_key(self, name: str, when: float) -> ApiKeyRecord:
+        """Mark the key ``name`` revoked at ``when`` (an already revoked key keeps its time). Raises KeyNotFound."""
+        with self._write() as conn:
+            conn.execute("UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL", (when, name))
+            row = conn.execute(self._KEY_SELECT + " WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise KeyNotFound(f"no API key named {name!r}")
+        return _key_record(row[:6])
+
+    def has_api_keys(self) -> bool:
+        """True once any key was created (revoked ones count: revoking every key locks the API, it
+        does not open it again)."""
+        return self._reader().execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
+
+def _key_record(row: tuple) -> ApiKeyRecord:
+    name, key_id, role, galleries, created, revoked = row
+    return ApiKeyRecord(name=name, key_id=key_id, role=Role[role.upper()], galleries=tuple(json.loads(galleries)), created=created, revoked=revoked)
 
 
 def _damage_message(path: Path, during: str, report: list[str]) -> str:

@@ -12,6 +12,9 @@ options, and the server does not start. A damaged store found at run time (a
 ``sqlite3.DatabaseError`` that is not an ``OperationalError`` such as "database is locked") turns
 health NOT_SERVING for good and is logged once, at CRITICAL.
 
+API keys: once the store holds a key, every GalleryService call needs one (auth.py; health and
+reflection stay open); a non-loopback host needs TLS and keys, or ``insecure``.
+
 Data directory layout (``ServerConfig.data_dir``): ``gallery.sqlite3`` (the store) and
 ``index/`` (index snapshots), see ``facegallery.server.gallery.manager``.
 """
@@ -39,6 +42,7 @@ from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX
 from facegallery.server.gallery.index import DEFAULT_FACTORY, set_search_threads
 from facegallery.server.gallery.manager import STORE_FILE, FaceAnalyzer, GalleryManager
 from facegallery.server.gallery.store import SqliteTemplateStore
+from facegallery.server.service.auth import AuthInterceptor
 from facegallery.server.service.interceptors import ErrorInterceptor, ReadinessInterceptor
 from facegallery.server.service.metrics import ServerMetrics, start_metrics
 from facegallery.server.service.servicer import GalleryServicer
@@ -68,7 +72,7 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-#: Loopback only: the API has no authentication, so exposing it is an explicit choice
+#: Loopback only: without API keys the API has no authentication, so exposing it is an explicit choice
 #: (``--host 0.0.0.0`` / ``[::]``). "localhost" binds both 127.0.0.1 and ::1.
 DEFAULT_HOST = "localhost"
 DEFAULT_PORT = 50051
@@ -144,8 +148,9 @@ class ServerConfig:
         PEM CA certificate(s) for mTLS: clients without a certificate signed by them are refused at
         the TLS handshake. Requires ``tls_cert``/``tls_key``.
     insecure : bool
-        Allow plaintext on a non-loopback ``host`` (logged as a WARNING). Without TLS and without
-        it, a non-loopback host refuses to start (:class:`InsecureAddressError`).
+        Allow plaintext, or no API keys, on a non-loopback ``host`` (logged as a WARNING). Without
+        it, a non-loopback host needs TLS *and* API keys in the store (``facegallery keys create
+        --data-dir``; auth.py), else it refuses to start (:class:`InsecureAddressError`).
     """
 
     data_dir: Path = dataclasses.field(default_factory=default_data_dir)
@@ -241,7 +246,8 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     RuntimeError
         The address cannot be bound, or a TLS file cannot be read.
     InsecureAddressError
-        No TLS on a non-loopback host without ``config.insecure`` (raised before binding).
+        No TLS, or no API key in the store, on a non-loopback host without ``config.insecure``
+        (raised before binding).
     ModelError
         The model directory is missing or corrupt.
     StoreCorruptError
@@ -251,15 +257,22 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         raise ValueError(f"integrity_check must be 'quick' or 'full', not {config.integrity_check!r}")
     credentials = _server_credentials(config)  # before anything else: a refused address fails fast
     store_path = Path(config.data_dir) / STORE_FILE
+    has_keys = False
     if store_path.is_file():  # before binding and loading the model: a damaged store fails fast
-        SqliteTemplateStore(store_path, integrity_check=config.integrity_check).close()
+        checked = SqliteTemplateStore(store_path, integrity_check=config.integrity_check)
+        try:
+            has_keys = checked.has_api_keys()
+        finally:
+            checked.close()
+    _check_keys(config, has_keys)
     ready = threading.Event()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     store_failed = _StoreFailure(store_path, health_servicer)
     metrics = start_metrics(config.metrics_port, addr=config.host) if config.metrics_port else None  # before the model load it times
-    interceptors = [ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), ErrorInterceptor(f"/{SERVICE_NAME}/", on_store_damage=store_failed)]
+    auth = AuthInterceptor(f"/{SERVICE_NAME}/")  # its store is set below, before `ready`
+    interceptors = [ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), auth, ErrorInterceptor(f"/{SERVICE_NAME}/", on_store_damage=store_failed)]
     if metrics is not None:
         interceptors.insert(0, metrics.interceptor(f"/{SERVICE_NAME}/"))  # outermost: sees the final status code
     server = grpc.server(
@@ -308,6 +321,7 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
             metrics.stop()
         raise
     servicer.manager = manager
+    auth.store = manager.store
     if metrics is not None:
         metrics.attach(manager)
     ready.set()
@@ -362,6 +376,21 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     key = _read_pem(config.tls_key, "TLS private key")  # type: ignore[arg-type]
     client_ca = None if config.tls_client_ca is None else _read_pem(config.tls_client_ca, "TLS client CA")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _check_keys(config: ServerConfig, has_keys: bool) -> None:
+    """A non-loopback host needs API keys in the store (auth.py), unless ``insecure``."""
+    if has_keys:
+        LOG.info("API keys required: the store holds keys (auth.py)")
+        return
+    if is_loopback_host(config.host):
+        return
+    if not config.insecure:
+        raise InsecureAddressError(
+            f"refusing to serve on the non-loopback address {config.host} without API keys: create one with "
+            f"`facegallery keys create --data-dir {config.data_dir} --name admin --role admin`, listen on localhost, or pass --insecure"
+        )
+    LOG.warning("serving without API keys on a non-loopback address (%s): anyone who reaches it can read and change every gallery", config.host)
 
 
 def _transport(config: ServerConfig) -> str:

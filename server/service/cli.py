@@ -28,6 +28,7 @@ from facegallery.server.service.app import (
     DEFAULT_PORT,
     DEFAULT_SEARCH_THREADS,
     DEFAULT_SNAPSHOT_INTERVAL_S,
+    InsecureAddressError,
     ServerConfig,
     default_data_dir,
     is_loopback_host,
@@ -104,7 +105,8 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
     @click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                   help="PEM CA certificate(s): require mTLS, refusing at the handshake clients without a certificate signed by it.")
     @click.option("--insecure", is_flag=True,
-                  help="Allow plaintext on a non-loopback --host (logged as a warning): anyone who reaches the port can read and change every gallery.")
+                  help="Allow plaintext, or no API keys, on a non-loopback --host (logged as a warning): without TLS and keys "
+                  "anyone who reaches the port can read and change every gallery. Create keys with `facegallery keys create --data-dir`.")
     @click.option("--metrics-port", type=click.IntRange(0, 65535), default=ServerConfig.metrics_port, show_default=True,
                   help="Serve Prometheus metrics on http://HOST:PORT/metrics (HOST = --host); 0 = off.")
     def serve(
@@ -185,7 +187,7 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
         )
         try:
             run_server(config)
-        except StoreCorruptError as exc:
+        except (StoreCorruptError, InsecureAddressError) as exc:
             raise click.ClickException(str(exc)) from exc
 
     return serve

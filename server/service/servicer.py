@@ -17,6 +17,7 @@ import importlib.metadata
 import itertools
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -27,9 +28,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from facegallery.server.contract.errors import InvalidInput, NotFound
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.gallery.decision import DEFAULT_POLICY, Aggregation, DecisionPolicy, DecisionStatus, Normalization, ScoreKind
+from facegallery.server.gallery.keys import ApiKeyRecord, Role, create_key, revoke_key
 from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
 from facegallery.server.gallery.results import DuplicatePair, Identification, Match
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
+from facegallery.server.service.auth import caller_key, check_gallery
 from facegallery.server.service.status import reason_of, status_of
 from facegallery.server.service.streams import StreamLimiter, with_idle_timeout
 from facegallery.v1 import gallery_service_pb2 as pb
@@ -113,7 +116,10 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
     def ListGalleries(self, request: pb.ListGalleriesRequest, context: grpc.ServicerContext) -> pb.ListGalleriesResponse:
         """OK."""
         galleries = []
+        key = caller_key(context)
         for record in self.manager.list_galleries():
+            if key is not None and not key.allows(record.name):
+                continue  # a key limited to galleries sees only those
             try:
                 galleries.append(self._gallery_message(record))
             except NotFound:  # deleted since it was listed
@@ -156,11 +162,12 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         """One result per request, in order, each with the status Enroll would have returned; the
         stream itself ends OK (or CANCELLED/DEADLINE_EXCEEDED from the client)."""
         with self._stream(request_iterator, context, "BulkEnroll") as messages:
-            yield from self._bulk_enroll(messages)
+            yield from self._bulk_enroll(messages, context)
 
-    def _bulk_enroll(self, messages: Iterator[pb.BulkEnrollRequest]) -> Iterator[pb.BulkEnrollResult]:
+    def _bulk_enroll(self, messages: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResult]:
         for index, item in enumerate(messages):
             try:
+                check_gallery(context, item.request.gallery)  # outside the caller key's galleries: as if missing
                 response = self._enroll(item.request)
             except Exception as exc:  # one item must not end the stream; the interceptor's rule per item
                 code, message = status_of(exc, f"BulkEnroll item {index}")
@@ -339,9 +346,35 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         )
         return pb.ServerInfo(version=server_version(), model=model)
 
+    # -- API keys (auth.py: admin keys not limited to galleries) -------------------------------
+
+    def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.ServicerContext) -> pb.CreateKeyResponse:
+        """OK with the key, shown only here; INVALID_ARGUMENT bad name or role; ALREADY_EXISTS name taken."""
+        if request.role not in _ROLES:
+            raise InvalidInput("role must be KEY_ROLE_READ, KEY_ROLE_WRITE or KEY_ROLE_ADMIN", field="role")
+        record, key = create_key(self.manager.store, request.name, _ROLES[request.role], request.galleries, now=time.time())
+        return pb.CreateKeyResponse(key=_api_key(record), secret=key)
+
+    def ListKeys(self, request: pb.ListKeysRequest, context: grpc.ServicerContext) -> pb.ListKeysResponse:
+        """OK: every key, revoked ones too, without secrets."""
+        return pb.ListKeysResponse(keys=[_api_key(r) for r in self.manager.store.list_api_keys()])
+
+    def RevokeKey(self, request: pb.RevokeKeyRequest, context: grpc.ServicerContext) -> pb.ApiKey:
+        """OK (idempotent); NOT_FOUND unknown key."""
+        return _api_key(revoke_key(self.manager.store, request.name, now=time.time()))
+
 
 # ---------------------------------------------------------------------------------------------
 # Conversions
+
+_ROLES = {pb.KEY_ROLE_READ: Role.READ, pb.KEY_ROLE_WRITE: Role.WRITE, pb.KEY_ROLE_ADMIN: Role.ADMIN}
+
+
+def _api_key(record: ApiKeyRecord) -> pb.ApiKey:
+    message = pb.ApiKey(name=record.name, key_id=record.key_id, role=int(record.role), galleries=list(record.galleries), create_time=_timestamp(record.created))
+    if record.revoked is not None:
+        message.revoke_time.CopyFrom(_timestamp(record.revoked))
+    return message
 
 
 def _gallery_name(name: str) -> str:

@@ -41,6 +41,13 @@ class TemplateAggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEMPLATE_AGGREGATION_UNSPECIFIED: _ClassVar[TemplateAggregation]
     TEMPLATE_AGGREGATION_NEAREST: _ClassVar[TemplateAggregation]
     TEMPLATE_AGGREGATION_MEAN: _ClassVar[TemplateAggregation]
+
+class KeyRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_ROLE_UNSPECIFIED: _ClassVar[KeyRole]
+    KEY_ROLE_READ: _ClassVar[KeyRole]
+    KEY_ROLE_WRITE: _ClassVar[KeyRole]
+    KEY_ROLE_ADMIN: _ClassVar[KeyRole]
 IMAGE_KIND_UNSPECIFIED: ImageKind
 IMAGE_KIND_PHOTO: ImageKind
 IMAGE_KIND_FACE_CROP: ImageKind
@@ -57,6 +64,10 @@ SCORE_KIND_SNORM: ScoreKind
 TEMPLATE_AGGREGATION_UNSPECIFIED: TemplateAggregation
 TEMPLATE_AGGREGATION_NEAREST: TemplateAggregation
 TEMPLATE_AGGREGATION_MEAN: TemplateAggregation
+KEY_ROLE_UNSPECIFIED: KeyRole
+KEY_ROLE_READ: KeyRole
+KEY_ROLE_WRITE: KeyRole
+KEY_ROLE_ADMIN: KeyRole
 
 class Image(_message.Message):
     __slots__ = ("data", "kind")
@@ -642,3 +653,53 @@ class ServerInfo(_message.Message):
     version: str
     model: ModelInfo
     def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ApiKey(_message.Message):
+    __slots__ = ("name", "key_id", "role", "galleries", "create_time", "revoke_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    GALLERIES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key_id: str
+    role: KeyRole
+    galleries: _containers.RepeatedScalarFieldContainer[str]
+    create_time: _timestamp_pb2.Timestamp
+    revoke_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., key_id: _Optional[str] = ..., role: _Optional[_Union[KeyRole, str]] = ..., galleries: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("name", "role", "galleries")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    GALLERIES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: KeyRole
+    galleries: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[KeyRole, str]] = ..., galleries: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CreateKeyResponse(_message.Message):
+    __slots__ = ("key", "secret")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    secret: str
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class RevokeKeyRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

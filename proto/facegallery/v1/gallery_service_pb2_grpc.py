@@ -140,6 +140,21 @@ class GalleryServiceStub:
                 request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/facegallery.v1.GalleryService/CreateKey',
+                request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/facegallery.v1.GalleryService/ListKeys',
+                request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/facegallery.v1.GalleryService/RevokeKey',
+                request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.ApiKey.FromString,
+                _registered_method=True)
 
 
 class GalleryServiceServicer:
@@ -314,6 +329,28 @@ class GalleryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateKey(self, request, context):
+        """API keys (an admin key not limited to galleries). Creates a key; the reply carries the key
+        text, shown only here (the server stores a salted hash). ALREADY_EXISTS if the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Lists every key, revoked ones too, without their secrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Revokes a key: every server on the same data refuses it within a second. NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GalleryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -421,6 +458,21 @@ def add_GalleryServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.ServerInfo.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.CreateKeyRequest.FromString,
+                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.ListKeysRequest.FromString,
+                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.ApiKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -991,6 +1043,87 @@ class GalleryService:
             '/facegallery.v1.GalleryService/GetServerInfo',
             facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoRequest.SerializeToString,
             facegallery_dot_v1_dot_gallery__service__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegallery.v1.GalleryService/CreateKey',
+            facegallery_dot_v1_dot_gallery__service__pb2.CreateKeyRequest.SerializeToString,
+            facegallery_dot_v1_dot_gallery__service__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegallery.v1.GalleryService/ListKeys',
+            facegallery_dot_v1_dot_gallery__service__pb2.ListKeysRequest.SerializeToString,
+            facegallery_dot_v1_dot_gallery__service__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facegallery.v1.GalleryService/RevokeKey',
+            facegallery_dot_v1_dot_gallery__service__pb2.RevokeKeyRequest.SerializeToString,
+            facegallery_dot_v1_dot_gallery__service__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,
