@@ -101,3 +101,33 @@ def test_idle_streams_from_one_client_leave_others_served(tmp_path):
         hostile.close()
         polite.close()
         running.stop(1.0)
+
+
+def test_connection_cap_and_handshake_timeout(tmp_path):
+    """``max_connections`` caps the connections of one listening address; a TCP connection that never
+    starts its HTTP/2 handshake is closed after ``handshake_timeout_s``."""
+    import socket
+
+    config = ServerConfig(data_dir=tmp_path, host="127.0.0.1", port=0, max_connections=2, handshake_timeout_s=1.0, snapshot_interval_s=None, grace_s=1.0)
+    running = create_server(config, pipeline=FakePipeline())
+    channels = [grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(3)]
+    try:
+        ready = []
+        for channel in channels:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=2)
+                ready.append(True)
+            except grpc.FutureTimeoutError:
+                ready.append(False)
+        assert ready == [True, True, False]
+        for channel in channels:
+            channel.close()
+        idle = socket.create_connection(("127.0.0.1", running.port))
+        idle.settimeout(5)
+        started = time.monotonic()
+        while idle.recv(1024):  # the server may send its settings frame first; socket.timeout fails the test
+            pass
+        assert time.monotonic() - started < 4  # closed by the handshake timeout, not the 5 s socket timeout
+        idle.close()
+    finally:
+        running.stop(1.0)

@@ -147,10 +147,12 @@ class MemoryBudget:
 
     @property
     def enabled(self) -> bool:
+        """False for ``MemoryBudget(0)``, which admits everything."""
         return self.limit_bytes > 0
 
     @property
     def used_bytes(self) -> int:
+        """Bytes held by calls now."""
         with self._cond:
             return self._used
 

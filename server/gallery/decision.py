@@ -355,9 +355,11 @@ class GumbelMin:
         return cls(float(np.mean(samples)) + 0.57721566 * scale, scale)
 
     def cdf(self, x: float) -> float:
+        """``P(X <= x)``, the estimated FPIR at score ``x`` (exponent capped at 700 against overflow)."""
         return float(-math.expm1(-math.exp(min((x - self.loc) / self.scale, 700.0))))
 
     def quantile(self, p: float) -> float:
+        """The score ``x`` with ``P(X <= x) = p``, ``loc + scale * ln(-ln(1 - p))``; p in (0, 1)."""
         return self.loc + self.scale * math.log(-math.log1p(-p))
 
 

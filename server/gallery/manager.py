@@ -53,6 +53,7 @@ from facegallery.server.contract import timing
 from facegallery.server.gallery.decision import DEFAULT_POLICY, DecisionPolicy, DecisionStatus, FalseMatchCurve, check_policy
 from facegallery.server.gallery.index import DEFAULT_FACTORY
 from facegallery.server.gallery.indexed_gallery import IndexedGallery
+from facegallery.server.gallery.open_set import ScoredHit
 from facegallery.server.gallery.results import (
     Comparison,
     DuplicatePair,
@@ -288,24 +289,22 @@ class GalleryManager:
         search per identity. Raises InvalidInput for ``max_pairs`` outside 1..10000, NotFound.
         """
         check_max_pairs(max_pairs)
-        gallery = self._gallery(name)
-        found, calibration = gallery.duplicates()
-        names = {}
-        pairs: dict[frozenset[str], tuple[str, object]] = {}
+        found, calibration = self._gallery(name).duplicates()
+        pairs: dict[frozenset[str], tuple[str, ScoredHit]] = {}
         for identity, best in sorted(found, key=lambda item: item[1].score):
-            key = frozenset((identity, best.hit.identity_id))
-            if key not in pairs:
-                pairs[key] = (identity, best)
-        if pairs:
-            ids = [identity for identity, _ in pairs.values()]
-            names = {i: self.store.get_identity(name, i).display_name for i in ids[:max_pairs] if i}
-        out = []
-        for identity, best in list(pairs.values())[:max_pairs]:
-            hit = best.hit  # type: ignore[attr-defined]
-            out.append(
-                DuplicatePair(identity, names.get(identity, ""), hit.identity_id, hit.display_name, best.score, hit.distance, calibration.estimated_fpir(best.score))  # type: ignore[attr-defined]
+            pairs.setdefault(frozenset((identity, best.hit.identity_id)), (identity, best))
+        return [
+            DuplicatePair(
+                identity,
+                self.store.get_identity(name, identity).display_name,
+                best.hit.identity_id,
+                best.hit.display_name,
+                best.score,
+                best.hit.distance,
+                calibration.estimated_fpir(best.score),
             )
-        return out
+            for identity, best in list(pairs.values())[:max_pairs]
+        ]
 
     def _decisions(self) -> dict[str, object]:
         """What every gallery decides with besides its policy (IndexedGallery's keywords)."""

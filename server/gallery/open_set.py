@@ -32,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ from facegallery.server.gallery.decision import (
 )
 from facegallery.server.contract.errors import NotFound
 from facegallery.server.gallery.index import IdentityHit, VectorIndex, search_identities
-from facegallery.server.gallery.store import TemplateOwner, TemplateStore
+from facegallery.server.gallery.store import TemplateStore
 
 __all__ = ["ScoredHit", "OpenSetScorer", "STALE_FRACTION", "MAX_CACHED_IDENTITIES"]
 
@@ -101,6 +101,8 @@ class OpenSetScorer:
         The model's false-match curve.
     fallback_threshold : float
         The model's L2 threshold (decision.py ``calibrate``).
+    identity_vectors : callable
+        Identity id -> the ``(n, D) float32`` vectors that stand for it in the searched index.
 
     Every method taking ``index`` must be called with the gallery's read lock held;
     ``version`` is the gallery's count of template changes (adds + removes) so far.
@@ -115,12 +117,12 @@ class OpenSetScorer:
         curve: FalseMatchCurve | None,
         *,
         fallback_threshold: float,
-        identity_vectors: Callable[[str], np.ndarray] | None = None,
+        identity_vectors: Callable[[str], np.ndarray],
     ) -> None:
         self.gallery = gallery
         #: identity id -> ``(n, D) float32`` vectors that stand for it in the searched index
-        #: (default: its templates from the store).
-        self.identity_vectors = identity_vectors or (lambda identity: store.identity_embeddings(gallery, identity)[1])
+        #: (its templates, or its mean template).
+        self.identity_vectors = identity_vectors
         self.policy = policy
         self._store = store
         self._curve = curve
@@ -140,10 +142,6 @@ class OpenSetScorer:
 
     # -- searching ---------------------------------------------------------------------------
 
-    def owners(self, template_ids: list[int]) -> Mapping[int, TemplateOwner]:
-        """Template ids -> owners (the store's), for index.py ``search_identities``."""
-        return self._store.template_owners(template_ids)
-
     def score(
         self, index: VectorIndex, x: np.ndarray, top_k: int, *, version: int, kind: ScoreKind, exclude: list[str | None] | None = None
     ) -> list[list[ScoredHit]]:
@@ -159,10 +157,10 @@ class OpenSetScorer:
         exclude = exclude if exclude is not None else [None] * len(x)
         extra = 1 if any(e is not None for e in exclude) else 0
         if kind is ScoreKind.DISTANCE:
-            ranked = search_identities(index, self.owners, x, top_k + extra)
+            ranked = search_identities(index, self._store.template_owners, x, top_k + extra)
             return [[ScoredHit(h, h.distance) for h in hits if h.identity_id != out][:top_k] for hits, out in zip(ranked, exclude, strict=True)]
         candidates = max(top_k, RERANK_CANDIDATES)
-        ranked = search_identities(index, self.owners, x, max(k + 1, candidates) + extra)
+        ranked = search_identities(index, self._store.template_owners, x, max(k + 1, candidates) + extra)
         ranked = [[h for h in hits if h.identity_id != out] for hits, out in zip(ranked, exclude, strict=True)]
         wanted = {h.identity_id for hits in ranked for h in hits[:candidates]}
         neighbours = self.neighbours(index, sorted(wanted), version=version)
@@ -230,7 +228,7 @@ class OpenSetScorer:
             blocks.append(x)
         if not blocks:
             return {}
-        ranked = search_identities(index, self.owners, np.concatenate(blocks), want + 1)
+        ranked = search_identities(index, self._store.template_owners, np.concatenate(blocks), want + 1)
         merged: dict[str, dict[str, float]] = {i: {} for i in identity_ids}
         for identity, hits in zip(owners, ranked, strict=True):
             best = merged[identity]
