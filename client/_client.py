@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -39,6 +40,7 @@ from facegallery.client._models import (
     ServerInfo,
     VerifyResult,
 )
+from facegallery.client.embedding_files import EmbeddingTable
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
 
@@ -51,6 +53,7 @@ __all__ = [
     "DEFAULT_RETRIES",
     "DEFAULT_GALLERY",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_IMPORT_BATCH",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -93,6 +96,11 @@ _MAX_BACKOFF_S = 5.0
 _BACKOFF_MULTIPLIER = 2.0
 _MAX_ATTEMPTS = 5  # the cap gRPC applies to maxAttempts
 _READY_POLL_S = 0.1  # health-check interval of wait_ready
+#: Templates per ImportEmbeddings batch of a table: 8 MiB of 128-value embeddings, one server
+#: transaction each (bench/import_npz.py: larger batches gain nothing measurable).
+DEFAULT_IMPORT_BATCH = 16_384
+#: Batch calls of a table import in flight: one being stored while the next is sent.
+_IMPORT_IN_FLIGHT = 2
 
 T = TypeVar("T")
 
@@ -497,13 +505,17 @@ class GalleryClient:
         kind: ImageKind = ImageKind.PHOTO,
         face_policy: FacePolicy = FacePolicy.LARGEST,
         model_id: str | None = None,
+        request_id: str | None = None,
         gallery: str | None = None,
         timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> EnrollResult:
         """Enroll one face as a new template of ``identity_id`` (created if new).
 
         Give exactly one of ``image`` and ``embedding``. The call returns once the template is
-        durably stored. Never retried (a retry would add the template twice).
+        durably stored. Never retried by the client (without ``request_id`` a retry would add the
+        template twice); with a ``request_id``, calling again after an error such as
+        ``Unavailable`` or ``DeadlineExceeded`` is safe: a request the server did store is
+        answered with its first reply.
 
         Parameters
         ----------
@@ -525,6 +537,10 @@ class GalleryClient:
             With ``embedding`` only: the model id the embedding was computed with
             (``server_info().model.model_id`` of the server that embedded it, or
             ``Gallery.model_id`` of the gallery it was exported from). None = the server's own.
+        request_id : str or None
+            Idempotency key, 1..128 printable ASCII characters (e.g. ``str(uuid.uuid4())``),
+            remembered by the server for 24 hours while the template exists (see
+            :class:`EnrollItem`). None = none.
 
         Returns
         -------
@@ -537,7 +553,8 @@ class GalleryClient:
             Undecodable image, no face, wrong embedding length, empty id.
         FailedPrecondition
             Several faces under ``FacePolicy.REJECT_MULTIPLE``; a gallery of another model than
-            the server's (image) or ``model_id`` (embedding).
+            the server's (image) or ``model_id`` (embedding); ``request_id`` sent before with
+            a different request (reason ``REQUEST_ID_REUSED``).
         ResourceExhausted
             Image over the server's byte or pixel limit.
         NotFound
@@ -555,6 +572,7 @@ class GalleryClient:
             kind=kind,
             face_policy=face_policy,
             model_id=model_id,
+            request_id=request_id,
         )
         request = _convert.enroll_request(item, self._gallery(gallery))
         return _convert.enroll_result(self._unary("Enroll", request, timeout))
@@ -580,10 +598,14 @@ class GalleryClient:
         timeout : float or None
             Deadline of the whole stream in seconds; default: the client's ``stream_timeout``.
 
+        Items are sent as fast as the stream's flow control takes them (gRPC reads ``items`` on
+        its own thread), so the server always has the next items at hand: it analyses several at
+        once (``bulk_enroll_window``, 4 by default) and answers in request order.
+
         Yields
         ------
         BulkEnrollItem
-            In the server's completion order; ``index`` is the item's 0-based position.
+            In request order; ``index`` is the item's 0-based position.
 
         Raises
         ------
@@ -967,60 +989,131 @@ class GalleryClient:
 
     def import_embeddings(
         self,
-        templates: Iterable[ExportedTemplate],
+        templates: Iterable[ExportedTemplate] | EmbeddingTable,
         *,
-        model_id: str,
+        model_id: str | None = None,
         gallery: str | None = None,
         timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT,
+        batch_size: int = DEFAULT_IMPORT_BATCH,
+        progress: Callable[[int], None] | None = None,
     ) -> ImportResult:
         """Import precomputed templates (as from :meth:`export_gallery`) without the photos.
 
         The gallery is created if it does not exist. Templates already present (same identity
         and embedding) are skipped, so an interrupted import can simply be run again.
 
+        An :class:`~facegallery.client.embedding_files.EmbeddingTable` (a ``.npz`` or
+        ``.parquet`` file) is sent in batches of ``batch_size`` templates, one call per batch
+        (two in flight), and each batch's reply comes once it is durably stored: ``progress``
+        then gets the number of the table's first templates stored (or skipped), so after a
+        failure, even a server killed mid-import, everything reported is in the gallery and a
+        rerun finishes the rest. Single templates go in one stream, committed by the server in
+        groups of 256; ``progress`` is not called.
+
         Parameters
         ----------
-        templates : iterable of ExportedTemplate
-            Consumed lazily; each ``embedding`` is ``(D,) float32``.
-        model_id : str
+        templates : iterable of ExportedTemplate, or EmbeddingTable
+            Consumed lazily; each ``embedding`` is ``(D,) float32`` (a table's ``(N, D) float32``).
+        model_id : str, optional
             Model id of the pipeline that computed the embeddings (``Gallery.model_id`` of the
-            exported gallery); must equal the target gallery's.
+            exported gallery); must equal the target gallery's. None: the table's ``model_id``,
+            else the server's (which a new gallery gets, and an existing one of another model
+            refuses with FailedPrecondition).
         timeout : float or None
-            Deadline of the whole stream; default: the client's ``stream_timeout``.
+            Deadline of the whole import; default: the client's ``stream_timeout``.
+        batch_size : int
+            Templates per batch of a table (16,384 of 128 values are 8 MiB); at most what fits
+            in ``max_message_bytes``.
+        progress : callable, optional
+            Called with the count of a table's templates acknowledged so far, in file order.
 
         Raises
         ------
         FailedPrecondition
             ``model_id`` differs from the gallery's.
         InvalidArgument
-            An embedding of the wrong length.
+            An embedding of the wrong length or an invalid identity id.
+        ValueError
+            ``model_id`` differs from the table's, or ``batch_size`` < 1.
         TypeError, ValueError
             A template the client could not encode (raised after the stream; nothing after it
             was sent).
         """
         stub = self._open_stub()
         name = self._gallery(gallery)
+        deadline = self._deadline(timeout, self.stream_timeout)
+        if isinstance(templates, EmbeddingTable):
+            if model_id is not None and templates.model_id is not None and model_id != templates.model_id:
+                raise ValueError(f"model_id {model_id!r} differs from the table's {templates.model_id!r}")
+            header = pb.ImportEmbeddingsHeader(gallery=name, model_id=model_id or templates.model_id or self._import_model_id())
+            return self._import_table(stub, header, templates, deadline, batch_size, progress)
+        header = pb.ImportEmbeddingsHeader(gallery=name, model_id=model_id or self._import_model_id())
         failures: list[BaseException] = []
 
         def requests() -> Iterator[pb.ImportEmbeddingsRequest]:
-            header = {"gallery": name, "model_id": model_id}  # read from the first message only
+            yield pb.ImportEmbeddingsRequest(header=header)
             try:
                 for template in templates:
-                    yield pb.ImportEmbeddingsRequest(template=_convert.exported_template_message(template), **header)
-                    header = {}
+                    yield pb.ImportEmbeddingsRequest(template=_convert.exported_template_message(template))
             except Exception as exc:  # re-raised in the caller's thread once the stream ends
                 failures.append(exc)
-                return
-            if header:  # no template at all: still name the gallery and model
-                yield pb.ImportEmbeddingsRequest(**header)
 
         try:
-            response = stub.ImportEmbeddings(requests(), timeout=self._deadline(timeout, self.stream_timeout))
+            response = stub.ImportEmbeddings(requests(), timeout=deadline)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         if failures:
             raise failures[0]
         return ImportResult(imported=int(response.imported), skipped=int(response.skipped))
+
+    def _import_model_id(self) -> str:
+        """The model id of an import that names none: the server's. Not the gallery's from
+        GetGallery, whose reply waits for the gallery's calibration (minutes at 1M templates,
+        just when an interrupted bulk load is resumed); a gallery of another model refuses it."""
+        return self.server_info().model.model_id
+
+    def _import_table(
+        self,
+        stub: pb_grpc.GalleryServiceStub,
+        header: pb.ImportEmbeddingsHeader,
+        table: EmbeddingTable,
+        timeout: float | None,
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> ImportResult:
+        """One ImportEmbeddings call per batch of ``table``, :data:`_IMPORT_IN_FLIGHT` at a time;
+        replies are taken in order, so ``progress`` counts a prefix of the table."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n, d = table.embeddings.shape
+        rows = max(1, min(batch_size, self.max_message_bytes // (2 * 4 * max(d, 1))))  # half the limit: ids and headroom
+        end = None if timeout is None else time.monotonic() + timeout
+        imported = skipped = done = 0
+        pending: collections.deque[tuple[int, grpc.Future]] = collections.deque()
+        try:
+            for start in range(0, max(n, 1), rows):  # an empty table still creates the gallery
+                stop = min(start + rows, n)
+                batch = pb.TemplateBatch(
+                    identity_ids=table.identity_ids[start:stop],
+                    display_names=table.display_names[start:stop] if table.display_names is not None else (),
+                    embeddings=np.ascontiguousarray(table.embeddings[start:stop], dtype="<f4").tobytes(),
+                )
+                messages = (pb.ImportEmbeddingsRequest(header=header), pb.ImportEmbeddingsRequest(batch=batch))
+                remaining = None if end is None else max(end - time.monotonic(), 0.001)
+                pending.append((stop, stub.ImportEmbeddings.future(iter(messages), timeout=remaining)))
+                while len(pending) >= _IMPORT_IN_FLIGHT or (pending and stop == n):
+                    done, future = pending.popleft()
+                    response = future.result()
+                    imported += int(response.imported)
+                    skipped += int(response.skipped)
+                    if progress is not None:
+                        progress(done)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            for _, future in pending:  # after a failure: the later batches are dropped (a rerun skips what they stored)
+                future.cancel()
+        return ImportResult(imported=imported, skipped=skipped)
 
     # -----------------------------------------------------------------------------------------
     # Server

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from facegallery.client._exceptions import ServerError
+from facegallery.client._exceptions import ServerError, status_details
 from facegallery.client._models import (
     Aggregation,
     ApiKey,
@@ -73,7 +74,7 @@ _SCORE_KIND_OF = {
     pb.SCORE_KIND_DISTANCE: ScoreKind.DISTANCE,
     pb.SCORE_KIND_SNORM: ScoreKind.SNORM,
 }
-# google.rpc.Code integer -> grpc.StatusCode (BulkEnrollResult.code carries the integer).
+# google.rpc.Code integer -> grpc.StatusCode (BulkEnrollResponse.error.code carries the integer).
 _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -168,6 +169,7 @@ def enroll_request(item: EnrollItem, gallery: str) -> pb.EnrollRequest:
         display_name=item.display_name,
         metadata=metadata_dict(item.metadata),
         face_policy=_FACE_POLICY[FacePolicy(item.face_policy)],
+        request_id=item.request_id or "",
     )
     if item.image is not None:
         request.image.CopyFrom(image_message(item.image, item.kind))
@@ -293,12 +295,12 @@ def face_identification(message: pb.FaceIdentification) -> FaceIdentification:
     return FaceIdentification(
         face=_optional_face(message, "face"),
         matches=tuple(match(m) for m in message.matches),
-        identity_id=message.identity_id or None,
-        distance=_f32(message.distance),
+        identity_id=message.identity_id if message.HasField("identity_id") else None,
+        distance=_optional_float(message, "distance", math.inf),
         threshold=_f32(message.threshold),
-        score=_f32(message.score),
+        score=_optional_float(message, "score", math.inf),
         score_kind=score_kind(message.score_kind),
-        estimated_fpir=_f32(message.estimated_fpir),
+        estimated_fpir=_optional_float(message, "estimated_fpir", math.nan),
     )
 
 
@@ -313,21 +315,23 @@ def enroll_result(message: pb.EnrollResponse) -> EnrollResult:
     )
 
 
-def bulk_enroll_item(message: pb.BulkEnrollResult) -> BulkEnrollItem:
-    code = _STATUS_BY_VALUE.get(message.code, grpc.StatusCode.UNKNOWN)
-    ok = code is grpc.StatusCode.OK
+def bulk_enroll_item(message: pb.BulkEnrollResponse) -> BulkEnrollItem:
+    if message.WhichOneof("result") != "error":
+        return BulkEnrollItem(index=int(message.index), ok=True, code=grpc.StatusCode.OK, message="", result=enroll_result(message.response))
+    status = message.error
     return BulkEnrollItem(
         index=int(message.index),
-        ok=ok,
-        code=code,
-        message=message.message,
-        result=enroll_result(message.response) if ok and message.HasField("response") else None,
-        reason=message.reason or None,
+        ok=False,
+        code=_STATUS_BY_VALUE.get(status.code, grpc.StatusCode.UNKNOWN),
+        message=status.message,
+        result=None,
+        reason=status_details(status).get("reason"),
     )
 
 
-def _optional_float(message: Any, field: str) -> float | None:
-    return _f32(getattr(message, field)) if message.HasField(field) else None
+def _optional_float(message: Any, field: str, unset: float | None = None) -> float | None:
+    """A proto3 ``optional float`` field as float32-rounded Python float, or ``unset``."""
+    return _f32(getattr(message, field)) if message.HasField(field) else unset
 
 
 def verify_result(message: pb.VerifyResponse) -> VerifyResult:
@@ -387,7 +391,7 @@ def gallery(message: pb.Gallery) -> Gallery:
         create_time=_time(message, "create_time"),
         policy=decision_policy(message.policy) if message.HasField("policy") else None,
         score_kind=score_kind(message.score_kind),
-        estimated_fpir=_f32(message.estimated_fpir),
+        estimated_fpir=_optional_float(message, "estimated_fpir", math.nan),
         threshold_basis=message.threshold_basis,
     )
 
@@ -400,7 +404,7 @@ def duplicate_pair(message: pb.DuplicatePair) -> DuplicatePair:
         display_name_b=message.display_name_b,
         score=_f32(message.score),
         distance=_f32(message.distance),
-        estimated_fpir=_f32(message.estimated_fpir),
+        estimated_fpir=_optional_float(message, "estimated_fpir", math.nan),
     )
 
 
@@ -446,7 +450,7 @@ def exported_template(message: pb.ExportedTemplate) -> ExportedTemplate:
     )
 
 
-def server_info(message: pb.ServerInfo) -> ServerInfo:
+def server_info(message: pb.GetServerInfoResponse) -> ServerInfo:
     model = message.model
     return ServerInfo(
         version=message.version,

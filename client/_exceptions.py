@@ -15,7 +15,8 @@ Catch at any level, then branch on the stable ``reason`` the server sends (a
             print(violation.field, violation.description)
 
     FaceGalleryClientError              any failed call; .code (grpc.StatusCode), .message,
-                                        .reason, .domain, .metadata, .field_violations
+                                        .reason, .domain, .metadata, .field_violations,
+                                        .request_id
     ├── InvalidArgument                 INVALID_ARGUMENT: undecodable image, no face where one is
     │                                   required, wrong embedding length, empty or malformed id
     ├── NotFound                        NOT_FOUND: unknown gallery, identity or template
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 __all__ = [
@@ -65,6 +66,8 @@ __all__ = [
 ]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+#: The trailer the server returns the call's request id in (server/service/logs.py).
+REQUEST_ID_METADATA = "x-request-id"
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,11 @@ class FaceGalleryClientError(Exception):
         The ErrorInfo's metadata (e.g. ``{"gallery": "staff"}``); empty when none.
     field_violations : tuple of FieldViolation
         The ``google.rpc.BadRequest`` field violations (INVALID_ARGUMENT naming a field).
+    request_id : str or None
+        The call's request id, to find its lines in the server's log: the ``x-request-id`` the
+        client sent (e.g. ``metadata=[("x-request-id", ...)]``) or the one the server made; from
+        the ErrorInfo metadata ``"request_id"``, else the ``x-request-id`` trailer, else None
+        (channel errors, older servers).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -107,6 +115,7 @@ class FaceGalleryClientError(Exception):
         domain: str | None = None,
         metadata: Mapping[str, str] | None = None,
         field_violations: tuple[FieldViolation, ...] = (),
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -116,6 +125,7 @@ class FaceGalleryClientError(Exception):
         self.domain = domain
         self.metadata: Mapping[str, str] = MappingProxyType(dict(metadata)) if metadata else _EMPTY
         self.field_violations = tuple(field_violations)
+        self.request_id = request_id
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -203,10 +213,22 @@ def error_for_status(code: grpc.StatusCode, message: str, **info: object) -> Fac
 
 def from_rpc_error(error: grpc.RpcError) -> FaceGalleryClientError:
     """Translate a ``grpc.RpcError`` (a failed ``grpc.Call``) into the client's tree, with the
-    ErrorInfo and BadRequest details of its status when it has them."""
+    ErrorInfo and BadRequest details of its status when it has them, and its request id."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else None
-    return error_for_status(code, details or str(code.value[1]), **rich_details(error))
+    info = rich_details(error)
+    if "request_id" not in info:
+        info["request_id"] = _trailer(error, REQUEST_ID_METADATA)
+    return error_for_status(code, details or str(code.value[1]), **info)
+
+
+def _trailer(error: grpc.RpcError, key: str) -> str | None:
+    """The trailing metadata value ``key`` of a failed call, or None."""
+    try:
+        trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 - a channel error may have no trailers to read
+        return None
+    return next((value for name, value in trailers or () if name == key and isinstance(value, str)), None)
 
 
 def rich_details(error: grpc.RpcError) -> dict[str, object]:
@@ -217,8 +239,13 @@ def rich_details(error: grpc.RpcError) -> dict[str, object]:
         status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
     except Exception:  # noqa: BLE001 - a malformed or mismatched trailer is ignored
         return {}
-    if status is None:
-        return {}
+    return {} if status is None else status_details(status)
+
+
+def status_details(status: status_pb2.Status) -> dict[str, object]:
+    """``reason``, ``domain``, ``metadata``, ``request_id`` (when the ErrorInfo metadata has one)
+    and ``field_violations`` from the ErrorInfo and BadRequest details of a ``google.rpc.Status``
+    (an error trailer's, or a ``BulkEnrollResponse.error``); empty when it has neither."""
     found: dict[str, object] = {}
     violations: list[FieldViolation] = []
     for detail in status.details:
@@ -226,6 +253,8 @@ def rich_details(error: grpc.RpcError) -> dict[str, object]:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             found.update(reason=info.reason or None, domain=info.domain or None, metadata=dict(info.metadata))
+            if info.metadata.get("request_id"):
+                found["request_id"] = info.metadata["request_id"]
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)

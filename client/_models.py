@@ -287,6 +287,11 @@ class EnrollItem:
         With ``embedding`` only: the model id it was computed with (``ModelInfo.model_id`` of the
         server that embedded it, or ``Gallery.model_id`` of the gallery it was exported from);
         the gallery must hold the same model. None = the server's own model.
+    request_id : str or None
+        Idempotency key (1..128 printable ASCII characters, e.g. ``str(uuid.uuid4())``): the
+        server answers a repeated request with the same key with the first reply instead of
+        enrolling again (for 24 hours, while the template exists); the same key with a different
+        request is ``FailedPrecondition`` (reason ``REQUEST_ID_REUSED``). None = no key.
     """
 
     identity_id: str
@@ -297,6 +302,7 @@ class EnrollItem:
     kind: ImageKind = ImageKind.PHOTO
     face_policy: FacePolicy = FacePolicy.LARGEST
     model_id: str | None = None
+    request_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries`
 ``create-gallery``, ``update-gallery``, ``delete-gallery``, ``duplicates``, ``identities``,
 ``delete``, ``import``, ``export-gallery``, ``import-embeddings``) talk to a running server and all
 take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json``,
-``--timeout SECONDS``, ``--tls-ca``/``--tls-cert``/``--tls-key`` (env ``FACEGALLERY_TLS_*``) and
+``--timeout SECONDS``, ``--tls-ca``/``--tls-cert``/``--tls-key`` (env ``FACEGALLERY_TLS_CA``,
+``FACEGALLERY_CLIENT_CERT``, ``FACEGALLERY_CLIENT_KEY``) and
 ``--api-key KEY`` (env ``FACEGALLERY_API_KEY``). ``keys create|list|revoke --data-dir DIR`` manage
 the API keys in a data directory's store directly (a server may be running on it). The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
 ``eval``, ``train``, ``calibrate``) live in other packages and are imported only when invoked,
@@ -26,20 +27,18 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
-import numpy as np
 from tqdm import tqdm
 
-from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_TIMEOUT, GalleryClient
+from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_IMPORT_BATCH, DEFAULT_TIMEOUT, GalleryClient
 from facegallery.client._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
 from facegallery.client._models import (
     Aggregation,
     CompareResult,
     DuplicatePair,
     EnrollItem,
-    ExportedTemplate,
     FaceIdentification,
     FacePolicy,
     Gallery,
@@ -47,7 +46,7 @@ from facegallery.client._models import (
     ScoreKind,
     VerifyResult,
 )
-from facegallery.server.contract.files import atomic_write
+from facegallery.client.embedding_files import EXPORT_FORMAT, ExportFileError, file_format, read_jsonl, read_table, write_export
 from facegallery.server.contract.images import IMAGE_SUFFIXES, has_image_suffix
 
 __all__ = ["main", "LazyGroup", "EXPORT_FORMAT", "IMAGE_SUFFIXES"]
@@ -64,9 +63,6 @@ LAZY_COMMANDS = {
     "train": "facegallery.export.train.cli:train",
     "calibrate": "facegallery.export.train.cli:calibrate",
 }
-
-#: First-line ``format`` of ``export-gallery`` files (JSON Lines, see :func:`export_gallery`).
-EXPORT_FORMAT = "facegallery-export/1"
 
 
 class LazyGroup(click.Group):
@@ -200,10 +196,10 @@ def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
     )
     @click.option("--tls-ca", envvar="FACEGALLERY_TLS_CA", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                   help="PEM CA certificate that signed the server's: connect with TLS [env FACEGALLERY_TLS_CA].")
-    @click.option("--tls-cert", envvar="FACEGALLERY_TLS_CERT", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                  help="PEM client certificate, for a server that requires mTLS (needs --tls-key) [env FACEGALLERY_TLS_CERT].")
-    @click.option("--tls-key", envvar="FACEGALLERY_TLS_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                  help="PEM private key of --tls-cert [env FACEGALLERY_TLS_KEY].")
+    @click.option("--tls-cert", envvar="FACEGALLERY_CLIENT_CERT", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM client certificate, for a server that requires mTLS (needs --tls-key) [env FACEGALLERY_CLIENT_CERT].")
+    @click.option("--tls-key", envvar="FACEGALLERY_CLIENT_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="PEM private key of --tls-cert [env FACEGALLERY_CLIENT_KEY].")
     @click.option("--api-key", envvar="FACEGALLERY_API_KEY", default=None, metavar="KEY",
                   help="API key (`facegallery keys create`), sent as 'authorization: Bearer KEY' [env FACEGALLERY_API_KEY].")
     @functools.wraps(func)
@@ -694,105 +690,73 @@ def import_(session: _Session, directory: Path, reject_multiple: bool) -> None:
 # Embedding export / import
 
 
-class ExportFileError(ValueError):
-    """An ``export-gallery`` file that cannot be read back."""
-
-
-def _read_export(path: Path) -> tuple[dict[str, Any], Iterator[ExportedTemplate]]:
-    """Header and lazily parsed templates of an ``export-gallery`` file."""
-    stream = path.open("rb")  # decoded line by line, so an error names its line
-    try:
-        header = json.loads(stream.readline().decode("utf-8") or "null")
-    except UnicodeDecodeError as exc:
-        stream.close()
-        raise ExportFileError(f"{path}: not an export-gallery file (line 1 is not UTF-8 text: {exc.reason})") from exc
-    except json.JSONDecodeError as exc:
-        stream.close()
-        raise ExportFileError(f"{path}: line 1 is not JSON ({exc})") from exc
-    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
-        stream.close()
-        raise ExportFileError(f"{path}: expected a first line with format {EXPORT_FORMAT!r}")
-
-    def templates() -> Iterator[ExportedTemplate]:
-        with stream:
-            for number, raw in enumerate(stream, start=2):
-                if not raw.strip():
-                    continue
-                try:
-                    data = json.loads(raw.decode("utf-8"))
-                    created = data.get("create_time")
-                    yield ExportedTemplate(
-                        identity_id=data["identity_id"],
-                        display_name=data.get("display_name", ""),
-                        metadata=dict(data.get("metadata", {})),
-                        template_id=int(data.get("template_id", 0)),
-                        embedding=np.asarray(data["embedding"], dtype=np.float32),
-                        source_sha256=data.get("source_sha256", ""),
-                        create_time=datetime.datetime.fromisoformat(created) if created else None,
-                    )
-                except UnicodeDecodeError as exc:
-                    raise ExportFileError(f"{path}: line {number} is not UTF-8 text ({exc.reason})") from exc
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    raise ExportFileError(f"{path}: line {number}: {type(exc).__name__}: {exc}") from exc
-
-    return header, templates()
-
-
-@contextlib.contextmanager
-def _export_output(file: Path) -> Iterator[IO[str]]:
-    """The text stream ``export-gallery`` writes: stdout for ``-`` (streamed), else a temporary
-    file that replaces FILE only once the export is complete (an interrupted or failed export
-    leaves any earlier FILE as it was and no partial one)."""
-    if str(file) == "-":
-        with click.open_file("-", "w", encoding="utf-8") as out:  # stdout, left open
-            yield out
-        return
-    with atomic_write(file, "w", encoding="utf-8") as out:
-        yield out
-
-
 @main.command("export-gallery")
 @click.argument("file", type=click.Path(dir_okay=False, writable=True, path_type=Path))
 @_client_command
 def export_gallery(session: _Session, file: Path) -> None:
     """Write every template of the gallery, with its embedding, ids and metadata, to FILE.
 
-    FILE is JSON Lines (format "facegallery-export/1"): line 1 is {"format", "gallery": {name,
-    model_id, threshold, metric, embedding_dim, ...}}, then one line per template {"identity_id",
-    "display_name", "metadata", "template_id", "embedding": [float32 values], "source_sha256",
-    "create_time"}. Floats are written so that they read back bit-exact; restore with
+    The format follows FILE's suffix. .npz: arrays embeddings (N, D) float32, identity_ids (N,),
+    display_names (N,) and model_id; .parquet (needs pip install 'facegallery[parquet]'):
+    columns identity_id, embedding (list<float32>), display_name, the model id in the file's
+    metadata. Both keep ids, names, embeddings and the model id only. Any other suffix: JSON
+    Lines (format "facegallery-export/1") with everything: line 1 is {"format", "gallery":
+    {name, model_id, threshold, metric, embedding_dim, ...}}, then one line per template
+    {"identity_id", "display_name", "metadata", "template_id", "embedding": [float32 values],
+    "source_sha256", "create_time"}. Floats read back bit-exact; restore with
     import-embeddings, no photos needed. FILE is replaced only once the export is complete (an
-    interrupted export leaves no partial file); "-" streams to stdout.
+    interrupted export leaves no partial file); "-" streams JSON Lines to stdout.
     """
     gallery, templates = session.client.export_gallery(timeout=None)
-    with _export_output(file) as out:
-        out.write(json.dumps({"format": EXPORT_FORMAT, "gallery": gallery.to_dict()}) + "\n")
-        count = 0
-        for template in templates:
-            # float32 -> Python float is exact and json writes a double's shortest round-trip
-            # repr, so reading the value back as float32 restores the very same bits.
-            out.write(json.dumps(template.to_dict(), ensure_ascii=False) + "\n")
-            count += 1
+    try:
+        count = write_export(file, gallery, templates)
+    except ImportError as exc:  # Parquet without pyarrow
+        raise click.ClickException(str(exc)) from exc
     data = {"file": str(file), "gallery": gallery.name, "model_id": gallery.model_id, "templates": count}
     session.emit(data, f"exported {_count(count, 'template')} of gallery {gallery.name} to {file}")
 
 
 @main.command("import-embeddings")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_IMPORT_BATCH, show_default=True,
+              help="Templates per acknowledged batch (.npz and .parquet).")
 @_client_command
-def import_embeddings(session: _Session, file: Path) -> None:
-    """Import the templates of an export-gallery FILE into the gallery (created if missing).
+def import_embeddings(session: _Session, file: Path, batch_size: int) -> None:
+    """Import the templates of FILE (as export-gallery writes them) into the gallery (created if missing).
 
-    Templates already present (same identity and embedding) are skipped. The file's model id
-    must equal the gallery's (FAILED_PRECONDITION otherwise).
+    The format follows FILE's suffix (.npz, .parquet, else JSON Lines; see export-gallery).
+    Templates already present (same identity and embedding) are skipped, so an interrupted
+    import is resumed by running it again. The file's model id must equal the gallery's
+    (FAILED_PRECONDITION otherwise); a .npz or .parquet file without one is taken to hold the
+    server's. .npz and .parquet files are sent in batches, each
+    acknowledged once durably stored: the progress bar counts those, and a failure reports how
+    many are safely in the gallery.
     """
-    try:
-        header, templates = _read_export(file)
-        model_id = str(header.get("gallery", {}).get("model_id", ""))
-        result = session.client.import_embeddings(templates, model_id=model_id, timeout=None)
-    except ExportFileError as exc:
-        raise click.ClickException(str(exc)) from exc
     gallery = session.client.gallery
+    acknowledged = 0
+
+    def acknowledge(count: int) -> None:
+        nonlocal acknowledged
+        bar.update(count - acknowledged)
+        acknowledged = count
+
+    try:
+        if file_format(file) == "jsonl":
+            header, templates = read_jsonl(file)
+            model_id = str(header.get("gallery", {}).get("model_id", ""))
+            result = session.client.import_embeddings(templates, model_id=model_id, timeout=None)
+        else:
+            table = read_table(file)
+            with tqdm(total=len(table), unit="template", desc="import", disable=None) as bar:
+                try:
+                    result = session.client.import_embeddings(table, timeout=None, batch_size=batch_size, progress=acknowledge)
+                except FaceGalleryClientError as exc:
+                    raise click.ClickException(
+                        f"{exc}\n{acknowledged} of {len(table)} templates were stored before the failure; "
+                        "run the same command again to import the rest (stored templates are skipped)"
+                    ) from exc
+    except (ExportFileError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from exc
     session.emit(
         {"file": str(file), "gallery": gallery, "imported": result.imported, "skipped": result.skipped},
         f"imported {_count(result.imported, 'template')} into gallery {gallery} ({result.skipped} already present)",
@@ -815,10 +779,10 @@ def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--api-key", envvar="FACEGALLERY_API_KEY", default=None, metavar="KEY", help="API key, with --server [env FACEGALLERY_API_KEY].")
     @click.option("--tls-ca", envvar="FACEGALLERY_TLS_CA", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                   help="With --server: PEM CA certificate of the server's [env FACEGALLERY_TLS_CA].")
-    @click.option("--tls-cert", envvar="FACEGALLERY_TLS_CERT", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                  help="With --server: PEM client certificate (mTLS) [env FACEGALLERY_TLS_CERT].")
-    @click.option("--tls-key", envvar="FACEGALLERY_TLS_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                  help="With --server: PEM private key of --tls-cert [env FACEGALLERY_TLS_KEY].")
+    @click.option("--tls-cert", envvar="FACEGALLERY_CLIENT_CERT", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="With --server: PEM client certificate (mTLS) [env FACEGALLERY_CLIENT_CERT].")
+    @click.option("--tls-key", envvar="FACEGALLERY_CLIENT_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+                  help="With --server: PEM private key of --tls-cert [env FACEGALLERY_CLIENT_KEY].")
     @functools.wraps(func)
     def wrapper(
         data_dir: Path | None, server: str | None, api_key: str | None, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, **kwargs: Any
@@ -959,7 +923,8 @@ def keys_list(keys: _StoreKeys | _ServerKeys, as_json: bool) -> None:
 @keys_group.command("revoke")
 @_keys_target
 @click.argument("name")
-def keys_revoke(keys: _StoreKeys | _ServerKeys, name: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the revoked key's record (as `keys list --json` does).")
+def keys_revoke(keys: _StoreKeys | _ServerKeys, name: str, as_json: bool) -> None:
     """Revoke the key NAME: running servers refuse it within a second."""
     record = keys.revoke(name)
-    click.echo(f"revoked key {record['name']!r}")
+    click.echo(json.dumps(record) if as_json else f"revoked key {record['name']!r} at {_utc(record['revoked'])}")

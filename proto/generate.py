@@ -14,17 +14,25 @@ from grpc_tools import protoc
 PROTO_ROOT = Path(__file__).resolve().parent
 
 
-def generate(out_dir: Path = PROTO_ROOT) -> list[Path]:
-    """Compile every ``facegallery/v1/*.proto`` into ``out_dir``; returns the proto files."""
+def proto_include_dirs() -> list[Path]:
+    """protoc's include path for the API: this directory, protobuf's well-known types (from
+    grpcio-tools) and ``google/rpc/*.proto`` (from googleapis-common-protos, whose Python package
+    ships the .proto files next to the generated modules)."""
+    import google.rpc
     import grpc_tools
 
-    include = Path(grpc_tools.__file__).parent / "_proto"
+    googleapis = Path(next(iter(google.rpc.__path__))).parent.parent
+    return [PROTO_ROOT, Path(grpc_tools.__file__).parent / "_proto", googleapis]
+
+
+def generate(out_dir: Path = PROTO_ROOT) -> list[Path]:
+    """Compile every ``facegallery/v1/*.proto`` into ``out_dir``; returns the proto files."""
+    include = proto_include_dirs()
     protos = sorted((PROTO_ROOT / "facegallery" / "v1").glob("*.proto"))
     for proto in protos:
         args = [
             "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{include}",
+            *(f"-I{directory}" for directory in include),
             f"--python_out={out_dir}",
             f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}",

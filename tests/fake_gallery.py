@@ -33,6 +33,7 @@ from concurrent import futures
 
 import grpc
 import numpy as np
+from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -171,7 +172,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
             template_count=sum(len(i["templates"]) for i in gallery["identities"].values()),
             policy=gallery["policy"],
             score_kind=kind,
-            estimated_fpir=estimated_fpir,
+            estimated_fpir=None if math.isnan(estimated_fpir) else estimated_fpir,
             threshold_basis=basis,
         )
         message.create_time.FromSeconds(1_700_000_000)
@@ -215,13 +216,14 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
                 )
             )
         best.sort(key=lambda m: m.score)
-        score = best[0].score if best else math.inf
+        score = best[0].score if best else None
+        fpir = self._fpir(score, kind) if best else 0.0
         result = pb.FaceIdentification(
             threshold=threshold,
-            distance=best[0].distance if best else math.inf,
+            distance=best[0].distance if best else None,
             score=score,
             score_kind=kind,
-            estimated_fpir=self._fpir(score, kind) if best else 0.0,
+            estimated_fpir=None if math.isnan(fpir) else fpir,
         )
         result.matches.extend(best[: top_k or 5])
         if best and score <= threshold:
@@ -347,7 +349,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
                             display_name_b=b["display_name"],
                             score=score,
                             distance=distance,
-                            estimated_fpir=self._fpir(score, kind),
+                            estimated_fpir=None if math.isnan(self._fpir(score, kind)) else self._fpir(score, kind),
                         )
                     )
         pairs.sort(key=lambda p: p.score)
@@ -386,9 +388,9 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
             try:
                 response = self._enroll(item.request, _ItemContext())
             except _ItemFailed:
-                yield pb.BulkEnrollResult(index=index, code=status["code"].value[0], message=status["message"])
+                yield pb.BulkEnrollResponse(index=index, error=status_pb2.Status(code=status["code"].value[0], message=status["message"]))
             else:
-                yield pb.BulkEnrollResult(index=index, code=0, response=response)
+                yield pb.BulkEnrollResponse(index=index, response=response)
 
     def Identify(self, request, context):
         self.requests.append(("Identify", request))
@@ -517,11 +519,10 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
         for request in request_iterator:
             self.requests.append(("ImportEmbeddings", request))
             if gallery is None:
-                if request.model_id != MODEL_ID:
-                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {request.model_id!r} is not {MODEL_ID!r}")
-                name = request.gallery or "default"
+                if request.header.model_id != MODEL_ID:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model {request.header.model_id!r} is not {MODEL_ID!r}")
+                name = request.header.gallery or "default"
                 gallery = self.galleries.get(name) or self._new_gallery(name, DEFAULT_POLICY)
-            if not request.HasField("template"):
                 continue
             t = request.template
             vector = np.asarray(t.embedding.values, dtype=np.float32)
@@ -541,7 +542,7 @@ class FakeGalleryServicer(pb_grpc.GalleryServiceServicer):
     def GetServerInfo(self, request, context):
         self._count("GetServerInfo", context)
         time.sleep(self.delay_s)
-        return pb.ServerInfo(
+        return pb.GetServerInfoResponse(
             version="0.0-fake",
             model=pb.ModelInfo(
                 name="fake",

@@ -21,7 +21,7 @@ from facegallery.client.cli import main
 from facegallery.server.contract.errors import AlreadyExists, InvalidInput, KeyNotFound
 from facegallery.server.gallery.keys import Role, create_key, key_id_of, revoke_key, verify_key
 from facegallery.server.gallery.manager import STORE_FILE
-from facegallery.server.gallery.store import SqliteTemplateStore
+from facegallery.server.gallery.store import SCHEMA_VERSION, SqliteTemplateStore
 from facegallery.server.service.app import InsecureAddressError, ServerConfig, _check_keys, create_server
 from facegallery.server.service.auth import AuthInterceptor
 from facegallery.v1 import gallery_service_pb2 as pb
@@ -262,7 +262,7 @@ def test_a_migrated_version_2_store_gets_the_keys_table(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_keys_through_a_running_server_need_an_unlimited_admin_key(keyed):
@@ -290,7 +290,8 @@ def test_keys_through_a_running_server_need_an_unlimited_admin_key(keyed):
         with pytest.raises(NotFound) as info:
             admin.revoke_key("nope")
         assert info.value.reason == "KEY_NOT_FOUND"
-    assert runner.invoke(main, ["keys", "revoke", *base, "via-rpc"]).exit_code == 0
+    revoked = runner.invoke(main, ["keys", "revoke", *base, "via-rpc", "--json"])
+    assert revoked.exit_code == 0 and json.loads(revoked.output)["name"] == "via-rpc" and json.loads(revoked.output)["revoked"] > 0
     time.sleep(1.05)
     with GalleryClient(address, api_key=key, timeout=10) as client, pytest.raises(Unauthenticated):
         client.list_galleries()

@@ -79,7 +79,8 @@ def image(data: bytes) -> pb.Image:
 
 def test_identify_in_a_gallery_that_does_not_exist_is_gallery_not_found(stub):
     code, info, _ = rich(stub.Identify, pb.IdentifyRequest(gallery="nope", image=image(photo((*ANN, 0)))))
-    assert (code, info.reason, dict(info.metadata)) == (grpc.StatusCode.NOT_FOUND, "GALLERY_NOT_FOUND", {"gallery": "nope"})
+    assert (code, info.reason, info.metadata["gallery"]) == (grpc.StatusCode.NOT_FOUND, "GALLERY_NOT_FOUND", "nope")
+    assert re.fullmatch(r"[0-9a-f]{32}", info.metadata["request_id"])  # made by the server: the client sent none
 
 
 def test_enroll_without_a_face_is_no_face(stub):
@@ -148,7 +149,8 @@ def test_the_client_exceptions_expose_reason_metadata_and_field_violations(serve
     with GalleryClient(f"localhost:{server.port}", timeout=10.0) as client:
         with pytest.raises(NotFound) as missing:
             client.identify(photo((*ANN, 0)), gallery="nope")
-        assert (missing.value.reason, missing.value.domain, dict(missing.value.metadata)) == ("GALLERY_NOT_FOUND", ERROR_DOMAIN, {"gallery": "nope"})
+        assert (missing.value.reason, missing.value.domain, missing.value.metadata["gallery"]) == ("GALLERY_NOT_FOUND", ERROR_DOMAIN, "nope")
+        assert missing.value.metadata["request_id"] == missing.value.request_id
         assert missing.value.field_violations == ()
         with pytest.raises(InvalidArgument) as no_face:
             client.enroll("x", photo((0, 0, 0)), gallery="known")
@@ -160,14 +162,28 @@ def test_the_client_exceptions_expose_reason_metadata_and_field_violations(serve
         assert str(bad.value).startswith("INVALID_ARGUMENT: ")  # unchanged rendering
 
 
-def test_bulk_enroll_items_carry_the_reason_enroll_would_have_had(stub, server):
+def _reasons(status) -> list[str]:
+    """The ErrorInfo reasons in a google.rpc.Status's details."""
+    reasons = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            reasons.append(info.reason)
+    return reasons
+
+
+def test_bulk_enroll_items_carry_the_status_enroll_would_have_had(stub, server):
     requests = [
         pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="known", identity_id="bulk-ok", image=image(photo((*BOB, 3))))),
         pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="known", identity_id="bulk-no-face", image=image(photo((0, 0, 0))))),
         pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="nope", identity_id="bulk-x", image=image(photo((*BOB, 3))))),
     ]
     results = list(stub.BulkEnroll(iter(requests)))
-    assert [(r.code, r.reason) for r in results] == [(0, ""), (grpc.StatusCode.INVALID_ARGUMENT.value[0], "NO_FACE"), (grpc.StatusCode.NOT_FOUND.value[0], "GALLERY_NOT_FOUND")]
+    assert results[0].WhichOneof("result") == "response" and results[0].response.identity_id == "bulk-ok"
+    failed = [(r.error.code, _reasons(r.error)) for r in results[1:]]
+    assert failed == [(grpc.StatusCode.INVALID_ARGUMENT.value[0], ["NO_FACE"]), (grpc.StatusCode.NOT_FOUND.value[0], ["GALLERY_NOT_FOUND"])]
+    info = error_details_pb2.ErrorInfo()
+    assert results[2].error.details[0].Unpack(info) and info.metadata["gallery"] == "nope"  # the item's own request
     with GalleryClient(f"localhost:{server.port}", timeout=10.0) as client:
         items = list(client.bulk_enroll([EnrollItem("bulk-ok2", photo((*BOB, 4))), EnrollItem("bulk-nf", photo((0, 0, 0)))], gallery="known"))
     assert [(i.ok, i.reason) for i in items] == [(True, None), (False, "NO_FACE")]

@@ -14,15 +14,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shutil
-import socket
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+from server_process import facegallery_command, free_port
 
 from facegallery.client import DeadlineExceeded, GalleryClient
 
@@ -118,28 +116,13 @@ def dataset(shared_dir: Path, golden: list[dict]) -> Dataset:
     return _dataset(shared_dir, golden)
 
 
-def _facegallery_command() -> list[str]:
-    exe = Path(sys.executable).with_name("facegallery")
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("facegallery")
-    assert found, "the facegallery console script is not installed (pip install -e .)"
-    return [found]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir) -> str:
     """A ``facegallery serve`` process on a free port; yields its address once SERVING."""
     base = tmp_path_factory.mktemp("integration")
-    port = _free_port()
+    port = free_port()
     log_path = base / "server.log"
-    command = _facegallery_command() + [
+    command = facegallery_command() + [
         "serve", "--port", str(port), "--data-dir", str(base / "data"), "--model-dir", str(model_dir),
     ]  # fmt: skip
     with log_path.open("w") as log:
@@ -279,7 +262,7 @@ def test_folder_import_is_resumable(server: str, client: GalleryClient, dataset:
             (root / folder.name / photo.name).symlink_to(photo)
             count += 1
     client.create_gallery("imported")
-    command = _facegallery_command() + ["import", str(root), "--server", server, "--gallery", "imported", "--json"]
+    command = facegallery_command() + ["import", str(root), "--server", server, "--gallery", "imported", "--json"]
 
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr

@@ -294,3 +294,54 @@ def test_serve_wires_the_metrics_endpoint(tmp_path):
         assert samples[("facegallery_gallery_identities", (("gallery", "default"),))] == 0
     finally:
         running.stop(1.0)
+
+
+def test_auth_failures_are_counted_by_reason(tmp_path):
+    """facegallery_auth_failures_total moves by exactly the refused calls: two without a key, one
+    with a revoked key, one with a wrong key, two with a read key on write/admin methods; the
+    allowed call and the NOT_FOUND of a missing gallery are not auth failures."""
+    import socket
+
+    from facegallery.server.gallery.keys import create_key, revoke_key
+    from facegallery.server.gallery.manager import STORE_FILE
+    from facegallery.server.gallery.store import SqliteTemplateStore
+    from facegallery.server.service.app import ServerConfig, create_server
+
+    store = SqliteTemplateStore(tmp_path / STORE_FILE)
+    reader = create_key(store, "reader", "read", (), now=time.time())[1]
+    revoked = create_key(store, "old", "admin", (), now=time.time())[1]
+    revoke_key(store, "old", now=time.time())
+    store.close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    running = create_server(
+        ServerConfig(data_dir=tmp_path, host="localhost", port=0, metrics_port=metrics_port, snapshot_interval_s=None, grace_s=1.0), pipeline=FakePipeline()
+    )
+    try:
+        before = scrape(metrics_port)
+        assert {value(before, "facegallery_auth_failures_total", reason=r) for r in ("missing_key", "invalid_key", "permission_denied")} == {0}
+        with grpc.insecure_channel(f"localhost:{running.port}") as channel:
+            stub = pb_grpc.GalleryServiceStub(channel)
+
+            def refused(call, request, key=None):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(request, metadata=None if key is None else [("authorization", f"Bearer {key}")], timeout=10)
+                return caught.value.code()
+
+            assert refused(stub.ListGalleries, pb.ListGalleriesRequest()) is grpc.StatusCode.UNAUTHENTICATED
+            assert refused(stub.GetServerInfo, pb.GetServerInfoRequest()) is grpc.StatusCode.UNAUTHENTICATED
+            assert refused(stub.ListGalleries, pb.ListGalleriesRequest(), revoked) is grpc.StatusCode.UNAUTHENTICATED
+            assert refused(stub.ListGalleries, pb.ListGalleriesRequest(), "fg_wrong") is grpc.StatusCode.UNAUTHENTICATED
+            assert refused(stub.Enroll, pb.EnrollRequest(identity_id="x", embedding=embedding(1, 2)), reader) is grpc.StatusCode.PERMISSION_DENIED
+            assert refused(stub.CreateGallery, pb.CreateGalleryRequest(name="g"), reader) is grpc.StatusCode.PERMISSION_DENIED
+            assert refused(stub.GetGallery, pb.GetGalleryRequest(name="nope"), reader) is grpc.StatusCode.NOT_FOUND
+            stub.ListGalleries(pb.ListGalleriesRequest(), metadata=[("authorization", f"Bearer {reader}")], timeout=10)
+        after = scrape(metrics_port)
+    finally:
+        running.stop(1.0)
+
+    def moved(reason):
+        return value(after, "facegallery_auth_failures_total", reason=reason) - value(before, "facegallery_auth_failures_total", reason=reason)
+
+    assert (moved("missing_key"), moved("invalid_key"), moved("permission_denied")) == (2, 2, 2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
 import socket
 import threading
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from fakes import DIM, ExplodingPipeline, FakePipeline, person_embedding, photo
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
@@ -110,13 +110,13 @@ def test_enroll_identify_verify_compare_embed(stub):
     assert found.faces[1].matches[0].display_name == "Ann" and found.faces[1].threshold == pytest.approx(0.6)
     assert found.faces[0].distance > 0.6 and len(found.faces[0].matches) == 2 and found.faces[2].face.box.left == 64.0
     strict = stub.Identify(pb.IdentifyRequest(gallery="wire", image=shot(ANN, 60), threshold=0.01))
-    assert strict.faces[0].identity_id == "" and strict.faces[0].threshold == pytest.approx(0.01)
+    assert not strict.faces[0].HasField("identity_id") and strict.faces[0].threshold == pytest.approx(0.01)
     assert stub.Identify(pb.IdentifyRequest(gallery="wire", image=image(photo((0, 0, 0))))).faces == []
     by_vector = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="wire", embedding=pb.Embedding(values=person_embedding(*BOB).tolist())))
     assert by_vector.result.identity_id == "bob" and by_vector.result.distance == pytest.approx(0.0, abs=1e-6)
     assert not by_vector.result.HasField("face")
     empty = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="default", embedding=pb.Embedding(values=person_embedding(*BOB).tolist())))
-    assert empty.result.matches == [] and empty.result.distance == float("inf")
+    assert empty.result.matches == [] and not empty.result.HasField("distance") and not empty.result.HasField("score")
 
     verdict = stub.Verify(pb.VerifyRequest(gallery="wire", identity_id="ann", image=shot(ANN, 60)))
     expected = np.linalg.norm(person_embedding(*ANN, 60) - person_embedding(*ANN))
@@ -155,7 +155,7 @@ def import_people(stub, gallery: str, people: dict[str, tuple]) -> None:
     model_id = stub.GetServerInfo(pb.GetServerInfoRequest()).model.model_id
 
     def stream():
-        yield pb.ImportEmbeddingsRequest(gallery=gallery, model_id=model_id)
+        yield pb.ImportEmbeddingsRequest(header=pb.ImportEmbeddingsHeader(gallery=gallery, model_id=model_id))
         for identity_id, color in people.items():
             yield pb.ImportEmbeddingsRequest(template=pb.ExportedTemplate(identity_id=identity_id, embedding=embedding(*color)))
 
@@ -276,7 +276,7 @@ def test_template_aggregation_decides_which_distance_an_identity_has(stub):
     nearest = stub.UpdateGallery(pb.UpdateGalleryRequest(name="agg", policy=pb.DecisionPolicy(threshold=0.6)))  # UNSPECIFIED: NEAREST
     assert nearest.policy == pb.DecisionPolicy(threshold=0.6, normalization=pb.SCORE_NORMALIZATION_NONE, aggregation=pb.TEMPLATE_AGGREGATION_NEAREST)
     by_nearest = stub.IdentifyEmbedding(probe).result
-    assert by_nearest.distance == pytest.approx(np.sqrt(0.4), abs=1e-6) and by_nearest.identity_id == ""  # 0.632 > 0.6: unknown
+    assert by_nearest.distance == pytest.approx(np.sqrt(0.4), abs=1e-6) and not by_nearest.HasField("identity_id")  # 0.632 > 0.6: unknown
     assert by_nearest.matches[0].identity_id == "ann" and by_nearest.matches[0].template_id == first.template_id
     toward_second = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="agg", embedding=pb.Embedding(values=unit(0.0, 1.0).tolist()))).result
     assert toward_second.distance == pytest.approx(0.0, abs=1e-6) and toward_second.matches[0].template_id == second.template_id
@@ -299,7 +299,7 @@ def test_update_gallery_changes_how_later_searches_decide(stub):
     strict = stub.UpdateGallery(pb.UpdateGalleryRequest(name="upd", policy=pb.DecisionPolicy(threshold=0.01)))
     assert strict.policy.threshold == pytest.approx(0.01) and strict.threshold == pytest.approx(0.01) and strict.identity_count == 1
     [face] = stub.Identify(probe).faces
-    assert face.identity_id == "" and face.threshold == pytest.approx(0.01) and face.matches[0].identity_id == "ann"
+    assert not face.HasField("identity_id") and face.threshold == pytest.approx(0.01) and face.matches[0].identity_id == "ann"
     assert stub.UpdateGallery(pb.UpdateGalleryRequest(name="upd", policy=pb.DecisionPolicy(threshold=0.01))) == strict  # idempotent
 
     targeted = stub.UpdateGallery(pb.UpdateGalleryRequest(name="upd", policy=pb.DecisionPolicy(target_fpir=0.2, normalization=pb.SCORE_NORMALIZATION_NONE)))
@@ -318,19 +318,19 @@ def test_identify_carries_scores_on_the_gallery_scale_and_a_threshold_override_o
     assert known.score == known.distance == known.matches[0].score == known.matches[0].distance  # distance scale: score = distance
     assert [m.score for m in known.matches] == sorted(m.score for m in known.matches)
     # two people and no false-match curve: nothing to estimate an FPIR from
-    assert math.isnan(known.estimated_fpir) and math.isnan(unknown.estimated_fpir)
-    assert unknown.identity_id == "" and unknown.score > 0.6 and unknown.matches[0].score == unknown.score
+    assert not known.HasField("estimated_fpir") and not unknown.HasField("estimated_fpir")
+    assert not unknown.HasField("identity_id") and unknown.score > 0.6 and unknown.matches[0].score == unknown.score
     # an override is on the score scale: any finite value, even a negative one, is a threshold
     [refused] = stub.Identify(pb.IdentifyRequest(gallery="scores", image=shot(ANN), threshold=-1.0)).faces
-    assert refused.identity_id == "" and refused.threshold == -1.0
+    assert not refused.HasField("identity_id") and refused.threshold == -1.0
     by_vector = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="scores", embedding=embedding(*BOB), threshold=-1.0))
-    assert by_vector.result.identity_id == "" and by_vector.result.score == pytest.approx(0.0, abs=1e-6)
+    assert not by_vector.result.HasField("identity_id") and by_vector.result.score == pytest.approx(0.0, abs=1e-6)
     code, _ = status_of(stub.Identify, pb.IdentifyRequest(gallery="scores", image=shot(ANN), threshold=float("inf")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
     stub.CreateGallery(pb.CreateGalleryRequest(name="scores-empty"))
     empty = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="scores-empty", embedding=embedding(*CAT))).result
-    assert empty.matches == [] and empty.score == float("inf") and empty.estimated_fpir == 0.0  # nobody to be confused with
+    assert empty.matches == [] and not empty.HasField("score") and empty.HasField("estimated_fpir") and empty.estimated_fpir == 0.0  # nobody to be confused with
 
 
 def test_find_duplicates_lists_pairs_the_policy_would_confuse(stub):
@@ -346,7 +346,7 @@ def test_find_duplicates_lists_pairs_the_policy_would_confuse(stub):
     assert names == {("ann", "Ann"), ("ann-2", "Ann again")}
     expected = float(np.linalg.norm(person_embedding(*ANN) - person_embedding(*ANN, 100)))
     assert pair.distance == pytest.approx(expected, abs=1e-5) and pair.score == pair.distance
-    assert math.isnan(pair.estimated_fpir)  # three people and no false-match curve: nothing to estimate from
+    assert not pair.HasField("estimated_fpir")  # three people and no false-match curve: nothing to estimate from
 
     assert stub.FindDuplicates(pb.FindDuplicatesRequest(gallery="dups", max_pairs=1)).pairs == found.pairs
     for max_pairs in (-1, 10001):
@@ -374,7 +374,7 @@ def test_a_big_snorm_gallery_decides_on_snorm_scores(stub):
     assert [m.score for m in found.matches] == sorted(m.score for m in found.matches) and found.matches[0].score == found.score
     assert 0.0 < found.estimated_fpir < gallery.estimated_fpir
     stranger = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="big", embedding=embedding(251, 251))).result
-    assert stranger.identity_id == "" and stranger.score > gallery.threshold and stranger.estimated_fpir > gallery.estimated_fpir
+    assert not stranger.HasField("identity_id") and stranger.score > gallery.threshold and stranger.estimated_fpir > gallery.estimated_fpir
     lenient = stub.IdentifyEmbedding(pb.IdentifyEmbeddingRequest(gallery="big", embedding=embedding(251, 251), threshold=stranger.score))
     assert lenient.result.identity_id == stranger.matches[0].identity_id  # the override is an S-norm score too
 
@@ -444,15 +444,17 @@ def test_export_import_and_bulk_enroll(stub):
         pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="src", identity_id="", image=shot(CAT))),
     ]
     results = list(stub.BulkEnroll(iter(requests)))
-    assert [(r.index, grpc.StatusCode.OK.value[0] == r.code) for r in results] == [(0, True), (1, False), (2, True), (3, False)]
-    assert results[1].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and results[1].message
+    assert [(r.index, r.WhichOneof("result")) for r in results] == [(0, "response"), (1, "error"), (2, "response"), (3, "error")]
+    assert results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and results[1].error.message
+    info = error_details_pb2.ErrorInfo()
+    assert results[1].error.details[0].Unpack(info) and (info.reason, info.domain) == ("IMAGE_UNDECODABLE", "facegallery.v1")
     exported = list(stub.ExportGallery(pb.ExportGalleryRequest(gallery="src")))
     head, templates = exported[0].gallery, [m.template for m in exported[1:]]
     assert head.name == "src" and head.template_count == len(templates) == 2
     assert [t.identity_id for t in templates] == ["ann", "bob"] and dict(templates[1].metadata) == {"x": "1"}
 
     def stream(model_id):
-        yield pb.ImportEmbeddingsRequest(gallery="dst", model_id=model_id)
+        yield pb.ImportEmbeddingsRequest(header=pb.ImportEmbeddingsHeader(gallery="dst", model_id=model_id))
         for t in templates:
             yield pb.ImportEmbeddingsRequest(template=t)
 
@@ -482,7 +484,7 @@ def test_embeddings_carry_the_model_id_they_came_from(stub, server):
         assert code == grpc.StatusCode.FAILED_PRECONDITION, (request, code, details)
         assert own[:12] in details and other[:12] in details, details
     [refused] = stub.BulkEnroll(iter([pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="models", identity_id="bob", embedding=vector, model_id=other))]))
-    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and other[:12] in refused.message
+    assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and other[:12] in refused.error.message
 
     assert stub.GetGallery(pb.GetGalleryRequest(name="models")).template_count == 3  # the refused ones stored nothing
     for model_id in ("", own):
@@ -664,9 +666,9 @@ def test_metadata_over_the_limits_is_invalid_argument_and_full_metadata_lists_in
         pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="bounded", identity_id=f"p{i:03d}", display_name="é" * 128, metadata=full(i), embedding=embedding(i, 5)))
         for i in range(count)
     )
-    assert all(r.code == grpc.StatusCode.OK.value[0] for r in stub.BulkEnroll(requests))
+    assert all(r.HasField("response") for r in stub.BulkEnroll(requests))
     (refused,) = stub.BulkEnroll(iter([pb.BulkEnrollRequest(request=pb.EnrollRequest(gallery="bounded", identity_id="p000", metadata={"x": ""}, embedding=embedding(1, 5)))]))
-    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "at most 64 keys" in refused.message  # merged with p000's 64
+    assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "at most 64 keys" in refused.error.message  # merged with p000's 64
     identity = pb.Identity(identity_id="p001", metadata={"k\n": "v"})
     code, message = status_of(stub.UpdateIdentity, pb.UpdateIdentityRequest(gallery="bounded", identity=identity, update_mask=FieldMask(paths=["metadata"])))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "control characters" in message

@@ -27,7 +27,8 @@ Every error also takes two optional keywords: ``field`` (the request field at fa
     ├── AlreadyExists                     (ALREADY_EXISTS)       ALREADY_EXISTS
     ├── FailedPrecondition                (FAILED_PRECONDITION)  FAILED_PRECONDITION
     │   ├── MultipleFacesError            several faces under the "reject" face policy: MULTIPLE_FACES
-    │   └── ModelMismatchError            gallery built with another model: MODEL_MISMATCH
+    │   ├── ModelMismatchError            gallery built with another model: MODEL_MISMATCH
+    │   └── RequestIdReusedError          an Enroll request_id sent again with another request: REQUEST_ID_REUSED
     ├── ResourceExhausted                 (RESOURCE_EXHAUSTED)   RESOURCE_EXHAUSTED
     │   ├── ImageTooLargeError            image over the byte or pixel limit: IMAGE_TOO_LARGE
     │   └── TooManyStreams                stream cap (server or per client) reached: TOO_MANY_STREAMS
@@ -61,6 +62,7 @@ __all__ = [
     "FailedPrecondition",
     "MultipleFacesError",
     "ModelMismatchError",
+    "RequestIdReusedError",
     "ResourceExhausted",
     "ImageTooLargeError",
     "TooManyStreams",
@@ -165,6 +167,12 @@ class ModelMismatchError(FailedPrecondition):
     """The gallery's templates were computed by a different model than the one loaded."""
 
     reason = "MODEL_MISMATCH"
+
+
+class RequestIdReusedError(FailedPrecondition):
+    """An Enroll idempotency key (request_id) came back with a different request."""
+
+    reason = "REQUEST_ID_REUSED"
 
 
 class ResourceExhausted(FaceGalleryError):

@@ -4,13 +4,15 @@ A gallery whose policy aggregates by ``Aggregation.MEAN`` (decision.py) is searc
 :class:`IdentityMeans` index instead of its template index: an identity's distance to a probe is
 the L2 distance to the mean of its templates (as Amazon Rekognition's user vectors; measured on
 the dev protocol with three photos per person, it beat the nearest template by about 0.1 in DIR
-at FPIR 0.01, docs/open-set.md). The template index, its snapshots and the store are unchanged;
-the means are derived in memory from the store: built when the gallery is loaded (one pass over
-its templates), and the means of the identities a write touches recomputed after it commits.
+at FPIR 0.01, docs/open-set.md). The template index and the store are unchanged; the means are
+derived from the store: built in one pass over its templates, or restored from the gallery's
+means snapshot (snapshot.py) plus the store's newer changes, and the means of the identities a
+write touches recomputed after it commits.
 
 Each mean is stored under its identity's smallest template id, so index hits resolve to their
-identity through the store's template owners like template hits do. Not synchronised: the owning
-IndexedGallery holds its write lock around every change.
+identity through the store's template owners like template hits do, and the index is the only
+state (no per-identity Python objects: at 1M identities those cost ~0.7 KB each). Not
+synchronised: the owning IndexedGallery holds its write lock around every change.
 """
 
 from __future__ import annotations
@@ -18,67 +20,76 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-
 from facegallery.server.contract.errors import IdentityNotFound, NotFound
-from facegallery.server.gallery.index import VectorIndex, make_index
-from facegallery.server.gallery.store import TemplateStore
+from facegallery.server.gallery.ann_index import IndexPlan, RebuildableIndex
+from facegallery.server.gallery.index import VectorIndex
+from facegallery.server.gallery.store import Change, TemplateStore
 
 __all__ = ["IdentityMeans"]
 
 
 class IdentityMeans:
-    """The mean template of every identity of one gallery, in a flat index of its own.
+    """The mean template of every identity of one gallery, in an index of its own.
 
     Attributes
     ----------
-    index : VectorIndex
-        ``(identities, D)`` float32 means under each identity's smallest template id.
+    index : RebuildableIndex
+        ``(identities, D)`` float32 means under each identity's smallest template id; exact or
+        approximate as the gallery's :class:`IndexPlan` says for the number of identities.
     """
 
-    def __init__(self, store: TemplateStore, gallery: str, dim: int, factory: str) -> None:
+    def __init__(self, store: TemplateStore, gallery: str, index: VectorIndex) -> None:
         self._store = store
         self._gallery = gallery
-        self.index: VectorIndex = make_index(dim, factory)
-        self._key_of: dict[str, int] = {}  # identity id -> the template id its mean is stored under
-        self._mean_of: dict[str, np.ndarray] = {}
+        self.index = RebuildableIndex(index)
 
     @classmethod
-    def build(cls, store: TemplateStore, gallery: str, dim: int, factory: str) -> IdentityMeans:
+    def build(cls, store: TemplateStore, gallery: str, dim: int, plan: IndexPlan) -> IdentityMeans:
         """The means of every identity in the store's gallery (one pass over its templates)."""
-        means = cls(store, gallery, dim, factory)
-        ids, keys, rows = [], [], []
-        for identity_id, template_ids, x in store.identity_templates(gallery):
-            ids.append(identity_id)
+        keys, rows = [], []
+        for _, template_ids, x in store.identity_templates(gallery):
             keys.append(int(template_ids.min()))
             rows.append(x.mean(axis=0, dtype=np.float64).astype(np.float32))
-        if ids:
-            x = np.stack(rows)
-            means.index.add(np.array(keys, dtype=np.int64), x)
-            means._key_of = dict(zip(ids, keys, strict=True))
-            means._mean_of = dict(zip(ids, x, strict=True))
-        return means
+        x = np.stack(rows) if rows else np.zeros((0, dim), np.float32)
+        return cls(store, gallery, plan.build(dim, np.array(keys, dtype=np.int64), x))
+
+    @classmethod
+    def restore(cls, store: TemplateStore, gallery: str, index: VectorIndex, changes: list[Change], identities: int) -> IdentityMeans | None:
+        """The means from a snapshot ``index`` plus the store's ``changes`` after it, or None
+        when that cannot be done exactly (a removal among the changes: the identity that lost a
+        template is no longer known; or the count differs from the store's ``identities``)."""
+        if any(c.op == "remove" for c in changes):
+            return None
+        means = cls(store, gallery, index)
+        owners = store.template_owners(c.template_id for c in changes)
+        means.refresh({owner.identity_id for owner in owners.values()})
+        return means if means.index.ntotal == identities else None
 
     def vector(self, identity_id: str) -> np.ndarray:
-        """The mean of one identity, ``(1, D) float32``. Raises IdentityNotFound when it has no template."""
-        mean = self._mean_of.get(identity_id)
-        if mean is None:
-            raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {self._gallery!r}")
-        return mean[None]
+        """The mean of one identity, ``(1, D) float32``, from the store. Raises IdentityNotFound
+        when it has no template."""
+        try:
+            _, x = self._store.identity_embeddings(self._gallery, identity_id)
+        except NotFound:
+            raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {self._gallery!r}") from None
+        return x.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
 
-    def refresh(self, identity_ids: Iterable[str]) -> None:
-        """Recompute the means of identities whose templates changed (dropped when none is left)."""
+    def refresh(self, identity_ids: Iterable[str], removed: np.ndarray | None = None) -> None:
+        """Recompute the means of identities whose templates changed (dropped when none is left).
+
+        ``removed``: template ids ``(n,) int64`` just deleted from them (a mean stored under one
+        of them is dropped).
+        """
+        stale = [np.zeros(0, np.int64) if removed is None else np.asarray(removed, dtype=np.int64).reshape(-1)]
+        keys, rows = [], []
         for identity_id in set(identity_ids):
-            self._drop(identity_id)
             try:
                 template_ids, x = self._store.identity_embeddings(self._gallery, identity_id)
             except NotFound:  # the identity was deleted
                 continue
-            key, mean = int(template_ids.min()), x.mean(axis=0, dtype=np.float64).astype(np.float32)
-            self.index.add(np.array([key], dtype=np.int64), mean[None])
-            self._key_of[identity_id], self._mean_of[identity_id] = key, mean
-
-    def _drop(self, identity_id: str) -> None:
-        key = self._key_of.pop(identity_id, None)
-        self._mean_of.pop(identity_id, None)
-        if key is not None:
-            self.index.remove(np.array([key], dtype=np.int64))
+            stale.append(template_ids)  # its previous mean sits under one of them (or a removed one)
+            keys.append(int(template_ids.min()))
+            rows.append(x.mean(axis=0, dtype=np.float64).astype(np.float32))
+        self.index.remove(np.concatenate(stale))  # one call: an exact index compacts itself per call
+        if keys:
+            self.index.add(np.array(keys, dtype=np.int64), np.stack(rows))

@@ -16,12 +16,21 @@ change sequence; every template write of the gallery goes through it, so that:
   beside the copy; a write waits for it, and, the lock preferring writers, so does a search that
   arrives while that write waits. A snapshot lock of its own keeps snapshots of one gallery one
   at a time and lets :meth:`IndexedGallery.delete` remove the file after an in-flight write.
+  Galleries searching mean templates snapshot the means index beside it.
+* The index kind follows the gallery's size (ann_index.py ``IndexPlan``: exact, then IVF-Flat
+  past ``approximate_above`` templates, retrained as it grows). A rebuild never holds the lock
+  while it trains: a background thread copies the vectors out under the read lock
+  (``RebuildableIndex.start_rebuild``, like a snapshot's copy), builds the new index with no
+  lock held (one faiss thread, ann_index.py ``IndexPlan.build``), then takes the write lock to
+  replay the writes recorded meanwhile and swap it in (milliseconds). Searches and writes go on
+  throughout, on the old index.
 
 Thread-safe. Distances are Euclidean (L2); arrays are float32 embeddings of ``embedding_dim``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
@@ -36,16 +45,29 @@ from facegallery.server.contract.errors import GalleryNotFound, NotFound
 from facegallery.server.contract.timing import record, timed
 from facegallery.server.gallery.decision import Aggregation, Calibration, DecisionPolicy, DecisionStatus, FalseMatchCurve
 from facegallery.server.gallery.identity_means import IdentityMeans
-from facegallery.server.gallery.index import VectorIndex, make_index
+from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE, IndexPlan, RebuildableIndex
+from facegallery.server.gallery.index import DEFAULT_FACTORY, VectorIndex
 from facegallery.server.gallery.open_set import OpenSetScorer, ScoredHit
 from facegallery.server.gallery.rwlock import ReadWriteLock
-from facegallery.server.gallery.snapshot import SnapshotHeader, open_gallery_index, snapshot_path, write_snapshot
-from facegallery.server.gallery.store import AddedTemplate, GalleryRecord, NewTemplate, TemplateStore
+from facegallery.server.gallery.snapshot import (
+    SnapshotHeader,
+    means_snapshot_path,
+    open_gallery_index,
+    open_identity_means,
+    snapshot_path,
+    write_snapshot,
+)
+from facegallery.server.gallery.store import AddedTemplate, GalleryRecord, IdempotentRequest, NewTemplate, TemplateStore
 
 __all__ = ["IndexedGallery"]
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _index_plan(options: dict[str, object]) -> IndexPlan:
+    """The IndexPlan of IndexedGallery's index keywords (``factory``, ``approximate_above``, ``nprobe``)."""
+    return IndexPlan(options.get("factory", DEFAULT_FACTORY), options.get("approximate_above", APPROXIMATE_ABOVE), options.get("nprobe", NPROBE))  # type: ignore[arg-type]
 
 
 class IndexedGallery:
@@ -68,11 +90,28 @@ class IndexedGallery:
     embedding_dim : int
         Length D of the gallery's embeddings.
     snapshot_file : Path
-        Where the gallery's index snapshot is written.
+        Where the gallery's index snapshot is written (its means: ``gallery-<key>-means.fgidx``
+        beside it).
+
+    Parameters of the index (ann_index.py ``IndexPlan``): ``factory``, the faiss factory of exact
+    indexes; ``approximate_above``, the templates (identities, for the means) from which search is
+    approximate (None: always exact); ``nprobe``, IVF lists scanned per query. ``means``: the
+    gallery's mean templates when already loaded (:meth:`load`), else built from the store under
+    a policy of mean templates.
     """
 
     def __init__(
-        self, store: TemplateStore, record: GalleryRecord, index: VectorIndex, *, snapshot_file: Path, factory: str, curve: FalseMatchCurve | None = None,
+        self,
+        store: TemplateStore,
+        record: GalleryRecord,
+        index: VectorIndex,
+        *,
+        snapshot_file: Path,
+        factory: str = DEFAULT_FACTORY,
+        approximate_above: int | None = APPROXIMATE_ABOVE,
+        nprobe: int = NPROBE,
+        means: IdentityMeans | None = None,
+        curve: FalseMatchCurve | None = None,
         fallback_threshold: float | None = None,
     ) -> None:
         self.key = record.key
@@ -82,15 +121,19 @@ class IndexedGallery:
         self.embedding_dim = record.embedding_dim
         self.snapshot_file = snapshot_file
         self._store = store
-        self._factory = factory
-        self._index = index
-        self._lock = ReadWriteLock()  # index and applied_seq; deleted
-        self._snapshot_lock = threading.Lock()  # snapshot_seq and the snapshot file
+        self._plan = _index_plan({"factory": factory, "approximate_above": approximate_above, "nprobe": nprobe})
+        self._index = RebuildableIndex(index)
+        self._lock = ReadWriteLock()  # index, means, applied_seq, layout, rebuilds; deleted
+        self._snapshot_lock = threading.Lock()  # snapshot_state and the snapshot files
         self._applied_seq = record.last_seq  # newest change the index holds
-        self._snapshot_seq = -1  # newest change on disk in a snapshot (-1: none written by us)
+        self._layout = 0  # index swaps (rebuilds, reloads, policy changes) so far
+        self._snapshot_state = (-1, -1)  # (seq, layout) on disk in a snapshot ((-1, -1): none written by us)
         self._deleted = False
         self._version = 0  # templates added + removed since loaded (open_set.py staleness)
-        self._means = self._build_means(record.policy)  # mean templates (identity_means.py) under Aggregation.MEAN
+        self._rebuilds: set[RebuildableIndex] = set()  # indexes being rebuilt in the background
+        self._means_file = means_snapshot_path(snapshot_file.parent, record.key)
+        # mean templates (identity_means.py) under Aggregation.MEAN
+        self._means = means if means is not None or record.policy.aggregation is not Aggregation.MEAN else self._build_means(record.policy)
         self.scorer = OpenSetScorer(
             record.name,
             store,
@@ -101,30 +144,43 @@ class IndexedGallery:
         )
 
     @classmethod
-    def load(
-        cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, factory: str, **decisions: object
-    ) -> IndexedGallery:
-        """The gallery of ``record`` with its index from the snapshot in ``index_dir`` plus the
-        store's newer changes, or rebuilt from the store (snapshot.py ``open_gallery_index``).
-        ``decisions``: ``curve`` (the model's false-match curve) and ``fallback_threshold`` (the
-        model's L2 threshold), as the constructor's."""
+    def load(cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, **options: object) -> IndexedGallery:
+        """The gallery of ``record`` with its index (and means) from the snapshots in ``index_dir``
+        plus the store's newer changes, or rebuilt from the store (snapshot.py
+        ``open_gallery_index``); an index that no longer fits its size is then rebuilt in the
+        background. ``options``: the constructor's keywords (index parameters, ``curve``: the
+        model's false-match curve, ``fallback_threshold``: the model's L2 threshold).
+
+        The means load in a second thread beside the template index: reading, checksumming and
+        deserializing a snapshot mostly runs without the GIL, so a 1M gallery of mean templates
+        starts in about the time of one index (docs/scale.md)."""
         path = snapshot_path(index_dir, record.key)
-        return cls(store, record, open_gallery_index(store, record, path, factory), snapshot_file=path, factory=factory, **decisions)  # type: ignore[arg-type]
+        plan = _index_plan(options)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"load-{record.name}") as pool:
+            means = None
+            if record.policy.aggregation is Aggregation.MEAN:
+                means = pool.submit(open_identity_means, store, record, means_snapshot_path(index_dir, record.key), plan)
+            index = open_gallery_index(store, record, path, plan)
+            loaded = means.result() if means is not None else None
+        gallery = cls(store, record, index, snapshot_file=path, means=loaded, **options)  # type: ignore[arg-type]
+        with gallery._lock.write():
+            gallery._schedule_rebuilds()
+        return gallery
 
     @classmethod
-    def empty(
-        cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, factory: str, **decisions: object
-    ) -> IndexedGallery:
-        """A gallery just created in the store (no templates), with an empty index of ``factory``."""
-        index = make_index(record.embedding_dim, factory)
-        return cls(store, record, index, snapshot_file=snapshot_path(index_dir, record.key), factory=factory, **decisions)  # type: ignore[arg-type]
+    def empty(cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, **options: object) -> IndexedGallery:
+        """A gallery just created in the store (no templates), with an empty exact index;
+        ``options`` as :meth:`load`'s."""
+        plan = _index_plan(options)
+        index = plan.build(record.embedding_dim, np.zeros(0, np.int64), np.zeros((0, record.embedding_dim), np.float32))
+        return cls(store, record, index, snapshot_file=snapshot_path(index_dir, record.key), **options)  # type: ignore[arg-type]
 
     # -- reads -------------------------------------------------------------------------------
 
     def _build_means(self, policy: DecisionPolicy) -> IdentityMeans | None:
         if policy.aggregation is not Aggregation.MEAN:
             return None
-        return IdentityMeans.build(self._store, self.name, self.embedding_dim, self._factory)
+        return IdentityMeans.build(self._store, self.name, self.embedding_dim, self._plan)
 
     @property
     def _searched(self) -> VectorIndex:
@@ -193,21 +249,27 @@ class IndexedGallery:
             self.threshold = record.threshold
             if policy.aggregation is not self.scorer.policy.aggregation:
                 self._means = self._build_means(policy)
+                self._layout += 1
+                self._schedule_rebuilds()
             self.scorer.set_policy(policy)
         return record
 
-    def add_templates(self, items: Sequence[NewTemplate], *, skip_duplicates: bool = False) -> list[AddedTemplate | None]:
+    def add_templates(
+        self, items: Sequence[NewTemplate], *, skip_duplicates: bool = False, request: IdempotentRequest | None = None
+    ) -> list[AddedTemplate | None]:
         """Store templates in one transaction, then add the stored ones to the index.
 
         ``items`` carry checked ``(D,) float32`` embeddings. With ``skip_duplicates`` a template
-        whose identity already has the same embedding is not stored (None in the result).
+        whose identity already has the same embedding is not stored (None in the result); with
+        ``request`` (one item) its Enroll idempotency key is remembered with it (store.py).
         Returns one entry per item once they are durable and searchable.
 
-        Raises NotFound when the gallery has been deleted.
+        Raises NotFound when the gallery has been deleted; EnrollReplayed when ``request``'s id
+        was stored first by a concurrent call.
         """
         with self._lock.write():
             self._check_live()
-            results, seq = self._store.add_templates(self.name, items, skip_duplicates=skip_duplicates)
+            results, seq = self._store.add_templates(self.name, items, skip_duplicates=skip_duplicates, request=request)
             stored = [(r.template_id, item.embedding) for r, item in zip(results, items, strict=True) if r is not None]
             if stored:
                 ids = np.array([t for t, _ in stored], dtype=np.int64)
@@ -253,6 +315,7 @@ class IndexedGallery:
             self._deleted = True
         with self._snapshot_lock:
             self.snapshot_file.unlink(missing_ok=True)
+            self._means_file.unlink(missing_ok=True)
         return counts
 
     def _apply(
@@ -260,7 +323,8 @@ class IndexedGallery:
     ) -> None:
         """Apply committed change ``seq`` to the index (write lock held): ``add`` = (ids, x),
         ``remove`` = ids; ``identities`` whose templates changed (their mean templates are
-        recomputed under Aggregation.MEAN).
+        recomputed under Aggregation.MEAN). Then starts a background rebuild of an index that
+        no longer fits its size (:meth:`_schedule_rebuilds`).
 
         Should the index refuse it, the index (and the means) are reloaded from the store, which
         has the change, and the error is re-raised.
@@ -271,42 +335,102 @@ class IndexedGallery:
             if add is not None:
                 self._index.add(*add)
             if self._means is not None:
-                self._means.refresh(identities)
+                self._means.refresh(identities, removed=remove)
         except Exception:
             LOG.exception("gallery %r: applying change %d to the index failed; reloading it from the store", self.name, seq)
             record = self._store.get_gallery(self.name)
-            self._index = open_gallery_index(self._store, record, self.snapshot_file, self._factory)
+            self._index = RebuildableIndex(open_gallery_index(self._store, record, self.snapshot_file, self._plan))
             self._means = self._build_means(self.scorer.policy)
             self._applied_seq = record.last_seq
+            self._layout += 1
             raise
         self._applied_seq = seq
         self._version += (0 if remove is None else len(remove)) + (0 if add is None else len(add[0]))
+        self._schedule_rebuilds()
 
     def _check_live(self) -> None:
         """Raise NotFound if the gallery was deleted while the caller waited for the lock."""
         if self._deleted:
             raise GalleryNotFound(f"gallery {self.name!r} does not exist")
 
+    # -- rebuilds ----------------------------------------------------------------------------
+
+    def _schedule_rebuilds(self) -> None:
+        """Start a background rebuild (:meth:`_rebuild`) of the template index and of the means
+        index, each when its kind no longer fits its size (``IndexPlan.rebuild_factory``) and it
+        is not being rebuilt already. Call with the write lock held."""
+        for index in (self._index, self._means.index if self._means is not None else None):
+            if index is None or index in self._rebuilds:
+                continue
+            factory = self._plan.rebuild_factory(index.current)
+            if factory is not None:
+                self._rebuilds.add(index)
+                threading.Thread(target=self._rebuild, args=(index, factory), name=f"rebuild-{self.name}", daemon=True).start()
+
+    def _holds(self, index: RebuildableIndex) -> bool:
+        return index is self._index or (self._means is not None and index is self._means.index)
+
+    def rebuilding(self) -> bool:
+        """Whether a background rebuild of an index of the gallery is running."""
+        with self._lock.read():
+            return bool(self._rebuilds)
+
+    def _rebuild(self, index: RebuildableIndex, factory: str) -> None:
+        """Rebuild ``index`` as ``factory``: copy its vectors under the read lock, build with no
+        lock held, replay the writes made meanwhile and swap under the write lock. The index is
+        dropped instead when the gallery replaced it meanwhile (deleted, reloaded, new policy)."""
+        started = time.perf_counter()
+        try:
+            with self._lock.read():
+                if self._deleted or not self._holds(index):
+                    return
+                ids, x = index.start_rebuild()
+            copied = time.perf_counter()
+            rebuilt = self._plan.build(self.embedding_dim, ids, x, factory=factory)
+            del ids, x
+            built = time.perf_counter()
+            with self._lock.write():
+                if self._deleted or not self._holds(index):
+                    return
+                was = index.factory
+                replayed = index.finish_rebuild(rebuilt)
+                self._layout += 1
+            LOG.info(
+                "gallery %r: index of %d vectors rebuilt from %s as %s: copy %.2f s under the read lock, build %.1f s, %d writes replayed",
+                self.name, rebuilt.ntotal, was, factory, copied - started, built - copied, replayed,
+            )
+        except Exception:
+            LOG.exception("gallery %r: rebuilding an index as %s failed; it stays as it is", self.name, factory)
+        finally:
+            with self._lock.write():
+                index.abandon_rebuild()  # after a swap: nothing left to abandon
+                self._rebuilds.discard(index)
+
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self) -> SnapshotHeader | None:
         """Write an index snapshot if the index changed since the last one; returns its header.
 
-        Copies the index under the read lock (``VectorIndex.copy``), then serializes, writes and
-        fsyncs the copy with no lock held (snapshot.py ``write_snapshot``), then drops the
-        store's change-log entries it holds. Returns None when nothing changed or the gallery
-        has been deleted. Raises OSError when the file cannot be written (the change log is then
-        kept, and the next call retries).
+        Copies the index (and the means index) under the read lock (``VectorIndex.copy``), then
+        serializes, writes and fsyncs the copies with no lock held (snapshot.py
+        ``write_snapshot``), then drops the store's change-log entries they hold. Returns None
+        when nothing changed or the gallery has been deleted. Raises OSError when a file cannot
+        be written (the change log is then kept, and the next call retries).
         """
         with self._snapshot_lock:
             with self._lock.read():
-                if self._deleted or self._applied_seq == self._snapshot_seq:
+                if self._deleted or (self._applied_seq, self._layout) == self._snapshot_state:
                     return None
                 started = time.perf_counter()
-                index, seq = self._index.copy(), self._applied_seq
+                state = (self._applied_seq, self._layout)
+                index, means = self._index.copy(), self._means.index.copy() if self._means is not None else None
             copied = time.perf_counter()
-            header = write_snapshot(self.snapshot_file, index, gallery_key=self.key, gallery=self.name, last_seq=seq)
-            self._snapshot_seq = header.last_seq
+            header = write_snapshot(self.snapshot_file, index, gallery_key=self.key, gallery=self.name, last_seq=state[0])
+            if means is not None:
+                write_snapshot(self._means_file, means, gallery_key=self.key, gallery=self.name, last_seq=state[0])
+            else:
+                self._means_file.unlink(missing_ok=True)
+            self._snapshot_state = state
         written = time.perf_counter()
         record("snapshot_seconds", written - started)
         try:
@@ -314,9 +438,11 @@ class IndexedGallery:
         except NotFound:  # deleted meanwhile: delete() removes the file once we released the snapshot lock
             return None
         LOG.info(
-            "wrote index snapshot of %r (%d templates, seq %d): copy under the read lock %.1f ms, write %.1f ms",
+            "wrote index snapshot of %r (%d templates as %s%s, seq %d): copy under the read lock %.1f ms, write %.1f ms",
             self.name,
             header.ntotal,
+            header.factory,
+            "" if means is None else f", {means.ntotal} means as {means.factory}",
             header.last_seq,
             (copied - started) * 1e3,
             (written - copied) * 1e3,

@@ -36,7 +36,7 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
-import itertools
+import json
 import logging
 import threading
 import time
@@ -46,11 +46,21 @@ from typing import Protocol
 
 import numpy as np
 
-from facegallery.server.contract.errors import AlreadyExists, GalleryNotFound, InvalidInput, MultipleFacesError, NoFaceError, NotFound
+from facegallery.server.contract.errors import (
+    AlreadyExists,
+    EmbeddingShapeError,
+    GalleryNotFound,
+    InvalidInput,
+    MultipleFacesError,
+    NoFaceError,
+    NotFound,
+    RequestIdReusedError,
+)
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.contract import timing
 from facegallery.server.gallery.decision import DEFAULT_POLICY, DecisionPolicy, DecisionStatus, FalseMatchCurve, check_policy
+from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE
 from facegallery.server.gallery.index import DEFAULT_FACTORY
 from facegallery.server.gallery.indexed_gallery import IndexedGallery
 from facegallery.server.gallery.open_set import ScoredHit
@@ -66,7 +76,18 @@ from facegallery.server.gallery.results import (
     Verification,
 )
 from facegallery.server.gallery.snapshot import remove_stale_snapshots, snapshot_path
-from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, SqliteTemplateStore, TemplateStore
+from facegallery.server.gallery.store import (
+    EnrollReplayed,
+    ExportedTemplate,
+    GalleryRecord,
+    IdempotentRequest,
+    IdentityRecord,
+    NewTemplate,
+    RememberedEnroll,
+    SqliteTemplateStore,
+    TemplateBatch,
+    TemplateStore,
+)
 from facegallery.server.gallery.validation import (
     MAX_LIST_REPLY_BYTES,
     check_display_name,
@@ -78,6 +99,7 @@ from facegallery.server.gallery.validation import (
     check_metadata,
     check_model,
     check_page_size,
+    check_request_id,
     check_top_k,
     decision_threshold,
     identity_reply_bytes,
@@ -148,7 +170,12 @@ class GalleryManager:
     index_dir : path
         Where index snapshots live (``gallery-<key>.fgidx``).
     index_factory : str
-        faiss factory string of new indexes (index.py).
+        faiss factory string of exact indexes (index.py).
+    approximate_above : int or None
+        Templates from which a gallery is searched approximately (IVF-Flat, ann_index.py;
+        default ``APPROXIMATE_ABOVE``, 50,000); None keeps every gallery exact.
+    nprobe : int
+        Inverted lists an approximate search scans (ann_index.py ``NPROBE``).
     snapshot_interval_s : float, optional
         Seconds between background snapshots of changed galleries; None disables them
         (:meth:`close` still writes one).
@@ -165,12 +192,15 @@ class GalleryManager:
         *,
         index_dir: str | Path,
         index_factory: str = DEFAULT_FACTORY,
+        approximate_above: int | None = APPROXIMATE_ABOVE,
+        nprobe: int = NPROBE,
         snapshot_interval_s: float | None = None,
     ) -> None:
         self.store = store
         self.pipeline = pipeline
         self.index_dir = Path(index_dir)
-        self.index_factory = index_factory
+        #: IndexedGallery's index keywords, the same for every gallery.
+        self.index_options: dict[str, object] = {"factory": index_factory, "approximate_above": approximate_above, "nprobe": nprobe}
         flip = pipeline.model_id == pipeline.manifest.embedding_id(True)
         self.false_match = FalseMatchCurve.from_json(pipeline.manifest.false_match, flip_augment=flip)
         if pipeline.manifest.false_match and self.false_match is None:
@@ -182,7 +212,7 @@ class GalleryManager:
         started = time.perf_counter()
         for record in store.list_galleries():
             record = self._migrate_legacy_model_id(record)
-            self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, factory=index_factory, **self._decisions())
+            self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, **self.index_options, **self._decisions())
         remove_stale_snapshots(self.index_dir, [g.key for g in self._galleries.values()])
         if DEFAULT_GALLERY not in self._galleries:
             self.create_gallery(DEFAULT_GALLERY)
@@ -261,7 +291,7 @@ class GalleryManager:
             record = self.store.create_gallery(
                 name, model_id=self.pipeline.model_id, threshold=l2, metric=self.model.metric, embedding_dim=self.model.embedding_dim, policy=policy
             )
-            self._galleries[name] = IndexedGallery.empty(self.store, record, index_dir=self.index_dir, factory=self.index_factory, **self._decisions())
+            self._galleries[name] = IndexedGallery.empty(self.store, record, index_dir=self.index_dir, **self.index_options, **self._decisions())
         LOG.info("created gallery %r (%s)", name, policy.describe())
         return record
 
@@ -368,6 +398,7 @@ class GalleryManager:
         display_name: str = "",
         metadata: dict[str, str] | None = None,
         face_policy: FacePolicy = FacePolicy.LARGEST,
+        request_id: str = "",
     ) -> EnrollResult:
         """Add one template to an identity, creating the identity on its first template.
 
@@ -390,6 +421,12 @@ class GalleryManager:
             16 KiB in all).
         face_policy : FacePolicy
             LARGEST enrolls the largest face; REJECT_MULTIPLE refuses images with several.
+        request_id : str
+            Idempotency key (1..128 printable ASCII characters; ``""`` = none, Google AIP-155):
+            remembered with the template for ``store.REQUEST_ID_RETENTION_S`` (24 h) while the
+            template exists. A call with a remembered key and the same request (same identity,
+            display name, metadata, image bytes or embedding, kind, model id and face policy)
+            returns the first call's result and stores nothing, also when both run at once.
 
         Returns
         -------
@@ -408,6 +445,8 @@ class GalleryManager:
             (image) or the embedding's (FAILED_PRECONDITION), the message naming both ids.
         ImageTooLargeError
             Image over the pipeline's limits (RESOURCE_EXHAUSTED).
+        RequestIdReusedError
+            ``request_id`` is remembered with a different request (FAILED_PRECONDITION).
         NotFound
             Unknown gallery.
         """
@@ -416,6 +455,13 @@ class GalleryManager:
         check_display_name(display_name)
         metadata = dict(metadata or {})
         check_metadata(metadata)
+        fingerprint = ""
+        if request_id:
+            check_request_id(request_id)
+            fingerprint = _enroll_fingerprint(identity_id, image, embedding, model_id, kind, display_name, metadata, face_policy)
+            remembered = self.store.remembered_enroll(gallery, request_id)
+            if remembered is not None:
+                return _replayed(remembered, fingerprint)
         self._check_merged_metadata(gallery, {identity_id: metadata})
         if (image is None) == (embedding is None):
             raise InvalidInput("enroll needs exactly one of an image or an embedding")
@@ -434,7 +480,11 @@ class GalleryManager:
         (scored,), calibration = state.identify(vector[None], 1, exclude=[identity_id])
         duplicate = Match.from_scored(scored[0]) if scored and scored[0].score <= calibration.threshold else None
         item = NewTemplate(identity_id, vector, display_name=display_name, metadata=metadata, source_sha256=sha, face=face)
-        (added,) = state.add_templates([item])
+        request = IdempotentRequest(request_id, fingerprint, _match_json(duplicate)) if request_id else None
+        try:
+            (added,) = state.add_templates([item], request=request)
+        except EnrollReplayed as exc:  # a concurrent retry stored it first
+            return _replayed(exc.remembered, fingerprint)
         LOG.debug("enrolled template %d of %r in %r", added.template_id, identity_id, state.name)
         return EnrollResult(identity_id, added.template_id, face, added.identity_created, duplicate, sha)
 
@@ -675,14 +725,21 @@ class GalleryManager:
         self._gallery(gallery)
         return self.store.get_gallery(gallery), self.store.export_templates(gallery)
 
-    def import_embeddings(self, gallery: str, model_id: str, templates: Iterable[NewTemplate]) -> ImportResult:
+    def import_embeddings(self, gallery: str, model_id: str, templates: Iterable[NewTemplate | TemplateBatch]) -> ImportResult:
         """Store precomputed templates, skipping those an identity already has (same embedding).
 
         ``model_id`` is the embedding id the embeddings were computed with. The gallery is
         created (bound to the server's model, which must then be ``model_id``) when missing, and
         removed again should the import fail before it holds a template.
-        Templates are committed in batches as they arrive; when an item is rejected, the batches
-        before it stay imported (importing the same stream again skips them).
+        ``templates`` are single :class:`NewTemplate` (committed in groups of
+        :data:`_IMPORT_BATCH`) or :class:`TemplateBatch` (each committed in one transaction of its
+        own), in any mix; every commit is durable and searchable before the next group is read.
+        When an item is rejected, the commits before it stay imported (importing the same
+        stream again skips them).
+
+        Returns without recalibrating the gallery's decision threshold: its scorer recomputes it
+        on the next search (open_set.py ``OpenSetScorer.calibration``; at 1M templates that
+        takes minutes, which a bulk load of seconds should not wait for).
 
         Raises
         ------
@@ -692,7 +749,7 @@ class GalleryManager:
         InvalidInput, EmbeddingShapeError
             Empty ``model_id``, a malformed identity id or embedding, a display name or metadata
             over the limits, also when merged with the identity's stored metadata and the
-            stream's earlier items (INVALID_ARGUMENT).
+            stream's earlier items, a batch whose columns differ in length (INVALID_ARGUMENT).
         """
         check_gallery_name(gallery)
         if not model_id:
@@ -710,20 +767,13 @@ class GalleryManager:
         state = self._gallery(gallery)
         check_model(gallery, state.model_id, model_id, "the embeddings come from")
         imported = skipped = 0
-        items = iter(templates)
         try:
-            while batch := list(itertools.islice(items, _IMPORT_BATCH)):
-                additions: dict[str, dict[str, str]] = {}
-                for item in batch:
-                    check_identity_id(item.identity_id)
-                    check_display_name(item.display_name)
-                    check_metadata(item.metadata)
-                    if item.metadata:
-                        additions[item.identity_id] = {**additions.get(item.identity_id, {}), **item.metadata}
-                for identity_id, added in additions.items():
-                    check_metadata(added, what=f"metadata of identity {identity_id[:40]!r} merged over the import's items")
-                self._check_merged_metadata(gallery, additions)
-                batch = [dataclasses.replace(item, embedding=check_embedding(item.embedding, state.embedding_dim)) for item in batch]
+            for group in _import_groups(templates):
+                if isinstance(group, TemplateBatch):
+                    batch = _batch_templates(group, state.embedding_dim)
+                else:
+                    self._check_import_items(gallery, group)
+                    batch = [dataclasses.replace(item, embedding=check_embedding(item.embedding, state.embedding_dim)) for item in group]
                 stored = sum(r is not None for r in state.add_templates(batch, skip_duplicates=True))
                 imported += stored
                 skipped += len(batch) - stored
@@ -734,8 +784,21 @@ class GalleryManager:
                         LOG.info("import into new gallery %r failed before any template was stored: gallery removed", gallery)
             raise
         LOG.info("imported %d templates into %r (%d skipped)", imported, gallery, skipped)
-        state.decision_status()  # recalibrate now rather than in the first search
         return ImportResult(imported, skipped)
+
+    def _check_import_items(self, gallery: str, items: list[NewTemplate]) -> None:
+        """Check the identity data of single imported templates, also merged per identity over
+        the group and with the identity's stored metadata (InvalidInput)."""
+        additions: dict[str, dict[str, str]] = {}
+        for item in items:
+            check_identity_id(item.identity_id)
+            check_display_name(item.display_name)
+            check_metadata(item.metadata)
+            if item.metadata:
+                additions[item.identity_id] = {**additions.get(item.identity_id, {}), **item.metadata}
+        for identity_id, added in additions.items():
+            check_metadata(added, what=f"metadata of identity {identity_id[:40]!r} merged over the import's items")
+        self._check_merged_metadata(gallery, additions)
 
     # -- snapshots and lifecycle -------------------------------------------------------------
 
@@ -808,3 +871,85 @@ class GalleryManager:
         else:
             check_model(gallery.name, gallery.model_id, self.pipeline.model_id, "the embedding (no model_id given: this server's) comes from")
 
+
+def _enroll_fingerprint(
+    identity_id: str,
+    image: bytes | None,
+    embedding: np.ndarray | None,
+    model_id: str | None,
+    kind: ImageKind,
+    display_name: str,
+    metadata: dict[str, str],
+    face_policy: FacePolicy,
+) -> str:
+    """sha256 (hex) of everything an Enroll request asks for, to tell a retry from another request
+    under the same idempotency key."""
+    source = hashlib.sha256(image if image is not None else np.asarray(embedding, "<f4").tobytes()).hexdigest()
+    fields = [identity_id, "image" if image is not None else "embedding", source, model_id or "", kind.value, display_name, face_policy.value]
+    payload = json.dumps([fields, sorted(metadata.items())], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _match_json(match: Match | None) -> dict | None:
+    """A possible duplicate as the store remembers it with an Enroll request id."""
+    if match is None:
+        return None
+    return {"identity_id": match.identity_id, "display_name": match.display_name, "distance": float(match.distance), "template_id": int(match.template_id), "score": float(match.score)}
+
+
+def _replayed(remembered: RememberedEnroll, fingerprint: str) -> EnrollResult:
+    """The first result of a retried Enroll; RequestIdReusedError when its key came with another request."""
+    if remembered.fingerprint != fingerprint:
+        raise RequestIdReusedError(
+            f"request_id {remembered.request_id!r} was used at {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(remembered.created))} "
+            "for a different enroll request; use a new request_id for a new request",
+            field="request_id",
+        )
+    template = remembered.template
+    duplicate = None if remembered.duplicate is None else Match(**remembered.duplicate)
+    LOG.info("enroll request %r replayed: template %d of %r", remembered.request_id, template.template_id, template.identity_id)
+    return EnrollResult(template.identity_id, template.template_id, template.face, remembered.identity_created, duplicate, template.source_sha256)
+
+
+def _import_groups(templates: Iterable[NewTemplate | TemplateBatch]) -> Iterator[list[NewTemplate] | TemplateBatch]:
+    """The import's commits: each TemplateBatch alone, runs of single templates in lists of at
+    most :data:`_IMPORT_BATCH` (a run is cut where a batch follows it)."""
+    group: list[NewTemplate] = []
+    for item in templates:
+        if isinstance(item, TemplateBatch):
+            if group:
+                yield group
+                group = []
+            yield item
+            continue
+        group.append(item)
+        if len(group) == _IMPORT_BATCH:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _batch_templates(batch: TemplateBatch, dim: int) -> list[NewTemplate]:
+    """The checked templates of a batch, their embeddings ``(dim,) float32`` rows of one array.
+
+    Checked column by column (one finiteness test of the ``(n, dim)`` array, each distinct id
+    and name once), as a batch holds many thousands. Raises InvalidInput, EmbeddingShapeError.
+    """
+    ids, names = list(batch.identity_ids), list(batch.display_names)
+    n = len(ids)
+    if names and len(names) != n:
+        raise InvalidInput(f"a batch needs one display name per identity id or none, got {len(names)} names for {n} ids", field="batch.display_names")
+    x = np.asarray(batch.embeddings, dtype=np.float32).reshape(-1)
+    if x.size != n * dim:
+        raise EmbeddingShapeError(f"a batch of {n} templates needs {n} x {dim} = {n * dim} embedding values (float32), got {x.size}", field="batch.embeddings")
+    x = x.reshape(n, dim)
+    if not np.isfinite(x).all():
+        raise EmbeddingShapeError(f"embedding values must be finite (no NaN or infinity); row {int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])} is not", field="batch.embeddings")
+    for identity_id in set(ids):
+        check_identity_id(identity_id)
+    for name in set(names):
+        check_display_name(name)
+    if names:
+        return [NewTemplate(identity_id, row, display_name=name) for identity_id, row, name in zip(ids, x, names, strict=True)]
+    return [NewTemplate(identity_id, row) for identity_id, row in zip(ids, x, strict=True)]

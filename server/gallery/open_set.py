@@ -20,9 +20,12 @@ Costs, for N templates of dimension D and cohort k (flat index): a search scores
 as a plain search) plus one batched search for the candidates whose neighbours are not cached;
 recalibration runs M + (uncached candidates) searches, every ~5% of change, in the thread that
 first needs it (or in the background) while other threads keep the previous calibration.
-Measured by ``bench/open_set.py`` (synthetic embeddings, one faiss thread): at 1M templates a
-distance search takes ~56 ms, an S-norm search ~64 ms with a warm cohort cache and ~670 ms cold,
-a recalibration ~110 s (distance) and ~210 s (S-norm).
+Measured by ``bench/open_set.py`` (synthetic embeddings, one faiss thread, exact index): at 1M
+templates a distance search takes ~56 ms, an S-norm search ~64 ms with a warm cohort cache and
+~670 ms cold, a recalibration ~110 s (distance) and ~210 s (S-norm). Past ann_index.py's
+``APPROXIMATE_ABOVE`` the index is IVF-Flat and each of those searches scans ``nprobe`` lists
+instead of every template; what is left is mostly this module's and index.py's per-hit Python
+work (docs/scale.md, ``bench/ann_search.py``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Tables (schema version :data:`SCHEMA_VERSION`)::
     api_keys    name, key_id (lookup id, in clear), role ('read' | 'write' | 'admin'), galleries
                 (JSON list, [] = all), salt, hash (scrypt of the key, keys.py), created, revoked
                 (NULL = active); version 3
+    enroll_requests  gallery_key, request_id (an Enroll idempotency key), fingerprint (sha256 of
+                the request), template_id, identity_created, duplicate (JSON of the reply's
+                possible duplicate, NULL = none), created; version 4. A row is forgotten with its
+                template (trigger) or after :data:`REQUEST_ID_RETENTION_S`.
 
 ``template_id`` is the id the vector index stores. It and ``seq`` are ``AUTOINCREMENT`` keys,
 so neither is ever reused, even after deletions: an index snapshot that still holds a deleted
@@ -28,7 +32,6 @@ Times are Unix seconds (float). Embeddings are little-endian float32.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import sqlite3
@@ -37,7 +40,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import NamedTuple, NoReturn, Protocol
 
 import numpy as np
 
@@ -62,17 +65,25 @@ __all__ = [
     "TemplateRecord",
     "IdentityRecord",
     "NewTemplate",
+    "TemplateBatch",
     "AddedTemplate",
     "ExportedTemplate",
     "TemplateOwner",
     "Change",
+    "IdempotentRequest",
+    "RememberedEnroll",
+    "EnrollReplayed",
+    "REQUEST_ID_RETENTION_S",
     "TemplateStore",
     "SqliteTemplateStore",
 ]
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+#: Seconds an Enroll idempotency key is remembered (AIP-155 asks for "at least" a retry window;
+#: a day covers a client that retries after an outage of hours).
+REQUEST_ID_RETENTION_S = 24 * 3600.0
 #: Template ids per ``IN (...)`` query (SQLite's default host-parameter limit is 32766).
 _IN_CHUNK = 500
 #: Rows per fetch when streaming embeddings.
@@ -133,6 +144,22 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked       REAL
 );
 CREATE INDEX IF NOT EXISTS api_keys_by_id ON api_keys(key_id);
+CREATE TABLE IF NOT EXISTS enroll_requests (
+    gallery_key      INTEGER NOT NULL,
+    request_id       TEXT NOT NULL,
+    fingerprint      TEXT NOT NULL,
+    template_id      INTEGER NOT NULL,
+    identity_created INTEGER NOT NULL,
+    duplicate        TEXT,
+    created          REAL NOT NULL,
+    PRIMARY KEY (gallery_key, request_id)
+);
+CREATE INDEX IF NOT EXISTS enroll_requests_by_template ON enroll_requests(template_id);
+CREATE INDEX IF NOT EXISTS enroll_requests_by_time ON enroll_requests(created);
+CREATE TRIGGER IF NOT EXISTS enroll_requests_forget AFTER DELETE ON templates
+BEGIN
+    DELETE FROM enroll_requests WHERE template_id = OLD.template_id;
+END;
 """
 
 
@@ -215,12 +242,61 @@ class NewTemplate:
     created: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class AddedTemplate:
-    """The outcome of one stored :class:`NewTemplate`."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class TemplateBatch:
+    """``n`` templates to import, column by column (ImportEmbeddings' bulk form of :class:`NewTemplate`).
+
+    ``identity_ids`` ``(n,)`` str; ``embeddings`` ``(n * D,)`` float32, the embeddings one after
+    the other (D is the gallery's ``embedding_dim``); ``display_names`` ``(n,)`` str (``""`` for
+    none), or empty for no names. Checked by the manager, which makes :class:`NewTemplate` of them.
+    """
+
+    identity_ids: Sequence[str]
+    embeddings: np.ndarray
+    display_names: Sequence[str] = ()
+
+
+class AddedTemplate(NamedTuple):
+    """The outcome of one stored :class:`NewTemplate` (a NamedTuple: bulk imports make millions,
+    at a quarter of a frozen dataclass's cost)."""
 
     template_id: int
     identity_created: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class IdempotentRequest:
+    """An Enroll call's idempotency key, remembered with the template it adds (add_templates).
+
+    ``fingerprint`` identifies the request's content (hex digest, manager.py); ``duplicate`` is
+    the reply's possible duplicate as a JSON-able dict (None = none), kept so that a retry gets
+    the first reply whatever has been enrolled since.
+    """
+
+    request_id: str
+    fingerprint: str
+    duplicate: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RememberedEnroll:
+    """A remembered Enroll request and the template it added, as stored now."""
+
+    request_id: str
+    fingerprint: str
+    template: TemplateRecord
+    identity_created: bool
+    duplicate: dict | None
+    created: float
+
+
+class EnrollReplayed(Exception):
+    """Raised by ``add_templates`` (nothing written) when its request id is already remembered:
+    a concurrent retry stored it first. ``remembered`` is that request."""
+
+    def __init__(self, remembered: RememberedEnroll) -> None:
+        super().__init__(f"enroll request {remembered.request_id!r} was already stored")
+        self.remembered = remembered
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -276,19 +352,11 @@ class TemplateStore(Protocol):
     def set_model_id(self, name: str, model_id: str) -> GalleryRecord: ...
     def set_policy(self, name: str, policy: DecisionPolicy, threshold: float) -> GalleryRecord: ...
     def identity_sample(self, gallery: str, limit: int) -> tuple[list[str], np.ndarray]: ...
-    def identity_templates(self, gallery: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        """Every identity with its templates: ``(identity_id, template ids (n,) int64, x (n, D)
-        float32)``, in identity order, streamed from one query. Raises NotFound."""
-        conn = self._reader()
-        key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
-        cursor = conn.execute(
-            "SELECT i.identity_id, t.template_id, t.embedding FROM identities i JOIN templates t ON t.identity_key = i.identity_key "
-            "WHERE i.gallery_key = ? ORDER BY i.identity_key, t.template_id",
-            (key,),
-        )
-        for identity_id, rows in itertools.groupby(cursor, key=lambda row: row[0]):
-            yield (identity_id, *_stack([(t, b) for _, t, b in rows], dim))
-
+    def identity_templates(self, gallery: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]: ...
+    def add_templates(
+        self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False, request: IdempotentRequest | None = None
+    ) -> tuple[list[AddedTemplate | None], int]: ...
+    def remembered_enroll(self, gallery: str, request_id: str) -> RememberedEnroll | None: ...
     def template_owners(self, template_ids: Iterable[int]) -> dict[int, TemplateOwner]: ...
     def template_ids(self, gallery: str) -> np.ndarray: ...
     def embeddings(self, gallery: str, template_ids: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
@@ -333,14 +401,15 @@ class SqliteTemplateStore:
             self._writer.execute("PRAGMA synchronous=FULL")
             self._writer.execute("PRAGMA foreign_keys=ON")
             version = self._writer.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, 2, SCHEMA_VERSION):
+            if version not in (0, 1, 2, 3, SCHEMA_VERSION):
                 raise RuntimeError(f"{self.path} has schema version {version}; this server reads versions 1 to {SCHEMA_VERSION}")
-            self._writer.executescript(_SCHEMA)  # version 3 added api_keys: created here when missing
+            # version 3 added api_keys, version 4 enroll_requests: created here when missing
+            self._writer.executescript(_SCHEMA)
             if version == 1:  # version 2 added galleries.policy; NULL keeps each gallery's fixed threshold
                 self._writer.execute("ALTER TABLE galleries ADD COLUMN policy TEXT")
-                LOG.info("migrated store %s from schema version 1 to %d (decision policies, API keys)", self.path, SCHEMA_VERSION)
-            elif version == 2:
-                LOG.info("migrated store %s from schema version 2 to %d (API keys)", self.path, SCHEMA_VERSION)
+                LOG.info("migrated store %s from schema version 1 to %d (decision policies, API keys, enroll request ids)", self.path, SCHEMA_VERSION)
+            elif version in (2, 3):
+                LOG.info("migrated store %s from schema version %d to %d (API keys, enroll request ids)", self.path, version, SCHEMA_VERSION)
             self._writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._writer.close()
@@ -537,18 +606,31 @@ class SqliteTemplateStore:
     # -- templates ---------------------------------------------------------------------------
 
     def add_templates(
-        self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False
+        self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False, request: IdempotentRequest | None = None
     ) -> tuple[list[AddedTemplate | None], int]:
         """Store templates (creating their identities as needed) in one transaction.
+
+        Set-based, so that a bulk import of ~16k items is one transaction of a few statements
+        (``executemany``) rather than five statements per item: the items' identities are looked
+        up in one query, new identities, templates and change-log entries get consecutive keys
+        after the ``AUTOINCREMENT`` counters (``sqlite_sequence``; the write lock makes this
+        transaction the only writer) and are inserted in one ``executemany`` per table.
 
         Parameters
         ----------
         gallery : str
         items : sequence of NewTemplate
-            Embeddings of length ``embedding_dim`` of the gallery.
+            Embeddings of length ``embedding_dim`` of the gallery. An identity takes the first
+            of its items' ``created`` when it is created here, the last non-empty
+            ``display_name`` and all ``metadata`` merged in order.
         skip_duplicates : bool
-            Skip an item whose identity already has a template with exactly the same embedding
-            (its result is None).
+            Skip an item whose identity already has a template with exactly the same embedding,
+            stored before or by an earlier item (its result is None; it changes nothing). The
+            identity's stored templates are compared through the ``templates_by_identity``
+            index, so the cost is that of the templates of the items' identities.
+        request : IdempotentRequest, optional
+            The Enroll idempotency key of a single item: remembered with its template in the same
+            transaction (and keys older than :data:`REQUEST_ID_RETENTION_S` forgotten).
 
         Returns
         -------
@@ -562,48 +644,102 @@ class SqliteTemplateStore:
             Unknown gallery.
         EmbeddingShapeError
             An embedding of the wrong length (nothing is stored).
+        InvalidInput
+            An identity's metadata merged over the limits (validation.py; nothing is stored).
+        EnrollReplayed
+            ``request``'s id is already remembered (nothing is stored).
         """
+        if request is not None and len(items) != 1:
+            raise ValueError("an idempotent request adds exactly one template")
         with self._write() as conn:
             row = conn.execute("SELECT gallery_key, embedding_dim, last_seq FROM galleries WHERE name = ?", (gallery,)).fetchone()
             key, dim, seq = row or _missing(gallery)
+            if request is not None:
+                remembered = _remembered_enroll(conn, key, dim, request.request_id)
+                if remembered is not None:
+                    raise EnrollReplayed(remembered)
+            blobs = _embedding_blobs(items, dim)
+            now = time.time()
+            known = {
+                identity_id: (identity_key, metadata)
+                for identity_id, identity_key, metadata in conn.execute(
+                    "SELECT identity_id, identity_key, metadata FROM identities WHERE gallery_key = ? AND identity_id IN (SELECT value FROM json_each(?))",
+                    (key, json.dumps(list({item.identity_id: None for item in items}))),
+                )
+            }
+            stored: set[tuple[int, bytes]] = set()
+            if skip_duplicates and known:
+                stored.update(
+                    conn.execute(
+                        "SELECT identity_key, embedding FROM templates WHERE identity_key IN (SELECT value FROM json_each(?))",
+                        (json.dumps([identity_key for identity_key, _ in known.values()]),),
+                    )
+                )
+            identity_keys = {identity_id: identity_key for identity_id, (identity_key, _) in known.items()}
+            next_identity, template_id, seq_base = (_last_key(conn, table) for table in ("identities", "templates", "changes"))
+            created_identities: dict[int, list] = {}  # identity_key -> [identity_id, display_name, metadata, created]
+            updated_identities: dict[int, list] = {}  # identity_key -> [identity_id, display_name, metadata]
             results: list[AddedTemplate | None] = []
-            for item in items:
-                blob = _embedding_blob(item.embedding, dim)
-                now = time.time()
+            template_rows = []
+            for item, blob in zip(items, blobs, strict=True):
                 created = item.created if item.created is not None else now
-                row = conn.execute(
-                    "SELECT identity_key, metadata FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, item.identity_id)
-                ).fetchone()
-                if row is None:
-                    identity_key = conn.execute(
-                        "INSERT INTO identities (gallery_key, identity_id, display_name, metadata, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                        (key, item.identity_id, item.display_name, _dump_metadata(item.metadata), created, now),
-                    ).lastrowid
-                    identity_created = True
+                identity_key = identity_keys.get(item.identity_id)
+                identity_created = identity_key is None
+                if identity_created:
+                    next_identity += 1
+                    identity_key = identity_keys[item.identity_id] = next_identity
+                    created_identities[identity_key] = [item.identity_id, item.display_name, dict(item.metadata), created]
                 else:
-                    identity_key, metadata_json = row
-                    if skip_duplicates and conn.execute(
-                        "SELECT 1 FROM templates WHERE identity_key = ? AND embedding = ?", (identity_key, blob)
-                    ).fetchone():
+                    if skip_duplicates and (identity_key, blob) in stored:
                         results.append(None)
                         continue
-                    identity_created = False
                     if item.display_name or item.metadata:
-                        metadata = {**json.loads(metadata_json), **item.metadata}
-                        check_metadata(metadata, what=f"the merged metadata of {item.identity_id!r}")  # in the transaction: no race
-                        conn.execute(
-                            "UPDATE identities SET display_name = CASE WHEN ? != '' THEN ? ELSE display_name END, metadata = ?, updated = ? "
-                            "WHERE identity_key = ?",
-                            (item.display_name, item.display_name, _dump_metadata(metadata), now, identity_key),
+                        entry = created_identities.get(identity_key) or updated_identities.setdefault(
+                            identity_key, [item.identity_id, "", json.loads(known[item.identity_id][1])]
                         )
-                template_id = conn.execute(
-                    "INSERT INTO templates (identity_key, gallery_key, embedding, source_sha256, face, created) VALUES (?, ?, ?, ?, ?, ?)",
-                    (identity_key, key, blob, item.source_sha256, _dump_face(item.face), created),
-                ).lastrowid
-                seq = conn.execute("INSERT INTO changes (gallery_key, op, template_id) VALUES (?, 'add', ?)", (key, template_id)).lastrowid
+                        entry[1] = item.display_name or entry[1]
+                        entry[2].update(item.metadata)
+                if skip_duplicates:
+                    stored.add((identity_key, blob))
+                template_id += 1
+                template_rows.append((template_id, identity_key, key, blob, item.source_sha256, _dump_face(item.face), created))
                 results.append(AddedTemplate(template_id, identity_created))
-            conn.execute("UPDATE galleries SET last_seq = ? WHERE gallery_key = ?", (seq, key))
+            for identity_id, _, metadata, *_ in (*created_identities.values(), *updated_identities.values()):
+                if metadata:
+                    check_metadata(metadata, what=f"the merged metadata of {identity_id!r}")  # in the transaction: no race
+            conn.executemany(
+                "INSERT INTO identities (identity_key, gallery_key, identity_id, display_name, metadata, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(k, key, i, name, _dump_metadata(m) if m else "{}", created, now) for k, (i, name, m, created) in created_identities.items()],
+            )
+            conn.executemany(
+                "UPDATE identities SET display_name = CASE WHEN ? != '' THEN ? ELSE display_name END, metadata = ?, updated = ? WHERE identity_key = ?",
+                [(name, name, _dump_metadata(m), now, k) for k, (_, name, m) in updated_identities.items()],
+            )
+            conn.executemany("INSERT INTO templates (template_id, identity_key, gallery_key, embedding, source_sha256, face, created) VALUES (?, ?, ?, ?, ?, ?, ?)", template_rows)
+            conn.executemany(
+                "INSERT INTO changes (seq, gallery_key, op, template_id) VALUES (?, ?, 'add', ?)",
+                [(seq_base + n, key, row[0]) for n, row in enumerate(template_rows, start=1)],
+            )
+            if template_rows:
+                seq = seq_base + len(template_rows)
+                conn.execute("UPDATE galleries SET last_seq = ? WHERE gallery_key = ?", (seq, key))
+            if request is not None:
+                (added,) = results
+                conn.execute("DELETE FROM enroll_requests WHERE created < ?", (now - REQUEST_ID_RETENTION_S,))
+                conn.execute(
+                    "INSERT INTO enroll_requests (gallery_key, request_id, fingerprint, template_id, identity_created, duplicate, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, request.request_id, request.fingerprint, added.template_id, int(added.identity_created), _dump_json(request.duplicate), now),
+                )
         return results, seq
+
+    def remembered_enroll(self, gallery: str, request_id: str) -> RememberedEnroll | None:
+        """The Enroll request remembered under ``request_id`` in ``gallery`` with its template, or
+        None (never sent, forgotten after :data:`REQUEST_ID_RETENTION_S`, or its template
+        deleted). Raises NotFound for an unknown gallery."""
+        with self._read() as conn:
+            key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+            return _remembered_enroll(conn, key, dim, request_id)
 
     def delete_template(self, gallery: str, template_id: int) -> tuple[bool, int]:
         """Delete one template; an identity left without templates is deleted too.
@@ -894,11 +1030,24 @@ def _gallery_key(conn: sqlite3.Connection, name: str) -> int:
     return row[0]
 
 
-def _embedding_blob(embedding: np.ndarray, dim: int) -> bytes:
-    vector = np.asarray(embedding, dtype="<f4").reshape(-1)
-    if vector.shape != (dim,):
-        raise EmbeddingShapeError(f"embedding must have {dim} values, got {vector.size}")
-    return vector.tobytes()
+def _embedding_blobs(items: Sequence[NewTemplate], dim: int) -> list[bytes]:
+    """Each item's embedding as a little-endian float32 BLOB of ``dim * 4`` bytes (one copy of
+    the whole batch, then a slice per item); EmbeddingShapeError names the first of another length."""
+    if not items:
+        return []
+    vectors = [np.asarray(item.embedding, dtype="<f4").reshape(-1) for item in items]
+    for n, vector in enumerate(vectors):
+        if vector.shape != (dim,):
+            raise EmbeddingShapeError(f"embedding must have {dim} values, got {vector.size} (item {n})")
+    raw = np.stack(vectors).tobytes()
+    width = dim * 4
+    return [raw[start : start + width] for start in range(0, len(raw), width)]
+
+
+def _last_key(conn: sqlite3.Connection, table: str) -> int:
+    """The largest ``AUTOINCREMENT`` key ``table`` has ever used (0 before its first row)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _embedding(blob: bytes, dim: int) -> np.ndarray:
@@ -916,6 +1065,24 @@ def _stack(rows: Sequence[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.
 
 def _dump_metadata(metadata: dict[str, str]) -> str:
     return json.dumps({str(k): str(v) for k, v in metadata.items()}, sort_keys=True)
+
+
+def _dump_json(value: dict | None) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
+
+
+def _remembered_enroll(conn: sqlite3.Connection, gallery_key: int, dim: int, request_id: str) -> RememberedEnroll | None:
+    row = conn.execute(
+        "SELECT r.fingerprint, r.identity_created, r.duplicate, r.created, i.identity_id, t.template_id, t.embedding, t.source_sha256, "
+        "t.face, t.created FROM enroll_requests r JOIN templates t ON t.template_id = r.template_id "
+        "JOIN identities i ON i.identity_key = t.identity_key WHERE r.gallery_key = ? AND r.request_id = ? AND r.created >= ?",
+        (gallery_key, request_id, time.time() - REQUEST_ID_RETENTION_S),
+    ).fetchone()
+    if row is None:
+        return None
+    fingerprint, identity_created, duplicate, created, identity_id, *template = row
+    record = _template_record(identity_id, dim, *template)
+    return RememberedEnroll(request_id, fingerprint, record, bool(identity_created), None if duplicate is None else json.loads(duplicate), created)
 
 
 def _dump_face(face: Face | None) -> str | None:

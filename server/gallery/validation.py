@@ -31,6 +31,8 @@ __all__ = [
     "identity_reply_bytes",
     "check_gallery_name",
     "check_identity_id",
+    "MAX_REQUEST_ID_LENGTH",
+    "check_request_id",
     "check_top_k",
     "check_page_size",
     "check_max_faces",
@@ -70,6 +72,9 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_LIST_REPLY_BYTES = 1_000_000
 _GALLERY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Longest Enroll idempotency key (a UUID is 36 characters).
+MAX_REQUEST_ID_LENGTH = 128
+_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 
 
 def check_gallery_name(name: str) -> None:
@@ -87,6 +92,15 @@ def check_identity_id(identity_id: str) -> None:
         raise InvalidInput(f"identity_id must be at most {MAX_ID_LENGTH} characters, got {len(identity_id)}", field="identity_id")
     if _CONTROL.search(identity_id):
         raise InvalidInput(f"identity_id must not contain control characters, got {identity_id!r}", field="identity_id")
+
+
+def check_request_id(request_id: str) -> None:
+    """Raise InvalidInput unless ``request_id`` (an Enroll idempotency key) is 1..
+    :data:`MAX_REQUEST_ID_LENGTH` printable ASCII characters (U+0021..U+007E)."""
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidInput(
+            f"request_id must be 1 to {MAX_REQUEST_ID_LENGTH} printable ASCII characters without spaces, got {_short(request_id)}", field="request_id"
+        )
 
 
 def _short(text: str, limit: int = 40) -> str:

@@ -15,6 +15,9 @@ health NOT_SERVING for good and is logged once, at CRITICAL.
 API keys: once the store holds a key, every GalleryService call needs one (auth.py; health and
 reflection stay open); a non-loopback host needs TLS and keys, or ``insecure``.
 
+Interceptors, outermost first: request id and access log, metrics (with ``metrics_port``),
+readiness, API keys, errors to statuses (interceptors.py).
+
 Data directory layout (``ServerConfig.data_dir``): ``gallery.sqlite3`` (the store) and
 ``index/`` (index snapshots), see ``facegallery.server.gallery.manager``.
 """
@@ -39,13 +42,14 @@ from facegallery.server.contract.errors import ModelError
 from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.contract.paths import user_data_dir
 from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, BatchingEmbedder
+from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE
 from facegallery.server.gallery.index import DEFAULT_FACTORY, set_search_threads
 from facegallery.server.gallery.manager import STORE_FILE, FaceAnalyzer, GalleryManager
 from facegallery.server.gallery.store import SqliteTemplateStore
 from facegallery.server.service.auth import AuthInterceptor
-from facegallery.server.service.interceptors import ErrorInterceptor, ReadinessInterceptor
+from facegallery.server.service.interceptors import AccessLogInterceptor, ErrorInterceptor, ReadinessInterceptor
 from facegallery.server.service.metrics import ServerMetrics, start_metrics
-from facegallery.server.service.servicer import GalleryServicer
+from facegallery.server.service.servicer import DEFAULT_BULK_ENROLL_WINDOW, GalleryServicer
 from facegallery.server.service.streams import StreamLimiter
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
@@ -137,6 +141,13 @@ class ServerConfig:
     max_connections : int
         TCP connections the server accepts at once (per listening address; gRPC's
         ``grpc.max_allowed_incoming_connections``).
+    approximate_above : int
+        A gallery searches an approximate IVF index from this many templates (and its mean
+        templates from this many identities), exact search below (gallery/ann_index.py); 0 = always exact.
+    nprobe : int
+        IVF lists an approximate search visits (recall@1 0.994 at 64 on face-like data, docs/scale.md).
+    bulk_enroll_window : int
+        Items of one BulkEnroll stream whose images are analysed at once (servicer.py).
     metrics_port : int
         Serve Prometheus metrics on ``http://host:metrics_port/metrics`` (metrics.py); 0 = off.
     handshake_timeout_s, connection_idle_s : float
@@ -173,6 +184,9 @@ class ServerConfig:
     max_connections: int = 1000
     handshake_timeout_s: float = 10.0
     connection_idle_s: float = 600.0
+    approximate_above: int = APPROXIMATE_ABOVE
+    nprobe: int = NPROBE
+    bulk_enroll_window: int = DEFAULT_BULK_ENROLL_WINDOW
     metrics_port: int = 0
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -271,10 +285,15 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     store_failed = _StoreFailure(store_path, health_servicer)
     metrics = start_metrics(config.metrics_port, addr=config.host) if config.metrics_port else None  # before the model load it times
-    auth = AuthInterceptor(f"/{SERVICE_NAME}/")  # its store is set below, before `ready`
-    interceptors = [ReadinessInterceptor(ready, f"/{SERVICE_NAME}/"), auth, ErrorInterceptor(f"/{SERVICE_NAME}/", on_store_damage=store_failed)]
-    if metrics is not None:
-        interceptors.insert(0, metrics.interceptor(f"/{SERVICE_NAME}/"))  # outermost: sees the final status code
+    prefix = f"/{SERVICE_NAME}/"
+    auth = AuthInterceptor(prefix, on_failure=None if metrics is None else metrics.auth_failed)  # its store is set below, before `ready`
+    interceptors = [
+        AccessLogInterceptor(prefix),  # outermost: every inner one runs in the call's request-id scope
+        *([] if metrics is None else [metrics.interceptor(prefix)]),  # sees the final status code
+        ReadinessInterceptor(ready, prefix),
+        auth,
+        ErrorInterceptor(prefix, on_store_damage=store_failed),
+    ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers + config.max_streams, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -288,7 +307,7 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         ],
     )
     streams = StreamLimiter(config.max_streams, config.max_streams_per_client)
-    servicer = GalleryServicer(None, streams=streams, stream_idle_s=config.stream_idle_s)  # type: ignore[arg-type]  # manager set below, before `ready`
+    servicer = GalleryServicer(None, streams=streams, stream_idle_s=config.stream_idle_s, bulk_enroll_window=config.bulk_enroll_window)  # type: ignore[arg-type]  # manager set below, before `ready`
     pb_grpc.add_GalleryServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -311,8 +330,14 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         if pipeline is None:
             pipeline, embedder = _load_pipeline(config)
         manager = GalleryManager.open(
-            config.data_dir, pipeline, integrity_check="off", index_factory=config.index_factory, snapshot_interval_s=config.snapshot_interval_s
-        )  # checked above
+            config.data_dir,
+            pipeline,
+            integrity_check="off",  # checked above
+            index_factory=config.index_factory,
+            snapshot_interval_s=config.snapshot_interval_s,
+            approximate_above=config.approximate_above or None,
+            nprobe=config.nprobe,
+        )
     except BaseException:
         server.stop(None)
         if embedder is not None:

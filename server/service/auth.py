@@ -33,7 +33,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -44,7 +44,17 @@ from facegallery.server.gallery.manager import DEFAULT_GALLERY
 from facegallery.server.service.interceptors import rewrap_handler
 from facegallery.server.service.status import make_status, rich_status
 
-__all__ = ["CACHE_TTL_S", "KEY_ATTRIBUTE", "METHOD_ROLES", "REASON_UNAUTHENTICATED", "REASON_PERMISSION_DENIED", "AuthInterceptor", "caller_key", "check_gallery"]
+__all__ = [
+    "AUTH_FAILURE_REASONS",
+    "CACHE_TTL_S",
+    "KEY_ATTRIBUTE",
+    "METHOD_ROLES",
+    "REASON_UNAUTHENTICATED",
+    "REASON_PERMISSION_DENIED",
+    "AuthInterceptor",
+    "caller_key",
+    "check_gallery",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -54,6 +64,10 @@ CACHE_TTL_S = 1.0
 KEY_ATTRIBUTE = "facegallery_api_key"
 REASON_UNAUTHENTICATED = "UNAUTHENTICATED"
 REASON_PERMISSION_DENIED = "PERMISSION_DENIED"
+#: Why a call was refused, as handed to ``on_failure`` (the metric facegallery_auth_failures_total):
+#: no key (or not a Bearer one), a key that is unknown, wrong or revoked (verify_key does not tell
+#: them apart), a role too low (or a key limited to galleries calling the key RPCs).
+AUTH_FAILURE_REASONS = ("missing_key", "invalid_key", "permission_denied")
 #: Entries of the verification cache before it is emptied (bounds memory under a flood of keys).
 _CACHE_MAX = 10_000
 
@@ -101,10 +115,22 @@ class AuthInterceptor(grpc.ServerInterceptor):
         is ready (the readiness interceptor answers UNAVAILABLE until then).
     ttl_s : float
         Seconds a verification is cached.
+    on_failure : callable (reason) -> None, optional
+        Called once per refused call (UNAUTHENTICATED or PERMISSION_DENIED, not the NOT_FOUND of
+        gallery scoping) with one of :data:`AUTH_FAILURE_REASONS`; the server counts them (metrics.py).
     """
 
-    def __init__(self, service_prefix: str, store: KeyStore | None = None, *, ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        service_prefix: str,
+        store: KeyStore | None = None,
+        *,
+        ttl_s: float = CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self._prefix = service_prefix
+        self._on_failure = on_failure
         self.store = store
         self._ttl = ttl_s
         self._clock = clock
@@ -150,6 +176,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         record = self.verify(token) if token else None
         if record is None:
             LOG.info("refused %s: %s API key", method, "a wrong or revoked" if token else "no")
+            self._failed("invalid_key" if token else "missing_key")
             context.abort_with_status(
                 make_status(
                     grpc.StatusCode.UNAUTHENTICATED,
@@ -159,6 +186,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             )
         required = METHOD_ROLES.get(method, Role.ADMIN)
         if record.role < required:
+            self._failed("permission_denied")
             context.abort_with_status(
                 make_status(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -168,6 +196,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 )
             )
         if method in _KEY_METHODS and record.galleries:
+            self._failed("permission_denied")
             context.abort_with_status(
                 make_status(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -178,6 +207,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
             )
         setattr(context, KEY_ATTRIBUTE, record)
         return record
+
+    def _failed(self, reason: str) -> None:
+        if self._on_failure is not None:
+            self._on_failure(reason)
 
     # -- the interceptor ---------------------------------------------------------------------
 
@@ -200,22 +233,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 except GalleryNotFound as exc:
                     context.abort_with_status(rich_status(exc, full, request))
 
-        def guarded(record: ApiKeyRecord | None, request_iterator: Iterator[Any]) -> Iterator[Any]:
-            """A request stream whose messages are checked as they arrive (the first one always
-            names its gallery, empty = default; later ones only when they set it)."""
-            for index, message in enumerate(request_iterator):
-                if record is not None and record.galleries and gallery_field in getattr(message.DESCRIPTOR, "fields_by_name", {}):
-                    name = getattr(message, gallery_field)
-                    if index == 0 or name:
-                        if not record.allows(name or DEFAULT_GALLERY):
-                            raise GalleryNotFound(f"gallery {name or DEFAULT_GALLERY!r} does not exist")  # the error interceptor maps it
-                yield message
-
         def prepare(request: Any, context: grpc.ServicerContext) -> Any:
             record = self._authorise(method, context)
-            if request_streaming:
-                return guarded(record, request) if record is not None and record.galleries else request
-            check(record, request, context)
+            if not request_streaming:  # a stream's items name their galleries: the servicer checks each (check_gallery)
+                check(record, request, context)
             return request
 
         def wrap(behavior: Callable, response_streaming: bool) -> Callable:

@@ -3,41 +3,162 @@ checks a data directory offline (gallery/doctor.py).
 
 The client CLI's main group (client/cli.py) builds this command with :func:`make_serve_command`,
 handing it the default-model bootstrap: the dlib converter lives in ``facegallery.export``, which
-the server never imports. Every ``--help`` default is read from the constant the code itself uses.
+the server never imports.
+
+``serve`` is a thin layer over :class:`~facegallery.server.service.settings.ServeSettings`: it has
+one flag per settings key (type, range, help and default all from the settings field), reads
+``--config FILE`` (or ``FACEGALLERY_CONFIG``) and the ``FACEGALLERY_*`` environment before the
+flags, so every ``--help`` default is the value in effect without that flag, then
+:func:`server_config` turns the settings into the :class:`ServerConfig` the server runs.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
+from pydantic.fields import FieldInfo
 
 from facegallery.server.contract.errors import StoreCorruptError
-from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS
-from facegallery.server.face.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-from facegallery.server.face.detect import DEFAULT_MAX_DETECT_PIXELS, DEFAULT_MIN_FACE_SIZE, DetectionConfig
+from facegallery.server.face.detect import DetectionConfig
 from facegallery.server.face.pipeline import PipelineConfig
 from facegallery.server.gallery.doctor import Status, diagnose, worst
-from facegallery.server.service.app import (
-    DEFAULT_GRACE_S,
-    DEFAULT_HOST,
-    DEFAULT_MAX_WORKERS,
-    DEFAULT_PORT,
-    DEFAULT_SEARCH_THREADS,
-    DEFAULT_SNAPSHOT_INTERVAL_S,
-    InsecureAddressError,
-    ServerConfig,
-    default_data_dir,
-    is_loopback_host,
-)
+from facegallery.server.service.app import InsecureAddressError, ServerConfig, default_data_dir, is_loopback_host
 from facegallery.server.service.app import serve as run_server
+from facegallery.server.service.logs import configure_logging
+from facegallery.server.service.settings import CONFIG_ENV, ServeSettings, SettingsError, flag_name
 
-__all__ = ["make_doctor_command", "make_serve_command"]
+__all__ = ["make_doctor_command", "make_serve_command", "server_config"]
 
-_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+def server_config(settings: ServeSettings, default_model: Callable[[], Path]) -> ServerConfig:
+    """The :class:`ServerConfig` (and its :class:`PipelineConfig`) of ``settings``.
+
+    Parameters
+    ----------
+    settings : ServeSettings
+    default_model : callable () -> Path
+        The default-model bootstrap (see :func:`make_serve_command`); called when ``model_dir`` is
+        unset or comes from ``FACEGALLERY_MODEL_DIR``, which the bootstrap reads itself (a
+        directory without model.json there is where the dlib model is converted).
+
+    Raises
+    ------
+    SettingsError
+        tls_cert without tls_key (or the other way round), tls_client_ca without them, plaintext
+        on a non-loopback host without insecure, or a model_dir that is not a directory; naming
+        the keys and where their values came from.
+    """
+
+    def named(key: str) -> str:
+        return f"{key} ({settings.source_of(key)})"
+
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        given, missing = ("tls_cert", "tls_key") if settings.tls_key is None else ("tls_key", "tls_cert")
+        raise SettingsError(f"{named(given)} needs {missing} ({flag_name(missing)}) too")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise SettingsError(f"{named('tls_client_ca')} needs tls_cert and tls_key (--tls-cert, --tls-key)")
+    if settings.tls_cert is None and not settings.insecure and not is_loopback_host(settings.host):
+        raise SettingsError(
+            f"refusing to serve without TLS on the non-loopback address {settings.host} (host, from {settings.source_of('host')}): give tls_cert and "
+            "tls_key (--tls-cert, --tls-key), listen on localhost, or set insecure (--insecure)"
+        )
+    if settings.model_dir is None or settings.source_of("model_dir").kind == "env":
+        model_dir = default_model()
+    elif settings.model_dir.is_dir():
+        model_dir = settings.model_dir
+    else:
+        raise SettingsError(f"invalid model_dir = {str(settings.model_dir)!r} ({settings.source_of('model_dir')}): not a directory")
+    pipeline = PipelineConfig(
+        intra_op_threads=settings.intra_op_threads,
+        flip_augment=settings.flip_augment,
+        detection=DetectionConfig(min_face_size=settings.min_face_size, max_detect_pixels=settings.max_detect_pixels),
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        memory_budget_bytes=None if settings.memory_budget is None else settings.memory_budget << 20,
+    )
+    return ServerConfig(
+        data_dir=settings.data_dir,
+        host=settings.host,
+        port=settings.port,
+        model_dir=model_dir,
+        max_workers=settings.max_workers,
+        batch_max_size=settings.batch_size,
+        batch_max_delay_ms=settings.batch_delay_ms,
+        search_threads=settings.search_threads,
+        pipeline=pipeline,
+        snapshot_interval_s=settings.snapshot_interval,
+        max_streams=settings.max_streams,
+        max_streams_per_client=settings.max_streams_per_client,
+        stream_idle_s=settings.stream_idle,
+        max_connections=settings.max_connections,
+        metrics_port=settings.metrics_port,
+        approximate_above=settings.approximate_above,
+        nprobe=settings.nprobe,
+        bulk_enroll_window=settings.bulk_enroll_window,
+        grace_s=settings.grace,
+        integrity_check=settings.integrity_check,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_client_ca=settings.tls_client_ca,
+        insecure=settings.insecure,
+    )
+
+
+def _option(key: str, field: FieldInfo) -> click.Option:
+    """The flag of a settings field: its type and range, its docstring as help; no default of
+    its own (the command's default map holds the settings in effect)."""
+    annotation = field.annotation
+    args = typing.get_args(annotation)
+    if type(None) in args:  # X | None
+        (annotation,) = (a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is typing.Annotated:  # FilePath: pydantic checks the file
+        annotation = typing.get_args(annotation)[0]
+    flag = flag_name(key)
+    if annotation is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", key], show_default=True, help=field.description)
+    kind: click.ParamType
+    if typing.get_origin(annotation) is typing.Literal:
+        kind = click.Choice(typing.get_args(annotation), case_sensitive=False)
+    elif annotation in (int, float):
+        bounds = {name: getattr(m, name) for m in field.metadata for name in ("ge", "gt", "le") if hasattr(m, name)}
+        low = bounds.get("ge", bounds.get("gt"))
+        kind = (click.IntRange if annotation is int else click.FloatRange)(min=low, max=bounds.get("le"), min_open="gt" in bounds)
+    elif annotation is Path:
+        kind = click.Path(path_type=Path)
+    else:
+        kind = click.STRING
+    return click.Option([flag, key], type=kind, show_default=True, help=field.description)
+
+
+class _BadSettings(click.ClickException):
+    """A :class:`SettingsError` as one ``Error: ...`` line (no usage text), exit code 2 like a usage error."""
+
+    exit_code = 2
+
+
+class _ServeCommand(click.Command):
+    """Loads the config file and the environment before the flags are parsed, as the command's
+    default map: the flags then override them, and ``--help`` shows them as the defaults."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            opts, _, _ = self.make_parser(ctx).parse_args(args=list(args))
+        except click.UsageError:
+            opts = {}  # the parse below reports it
+        config = opts.get("config") or os.environ.get(CONFIG_ENV) or None
+        try:
+            settings = ServeSettings.load(None if config is None else Path(config))
+        except SettingsError as exc:
+            raise _BadSettings(str(exc)) from None
+        ctx.default_map = {**(ctx.default_map or {}), **settings.model_dump()}
+        return super().parse_args(ctx, args)
 
 
 def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
@@ -46,151 +167,41 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
     Parameters
     ----------
     default_model : callable () -> Path
-        Returns the model directory served when ``--model-dir`` is not given, converting it on
-        first use (``facegallery.export.dlib.default_model.ensure_default_model``); called only
-        when the command runs.
+        Returns the model directory served when no model_dir is set (or it is set by
+        ``FACEGALLERY_MODEL_DIR``), converting it on first use
+        (``facegallery.export.dlib.default_model.ensure_default_model``); called only when the
+        command runs.
     """
 
-    @click.command("serve")
-    @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                  help=f"Store and index directory  [default: {default_data_dir()}]")
-    @click.option("--host", default=DEFAULT_HOST, show_default=True,
-                  help="Address to listen on. Without --tls-cert/--tls-key only a loopback address (localhost, 127.0.0.1, ::1) is "
-                  "allowed, unless --insecure.")
-    @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
-                  help="Port to listen on (0 picks a free one, logged at start).")
-    @click.option("--model-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-                  help="Model directory with model.json  [default: the dlib model in $FACEGALLERY_MODEL_DIR or the user data dir, converted on first start (a few seconds)]")
-    @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
-    @click.option("--max-workers", type=click.IntRange(1), default=DEFAULT_MAX_WORKERS, show_default=True, help="Calls served at once (gRPC threads).")
-    @click.option("--batch-size", type=click.IntRange(1), default=DEFAULT_MAX_BATCH_SIZE, show_default=True,
-                  help="Most face chips per batch across concurrent calls (1 = no batching).")
-    @click.option("--batch-delay-ms", type=click.FloatRange(0), default=DEFAULT_MAX_DELAY_MS, show_default=True,
-                  help="Longest wait for more chips before a batch runs (milliseconds).")
-    @click.option("--min-face-size", type=click.IntRange(8), default=DEFAULT_MIN_FACE_SIZE, show_default=True, help="Smallest face to find, pixels.")
-    @click.option("--max-detect-pixels", type=click.IntRange(10_000), default=DEFAULT_MAX_DETECT_PIXELS, show_default=True,
-                  help="Largest image area the detector runs on; bigger photos are detected on a downscaled copy.")
-    @click.option("--max-image-bytes", type=click.IntRange(1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
-                  help="Larger images are refused with RESOURCE_EXHAUSTED.")
-    @click.option("--max-image-pixels", type=click.IntRange(1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
-                  help="Images with more pixels are refused with RESOURCE_EXHAUSTED.")
-    @click.option("--memory-budget", type=click.IntRange(0), default=None, metavar="MB",
-                  help="Working memory all image calls may hold at once, MiB (estimated from each image's header); a call "
-                  "that does not fit waits up to 2 s, then gets RESOURCE_EXHAUSTED. Default: 25% of physical memory; 0 = no budget.")
-    @click.option("--flip-augment", is_flag=True,
-                  help="Embed each face chip and its mirror image and average (better accuracy, 2x embedding cost). "
-                  "It changes the model id: galleries made without it are refused, and the other way round.")
-    @click.option("--intra-op-threads", type=click.IntRange(0), default=PipelineConfig.intra_op_threads, show_default=True,
-                  help="onnxruntime threads per model (0 = one per core).")
-    @click.option("--search-threads", type=click.IntRange(1), default=DEFAULT_SEARCH_THREADS, show_default=True, help="faiss threads per search.")
-    @click.option("--snapshot-interval", type=click.FloatRange(0, min_open=True), default=DEFAULT_SNAPSHOT_INTERVAL_S, show_default=True,
-                  help="Seconds between index snapshots.")
-    @click.option("--grace", type=click.FloatRange(0), default=DEFAULT_GRACE_S, show_default=True,
-                  help="Seconds in-flight calls get to finish on SIGTERM/SIGINT.")
-    @click.option("--integrity-check", type=click.Choice(["quick", "full"]), default=ServerConfig.integrity_check, show_default=True,
-                  help="SQLite check of the store at start: quick (PRAGMA quick_check, ~0.1 s per 100,000 templates), "
-                  "or full (PRAGMA integrity_check, also checks every index against its table, ~2x). A damaged store is refused.")
-    @click.option("--max-streams", type=click.IntRange(1), default=ServerConfig.max_streams, show_default=True,
-                  help="BulkEnroll/ImportEmbeddings streams open at once (they get threads beyond --max-workers); more are refused.")
-    @click.option("--max-streams-per-client", type=click.IntRange(1), default=ServerConfig.max_streams_per_client, show_default=True,
-                  help="Streams open at once from one client address.")
-    @click.option("--stream-idle", type=click.FloatRange(0, min_open=True), default=ServerConfig.stream_idle_s, show_default=True,
-                  help="Seconds a stream may send nothing before it is ended (DEADLINE_EXCEEDED).")
-    @click.option("--max-connections", type=click.IntRange(1), default=ServerConfig.max_connections, show_default=True,
-                  help="TCP connections accepted at once (per listening address).")
-    @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                  help="PEM server certificate (chain): serve TLS. Needs --tls-key.")
-    @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                  help="PEM private key of --tls-cert.")
-    @click.option("--tls-client-ca", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-                  help="PEM CA certificate(s): require mTLS, refusing at the handshake clients without a certificate signed by it.")
-    @click.option("--insecure", is_flag=True,
-                  help="Allow plaintext, or no API keys, on a non-loopback --host (logged as a warning): without TLS and keys "
-                  "anyone who reaches the port can read and change every gallery. Create keys with `facegallery keys create --data-dir`.")
-    @click.option("--metrics-port", type=click.IntRange(0, 65535), default=ServerConfig.metrics_port, show_default=True,
-                  help="Serve Prometheus metrics on http://HOST:PORT/metrics (HOST = --host); 0 = off.")
-    def serve(
-        data_dir: Path | None,
-        host: str,
-        port: int,
-        model_dir: Path | None,
-        log_level: str,
-        max_workers: int,
-        batch_size: int,
-        batch_delay_ms: float,
-        min_face_size: int,
-        max_detect_pixels: int,
-        max_image_bytes: int,
-        max_image_pixels: int,
-        memory_budget: int | None,
-        flip_augment: bool,
-        intra_op_threads: int,
-        search_threads: int,
-        snapshot_interval: float,
-        grace: float,
-        integrity_check: str,
-        max_streams: int,
-        max_streams_per_client: int,
-        stream_idle: float,
-        max_connections: int,
-        tls_cert: Path | None,
-        tls_key: Path | None,
-        tls_client_ca: Path | None,
-        insecure: bool,
-        metrics_port: int,
-    ) -> None:
+    def serve(config: Path | None, **values: Any) -> None:
         """Run the face gallery gRPC server until SIGTERM or Ctrl-C.
 
         Enrolled templates are stored in DATA_DIR/gallery.sqlite3 (an acknowledged enrollment
         survives a crash); the search indexes are rebuilt or reloaded from DATA_DIR/index at start.
+
+        Every setting is a flag, an environment variable FACEGALLERY_<KEY> (e.g.
+        FACEGALLERY_MAX_WORKERS) or a key of the --config TOML file, in that order of precedence;
+        the defaults shown are those in effect (docs/configuration.md).
         """
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if (tls_cert is None) != (tls_key is None):
-            raise click.UsageError("--tls-cert and --tls-key go together")
-        if tls_client_ca is not None and tls_cert is None:
-            raise click.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
-        if tls_cert is None and not insecure and not is_loopback_host(host):
-            raise click.UsageError(
-                f"refusing to serve without TLS on the non-loopback address {host}: give --tls-cert and --tls-key, "
-                "listen on localhost, or pass --insecure"
-            )
-        pipeline = PipelineConfig(
-            intra_op_threads=intra_op_threads,
-            flip_augment=flip_augment,
-            detection=DetectionConfig(min_face_size=min_face_size, max_detect_pixels=max_detect_pixels),
-            max_image_bytes=max_image_bytes,
-            max_image_pixels=max_image_pixels,
-            memory_budget_bytes=None if memory_budget is None else memory_budget << 20,
-        )
-        config = ServerConfig(
-            data_dir=data_dir if data_dir is not None else default_data_dir(),
-            host=host,
-            port=port,
-            model_dir=model_dir if model_dir is not None else default_model(),
-            max_workers=max_workers,
-            batch_max_size=batch_size,
-            batch_max_delay_ms=batch_delay_ms,
-            search_threads=search_threads,
-            pipeline=pipeline,
-            snapshot_interval_s=snapshot_interval,
-            max_streams=max_streams,
-            max_streams_per_client=max_streams_per_client,
-            stream_idle_s=stream_idle,
-            max_connections=max_connections,
-            metrics_port=metrics_port,
-            grace_s=grace,
-            integrity_check=integrity_check,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            insecure=insecure,
-        )
+        ctx = click.get_current_context()
+        flags = {key: value for key, value in values.items() if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE}
         try:
-            run_server(config)
+            settings = ServeSettings.load(config, flags)
+            server = server_config(settings, default_model)
+        except SettingsError as exc:
+            raise _BadSettings(str(exc)) from None
+        configure_logging(settings.log_level, settings.log_format)
+        try:
+            run_server(server)
         except (StoreCorruptError, InsecureAddressError) as exc:
             raise click.ClickException(str(exc)) from exc
 
-    return serve
+    config_option = click.Option(
+        ["--config", "config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar=CONFIG_ENV,
+        help=f"TOML file of settings (docs/facegallery.example.toml); flags and FACEGALLERY_* variables override it [env {CONFIG_ENV}].",
+    )
+    params = [config_option, *(_option(key, field) for key, field in ServeSettings.model_fields.items())]
+    return _ServeCommand("serve", callback=serve, params=params, help=serve.__doc__)
 
 
 def make_doctor_command(default_model_dir: Callable[[], Path]) -> click.Command:

@@ -28,6 +28,11 @@ Metrics (seconds and counts per the Prometheus naming conventions):
 ``facegallery_gallery_identities``             gauge      ``gallery``, read from the store at scrape
 ``facegallery_model_load_seconds``             gauge      loading the model (if loaded after
                                                           :func:`start_metrics`)
+``facegallery_auth_failures_total``            counter    ``reason``: ``missing_key`` (no or malformed
+                                                          ``authorization``), ``invalid_key`` (unknown,
+                                                          wrong or revoked: the store does not tell them
+                                                          apart), ``permission_denied`` (role too low,
+                                                          or a gallery-limited key on the key RPCs)
 ``process_*``, ``python_*``                    various    prometheus_client's process/platform/GC
 =============================================  =========  ============================================
 
@@ -55,7 +60,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 from facegallery.server.contract import timing
 from facegallery.server.gallery.snapshot import snapshot_path
-from facegallery.server.service.interceptors import rewrap_handler
+from facegallery.server.service.auth import AUTH_FAILURE_REASONS
+from facegallery.server.service.interceptors import code_name, rewrap_handler
 
 if TYPE_CHECKING:
     from facegallery.server.gallery.manager import GalleryManager
@@ -109,6 +115,11 @@ class ServerMetrics:
             "facegallery_snapshot_duration_seconds", "Writing one gallery's index snapshot (copy and write).", buckets=_SNAPSHOT_BUCKETS, registry=r
         )
         self.model_load = Gauge("facegallery_model_load_seconds", "Seconds the face model took to load.", registry=r)
+        self.auth_failures = Counter(
+            "facegallery_auth_failures", "GalleryService calls refused by API-key authentication or authorisation, by reason.", ["reason"], registry=r
+        )
+        for reason in AUTH_FAILURE_REASONS:  # every reason series exists from the start (0)
+            self.auth_failures.labels(reason)
         for stage in STAGES:  # every stage series exists from the start (0 observations)
             self.stage_duration.labels(stage)
         self._values: dict[str, Callable[[float], None]] = {
@@ -147,6 +158,12 @@ class ServerMetrics:
     def interceptor(self, service_prefix: str) -> MetricsInterceptor:
         """A :class:`MetricsInterceptor` feeding these metrics; put it first in the server's list."""
         return MetricsInterceptor(self, service_prefix)
+
+    def auth_failed(self, reason: str) -> None:
+        """Count one call refused by the auth interceptor (``on_failure`` of auth.py's
+        :class:`~facegallery.server.service.auth.AuthInterceptor`); ``reason`` is one of
+        :data:`~facegallery.server.service.auth.AUTH_FAILURE_REASONS`."""
+        self.auth_failures.labels(reason).inc()
 
     def install(self) -> None:
         """Make this the process's timing sink."""
@@ -235,9 +252,10 @@ class _GalleryCollector:
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts and times the calls of methods under ``service_prefix``, unary and streaming.
 
-    The code is the one the handler's context ends with (``context.code()``: set by
-    ``context.abort`` in the inner interceptors), ``OK`` when the handler returned without one,
-    ``CANCELLED`` when a response stream was closed early, else ``UNKNOWN``.
+    The code is :func:`~facegallery.server.service.interceptors.code_name`'s: the one the
+    handler's context ends with (set by ``context.abort`` in the inner interceptors), ``OK`` when
+    the handler returned without one, ``CANCELLED`` when a response stream was closed early, else
+    ``UNKNOWN``.
     """
 
     def __init__(self, metrics: ServerMetrics, service_prefix: str) -> None:
@@ -253,7 +271,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
         def done(context: grpc.ServicerContext, started: float, exc: BaseException | None) -> None:
             duration.observe(time.perf_counter() - started)
-            requests.labels(method, _code_name(context, exc)).inc()
+            requests.labels(method, code_name(context, exc)).inc()
 
         def wrap(behavior: Callable, response_streaming: bool) -> Callable:
             if response_streaming:
@@ -285,20 +303,6 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return unary
 
         return rewrap_handler(handler, wrap)
-
-
-def _code_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
-    try:
-        code = context.code()
-    except Exception:  # a context without code() (grpc < 1.38, test doubles)
-        code = None
-    if code is not None:
-        return code.name if isinstance(code, grpc.StatusCode) else str(code)
-    if exc is None:
-        return "OK"
-    if isinstance(exc, GeneratorExit):
-        return "CANCELLED"
-    return "UNKNOWN"
 
 
 def start_metrics(port: int, manager: GalleryManager | None = None, *, addr: str = "127.0.0.1") -> ServerMetrics:

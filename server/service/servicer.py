@@ -12,28 +12,35 @@ default policy on create, an UNSPECIFIED normalisation or aggregation the defaul
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import importlib.metadata
-import itertools
 import json
 import logging
+import math
+import queue
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent import futures
 from typing import TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facegallery.server.contract.errors import InvalidInput, NotFound
+from facegallery.server.contract.errors import EmbeddingShapeError, InvalidInput, NotFound
 from facegallery.server.contract.face import Face, ImageKind
+from facegallery.server.face.memory_budget import MemoryBudgetExhausted
+from facegallery.server.face.pipeline import analyzed_ahead
 from facegallery.server.gallery.decision import DEFAULT_POLICY, Aggregation, DecisionPolicy, DecisionStatus, Normalization, ScoreKind
 from facegallery.server.gallery.keys import ApiKeyRecord, Role, create_key, revoke_key
 from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
 from facegallery.server.gallery.results import DuplicatePair, Identification, Match
-from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateRecord
+from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateBatch, TemplateRecord
 from facegallery.server.service.auth import caller_key, check_gallery
-from facegallery.server.service.status import reason_of, status_of
+from facegallery.server.service.status import status_message
 from facegallery.server.service.streams import StreamLimiter, with_idle_timeout
 from facegallery.v1 import gallery_service_pb2 as pb
 from facegallery.v1 import gallery_service_pb2_grpc as pb_grpc
@@ -67,8 +74,54 @@ _SCORE_KINDS = {ScoreKind.DISTANCE: pb.SCORE_KIND_DISTANCE, ScoreKind.SNORM: pb.
 #: FindDuplicates pairs when the request's max_pairs is 0.
 DEFAULT_MAX_PAIRS = 100
 _UPDATABLE = {"display_name", "metadata"}
+#: BulkEnroll items of one stream whose images are analysed at once (``GalleryServicer(bulk_enroll_window=)``).
+DEFAULT_BULK_ENROLL_WINDOW = 4
+#: Faces a BulkEnroll image is analysed for ahead: enough for either face policy (LARGEST enrolls
+#: the first, REJECT_MULTIPLE refuses a second).
+_AHEAD_FACES = 2
 _E = TypeVar("_E", ImageKind, FacePolicy, Normalization, Aggregation)
 _M = TypeVar("_M")  # a request message of a stream
+
+
+@dataclasses.dataclass
+class _BulkItem:
+    """One BulkEnroll item between its arrival and its result.
+
+    ``error``: why it fails before enrollment (reported in order); ``image``/``kind``/``faces``:
+    its image bytes, their kind and their ahead analysis (None for an embedding item).
+    """
+
+    index: int
+    request: pb.EnrollRequest
+    error: Exception | None = None
+    image: bytes | None = None
+    kind: ImageKind = ImageKind.PHOTO
+    faces: futures.Future[list[Face]] | None = None
+
+    def analyzed(self) -> bool:
+        """Whether the item can be enrolled without waiting for its analysis."""
+        return self.faces is None or self.faces.done()
+
+
+_END = object()
+
+
+def _read_bulk_messages(messages: Iterator[pb.BulkEnrollRequest], slots: threading.Semaphore, events: queue.Queue, stop: threading.Event) -> None:
+    """A BulkEnroll stream's reader thread: each message, read once one of ``slots`` is free, goes
+    on ``events`` as ``("message", m)``; then ``("end", None)``, or ``("error", exc)`` when the
+    stream fails (idle timeout, cancelled call). Returns once ``stop`` is set."""
+    try:
+        while True:
+            slots.acquire()
+            if stop.is_set():
+                return
+            message = next(messages, _END)
+            if message is _END:
+                events.put(("end", None))
+                return
+            events.put(("message", message))
+    except BaseException as exc:  # handed to the handler, which ends the stream with it
+        events.put(("error", exc))
 
 
 def server_version() -> str:
@@ -82,12 +135,24 @@ def server_version() -> str:
 class GalleryServicer(pb_grpc.GalleryServiceServicer):
     """``GalleryService`` over a :class:`GalleryManager` (see gallery_service.proto for semantics)."""
 
-    def __init__(self, manager: GalleryManager, *, streams: StreamLimiter | None = None, stream_idle_s: float | None = None) -> None:
+    def __init__(
+        self,
+        manager: GalleryManager,
+        *,
+        streams: StreamLimiter | None = None,
+        stream_idle_s: float | None = None,
+        bulk_enroll_window: int = DEFAULT_BULK_ENROLL_WINDOW,
+    ) -> None:
         """``streams`` caps concurrent client streams (None: no cap); ``stream_idle_s`` ends a
-        stream that sends nothing for that long (None: never); see streams.py."""
+        stream that sends nothing for that long (None: never); see streams.py.
+        ``bulk_enroll_window`` (>= 1) is how many items of one BulkEnroll stream are analysed at
+        once (:meth:`_bulk_enroll`)."""
+        if bulk_enroll_window < 1:
+            raise ValueError(f"bulk_enroll_window must be >= 1, got {bulk_enroll_window}")
         self.manager = manager
         self.streams = streams
         self.stream_idle_s = stream_idle_s
+        self.bulk_enroll_window = bulk_enroll_window
 
     @contextlib.contextmanager
     def _stream(self, request_iterator: Iterable[_M], context: grpc.ServicerContext, what: str) -> Iterator[Iterator[_M]]:
@@ -156,38 +221,108 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         NOT_FOUND unknown gallery; FAILED_PRECONDITION several faces under REJECT_MULTIPLE, or a
         gallery of another model than the server's (image) or the embedding's ``model_id``;
         RESOURCE_EXHAUSTED image over the limits."""
-        return self._enroll(request)
+        return self._enroll(request, request.image.data if request.WhichOneof("source") == "image" else None)
 
-    def BulkEnroll(self, request_iterator: Iterable[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResult]:
-        """One result per request, in order, each with the status Enroll would have returned; the
-        stream itself ends OK (or CANCELLED/DEADLINE_EXCEEDED from the client)."""
+    def BulkEnroll(self, request_iterator: Iterable[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResponse]:
+        """One result per request, in order: the EnrollResponse, or the google.rpc.Status (with
+        its ErrorInfo) Enroll would have failed with; the stream itself ends OK (or
+        CANCELLED/DEADLINE_EXCEEDED from the client, RESOURCE_EXHAUSTED/DEADLINE_EXCEEDED from
+        the stream limits)."""
         with self._stream(request_iterator, context, "BulkEnroll") as messages:
             yield from self._bulk_enroll(messages, context)
 
-    def _bulk_enroll(self, messages: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResult]:
-        for index, item in enumerate(messages):
-            try:
-                check_gallery(context, item.request.gallery)  # outside the caller key's galleries: as if missing
-                response = self._enroll(item.request)
-            except Exception as exc:  # one item must not end the stream; the interceptor's rule per item
-                code, message = status_of(exc, f"BulkEnroll item {index}")
-                yield pb.BulkEnrollResult(index=index, code=code.value[0], message=message, reason=reason_of(exc))
-            else:
-                yield pb.BulkEnrollResult(index=index, code=grpc.StatusCode.OK.value[0], response=response)
+    def _bulk_enroll(self, messages: Iterator[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResponse]:
+        """The items' results in request order, the images of up to ``bulk_enroll_window`` items
+        analysed at once.
 
-    def _enroll(self, request: pb.EnrollRequest) -> pb.EnrollResponse:
+        Each image item is analysed (decode, detect, landmarks, embed: ``pipeline.analyze``) ahead
+        on a pool of ``bulk_enroll_window`` threads of this stream, so the chips of several items
+        share the batching embedder and both cores; the items are then enrolled one by one on the
+        stream's thread in request order (pipeline.py ``analyzed_ahead`` hands each its analysis),
+        so template ids, identity creation, metadata merges and duplicate checks are those of
+        sequential enrollment. A reader thread takes the messages, so results go out as soon as
+        they are ready even while the client waits for them before sending more. Memory: at most
+        ``bulk_enroll_window`` messages read and not answered (besides streams.py's read-ahead),
+        and every analysis holds its estimate of the pipeline's memory budget;
+        an item the budget refused while this stream's other items held it is analysed again once
+        they are done, as it would have been alone.
+        """
+        window = self.bulk_enroll_window
+        events: queue.Queue = queue.Queue()  # ("message", m) / ("end", None) / ("error", exc) / ("analyzed", None)
+        slots = threading.Semaphore(window)  # messages read but not answered
+        stop = threading.Event()
+        threading.Thread(target=_read_bulk_messages, args=(messages, slots, events, stop), name="bulk-enroll-reader", daemon=True).start()
+        pending: collections.deque[_BulkItem] = collections.deque()
+        pool = futures.ThreadPoolExecutor(max_workers=window, thread_name_prefix="bulk-enroll")
+        ended, index = False, 0
+        try:
+            while True:
+                while pending and (ended or pending[0].analyzed()):
+                    yield self._finish_bulk_item(pending.popleft(), pending)
+                    slots.release()
+                if not pending and ended:
+                    break
+                what, value = events.get()
+                if what == "message":
+                    item = self._start_bulk_item(pool, index, value.request, context)
+                    pending.append(item)
+                    index += 1
+                    if item.faces is not None:
+                        item.faces.add_done_callback(lambda _: events.put(("analyzed", None)))
+                elif what == "end":
+                    ended = True
+                elif what == "error":
+                    raise value
+        finally:  # also when the client goes away: running analyses finish, queued ones are dropped
+            stop.set()
+            slots.release()  # a reader waiting for a slot sees stop
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _start_bulk_item(self, pool: futures.Executor, index: int, request: pb.EnrollRequest, context: grpc.ServicerContext) -> _BulkItem:
+        """Check the caller's access to the item's gallery and start the analysis of its image."""
+        try:
+            check_gallery(context, request.gallery)  # outside the caller key's galleries: as if missing
+            if request.WhichOneof("source") != "image":
+                return _BulkItem(index, request)
+            image, kind = request.image.data, _image_kind(request.image.kind)
+        except Exception as exc:  # reported in order, as the item's result
+            return _BulkItem(index, request, error=exc)
+        faces = pool.submit(self.manager.pipeline.analyze, image, kind=kind, max_faces=_AHEAD_FACES)
+        return _BulkItem(index, request, image=image, kind=kind, faces=faces)
+
+    def _finish_bulk_item(self, item: _BulkItem, pending: Iterable[_BulkItem]) -> pb.BulkEnrollResponse:
+        """Enroll one item with its ahead analysis; its result or its status."""
+        try:
+            if item.error is not None:
+                raise item.error
+            if item.faces is None:
+                response = self._enroll(item.request, None)
+            else:
+                if isinstance(item.faces.exception(), MemoryBudgetExhausted):  # perhaps held by this stream's own items
+                    futures.wait([p.faces for p in pending if p.faces is not None])
+                    response = self._enroll(item.request, item.image)
+                else:
+                    with analyzed_ahead(item.image, item.kind, _AHEAD_FACES, item.faces):
+                        response = self._enroll(item.request, item.image)
+        except Exception as exc:  # one item must not end the stream; the interceptor's rule per item
+            return pb.BulkEnrollResponse(index=item.index, error=status_message(exc, f"BulkEnroll item {item.index}", item.request))
+        return pb.BulkEnrollResponse(index=item.index, response=response)
+
+    def _enroll(self, request: pb.EnrollRequest, image: bytes | None) -> pb.EnrollResponse:
+        """``manager.enroll`` of one request; ``image`` is its image bytes (None for an embedding)."""
         source = request.WhichOneof("source")
         embedded = source == "embedding"
         result = self.manager.enroll(
             _gallery_name(request.gallery),
             request.identity_id,
-            image=request.image.data if source == "image" else None,
+            image=image,
             kind=_image_kind(request.image.kind) if source == "image" else ImageKind.PHOTO,
             embedding=_vector(request.embedding) if embedded else None,
             model_id=_model_id(request) if embedded else None,  # the proto ignores it for images
             display_name=request.display_name,
             metadata=dict(request.metadata),
             face_policy=_face_policy(request.face_policy),
+            request_id=request.request_id,
         )
         return pb.EnrollResponse(
             identity_id=result.identity_id,
@@ -318,19 +453,21 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             templates.close()
 
     def ImportEmbeddings(self, request_iterator: Iterable[pb.ImportEmbeddingsRequest], context: grpc.ServicerContext) -> pb.ImportEmbeddingsResponse:
-        """OK with counts; INVALID_ARGUMENT empty stream, missing model_id, bad id or embedding;
-        FAILED_PRECONDITION model_id differs from the gallery's."""
+        """OK with counts, once everything is stored; INVALID_ARGUMENT empty stream, a first message
+        that is not a header or a later one that is, missing model_id, bad id or embedding, a batch
+        whose columns differ in length; FAILED_PRECONDITION model_id differs from the gallery's;
+        NOT_FOUND a gallery outside the caller key's."""
         with self._stream(request_iterator, context, "ImportEmbeddings") as messages:
             first = next(messages, None)
-            if first is None:
-                raise InvalidInput("the import stream is empty; its first message must name the gallery and model_id")
-            templates = (_new_template(m.template) for m in itertools.chain([first], messages) if m.HasField("template"))
-            result = self.manager.import_embeddings(_gallery_name(first.gallery), first.model_id, templates)
+            if first is None or first.WhichOneof("item") != "header":
+                raise InvalidInput("the first message of an import stream must be its header (gallery and model_id)", field="header")
+            check_gallery(context, first.header.gallery)  # outside the caller key's galleries: as if missing
+            result = self.manager.import_embeddings(_gallery_name(first.header.gallery), first.header.model_id, _import_templates(messages))
         return pb.ImportEmbeddingsResponse(imported=result.imported, skipped=result.skipped)
 
     # -- server info -------------------------------------------------------------------------
 
-    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.GetServerInfoResponse:
         """OK. ``model.model_id`` is the pipeline's (the manifest's plus the flip augmentation)."""
         m = self.manager.model
         model = pb.ModelInfo(
@@ -344,7 +481,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             has_head=m.head is not None,
             manifest_json=json.dumps(m.to_json(), sort_keys=True),
         )
-        return pb.ServerInfo(version=server_version(), model=model)
+        return pb.GetServerInfoResponse(version=server_version(), model=model)
 
     # -- API keys (auth.py: admin keys not limited to galleries) -------------------------------
 
@@ -488,16 +625,22 @@ def _match(match: Match) -> pb.Match:
     )
 
 
+def _finite(value: float) -> float | None:
+    """``value``, or None (the optional field left unset) for the engine's +inf (no candidate)
+    and NaN (nothing to estimate from)."""
+    return value if math.isfinite(value) else None
+
+
 def _identification(result: Identification) -> pb.FaceIdentification:
     return pb.FaceIdentification(
         face=_optional_face(result.face),
         matches=[_match(m) for m in result.matches],
-        identity_id=result.identity_id or "",
-        distance=result.distance,
+        identity_id=result.identity_id,
+        distance=_finite(result.distance),
         threshold=result.threshold,
-        score=result.score,
+        score=_finite(result.score),
         score_kind=_score_kind(result.score_kind),
-        estimated_fpir=result.estimated_fpir,
+        estimated_fpir=_finite(result.estimated_fpir),
     )
 
 
@@ -527,7 +670,7 @@ def _gallery(record: GalleryRecord, status: DecisionStatus) -> pb.Gallery:
         create_time=_timestamp(record.created),
         policy=_policy_message(status.policy),
         score_kind=_score_kind(status.score_kind),
-        estimated_fpir=status.estimated_fpir,
+        estimated_fpir=_finite(status.estimated_fpir),
         threshold_basis=status.basis,
     )
 
@@ -540,7 +683,7 @@ def _duplicate_pair(pair: DuplicatePair) -> pb.DuplicatePair:
         display_name_b=pair.display_name_b,
         score=pair.score,
         distance=pair.distance,
-        estimated_fpir=pair.estimated_fpir,
+        estimated_fpir=_finite(pair.estimated_fpir),
     )
 
 
@@ -576,6 +719,26 @@ def _exported(template: ExportedTemplate) -> pb.ExportedTemplate:
         source_sha256=template.source_sha256,
         create_time=_timestamp(template.created),
     )
+
+
+def _import_templates(messages: Iterator[pb.ImportEmbeddingsRequest]) -> Iterator[NewTemplate | TemplateBatch]:
+    """The templates and batches of an import stream after its header; InvalidInput for another
+    header or an empty message."""
+    for index, message in enumerate(messages, start=1):
+        item = message.WhichOneof("item")
+        if item == "template":
+            yield _new_template(message.template)
+        elif item == "batch":
+            yield _template_batch(message.batch)
+        else:
+            raise InvalidInput(f"message {index} of the import stream is neither a template nor a batch (only the first message is the header)", field="template")
+
+
+def _template_batch(batch: pb.TemplateBatch) -> TemplateBatch:
+    """The batch's columns; its embeddings a read-only ``(n * D,) float32`` view of the message's bytes."""
+    if len(batch.embeddings) % 4:
+        raise EmbeddingShapeError(f"batch embeddings must be little-endian float32 values (4 bytes each), got {len(batch.embeddings)} bytes", field="batch.embeddings")
+    return TemplateBatch(list(batch.identity_ids), np.frombuffer(batch.embeddings, dtype="<f4"), list(batch.display_names))
 
 
 def _new_template(template: pb.ExportedTemplate) -> NewTemplate:

@@ -11,6 +11,10 @@ a ``google.rpc.Status`` whose details are a ``google.rpc.ErrorInfo`` (domain
 metadata such as ``{"gallery": name}``) and, for an INVALID_ARGUMENT naming its field, a
 ``google.rpc.BadRequest`` field violation. Any gRPC language reads them with its
 ``google.rpc`` status helpers; the Python client with ``grpc_status.rpc_status.from_call``.
+
+During a call (logs.py :func:`~facegallery.server.service.logs.request_scope`) the ErrorInfo
+metadata also holds ``"request_id"``, and the status's trailers ``x-request-id``: an abort
+replaces the trailers set earlier, so the status carries them itself.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from facegallery.server.contract.errors import ERROR_DOMAIN, FaceGalleryError, StoreCorruptError
+from facegallery.server.service.logs import REQUEST_ID_METADATA, current_request_id
 
 __all__ = [
     "INTERNAL_MESSAGE",
@@ -35,6 +40,7 @@ __all__ = [
     "make_status",
     "reason_of",
     "rich_status",
+    "status_message",
     "status_of",
     "store_damage",
 ]
@@ -83,7 +89,6 @@ def store_damage(exc: BaseException) -> BaseException | None:
     return None
 
 
-
 def reason_of(exc: BaseException) -> str:
     """The stable ErrorInfo reason for ``exc``: its ``reason`` for an engine error, STORE_DAMAGED
     for a damaged store (:func:`store_damage`), INTERNAL for anything else."""
@@ -104,8 +109,29 @@ def make_status(
     """A rich ``grpc.Status`` for ``context.abort_with_status``: ``code`` and ``message`` as
     usual, plus a ``google.rpc.Status`` trailer with an ErrorInfo (domain ``facegallery.v1``,
     ``reason``, ``metadata``) and, when ``field_violations`` (field → description) is non-empty,
-    a BadRequest."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    a BadRequest. During a call the ErrorInfo metadata also has ``"request_id"`` and the trailers
+    ``x-request-id`` (see the module docstring)."""
+    return _grpc_status(_status_proto(code, message, reason, metadata, field_violations))
+
+
+def _grpc_status(proto: status_pb2.Status) -> grpc.Status:
+    """``proto`` as a ``grpc.Status`` for ``abort_with_status``, plus the ``x-request-id`` trailer during a call."""
+    status = rpc_status.to_status(proto)
+    request_id = current_request_id()
+    if request_id is None:
+        return status
+    return status._replace(trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_METADATA, request_id)))  # a namedtuple
+
+
+def _status_proto(
+    code: grpc.StatusCode, message: str, reason: str, metadata: Mapping[str, str] | None, field_violations: Mapping[str, str] | None
+) -> status_pb2.Status:
+    """The ``google.rpc.Status`` of :func:`make_status` (with ``"request_id"`` in the ErrorInfo during a call)."""
+    info_metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    request_id = current_request_id()
+    if request_id is not None:
+        info_metadata["request_id"] = request_id
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=info_metadata)
     details = [_pack(info)]
     if field_violations:
         bad = error_details_pb2.BadRequest(
@@ -113,8 +139,7 @@ def make_status(
         )
         details.append(_pack(bad))
     # grpc.StatusCode.value is (int, name); google.rpc.Code uses the same numbers.
-    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
-    return rpc_status.to_status(proto)
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 
 def rich_status(exc: BaseException, method: str, request: object = None) -> grpc.Status:
@@ -122,6 +147,12 @@ def rich_status(exc: BaseException, method: str, request: object = None) -> grpc
     message, :func:`reason_of`'s reason, the exception's ``metadata``, plus ``"gallery"`` from the
     request when it names one, and a BadRequest field violation when the exception names its
     ``field``. ``request`` is the unary request message (None for a request stream)."""
+    return _grpc_status(status_message(exc, method, request))
+
+
+def status_message(exc: BaseException, method: str, request: object = None) -> status_pb2.Status:
+    """:func:`rich_status` as the ``google.rpc.Status`` message itself, for a result that carries
+    one per item (BulkEnrollResponse.error)."""
     code, message = status_of(exc, method)
     metadata: dict[str, str] = {}
     gallery_field = "gallery"
@@ -138,7 +169,7 @@ def rich_status(exc: BaseException, method: str, request: object = None) -> grpc
         if exc.field:
             field = gallery_field if exc.field == "gallery" else exc.field
             violations[field] = str(exc)
-    return make_status(code, message, reason_of(exc), metadata, violations)
+    return _status_proto(code, message, reason_of(exc), metadata, violations)
 
 
 def _request_fields(request: object) -> frozenset[str]:

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -251,7 +252,7 @@ class DeleteGalleryResponse(_message.Message):
     def __init__(self, deleted_identities: _Optional[int] = ..., deleted_templates: _Optional[int] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("gallery", "identity_id", "display_name", "metadata", "image", "embedding", "face_policy", "model_id")
+    __slots__ = ("gallery", "identity_id", "display_name", "metadata", "image", "embedding", "face_policy", "model_id", "request_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +268,7 @@ class EnrollRequest(_message.Message):
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     FACE_POLICY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     gallery: str
     identity_id: str
     display_name: str
@@ -275,7 +277,8 @@ class EnrollRequest(_message.Message):
     embedding: Embedding
     face_policy: FacePolicy
     model_id: str
-    def __init__(self, gallery: _Optional[str] = ..., identity_id: _Optional[str] = ..., display_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., face_policy: _Optional[_Union[FacePolicy, str]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, gallery: _Optional[str] = ..., identity_id: _Optional[str] = ..., display_name: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., face_policy: _Optional[_Union[FacePolicy, str]] = ..., model_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -305,19 +308,15 @@ class BulkEnrollRequest(_message.Message):
     request: EnrollRequest
     def __init__(self, request: _Optional[_Union[EnrollRequest, _Mapping]] = ...) -> None: ...
 
-class BulkEnrollResult(_message.Message):
-    __slots__ = ("index", "code", "message", "response", "reason")
+class BulkEnrollResponse(_message.Message):
+    __slots__ = ("index", "response", "error")
     INDEX_FIELD_NUMBER: _ClassVar[int]
-    CODE_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
-    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     index: int
-    code: int
-    message: str
     response: EnrollResponse
-    reason: str
-    def __init__(self, index: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[EnrollResponse, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, index: _Optional[int] = ..., response: _Optional[_Union[EnrollResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class IdentifyRequest(_message.Message):
     __slots__ = ("gallery", "image", "top_k", "threshold", "max_faces")
@@ -602,15 +601,33 @@ class ExportGalleryResponse(_message.Message):
     template: ExportedTemplate
     def __init__(self, gallery: _Optional[_Union[Gallery, _Mapping]] = ..., template: _Optional[_Union[ExportedTemplate, _Mapping]] = ...) -> None: ...
 
-class ImportEmbeddingsRequest(_message.Message):
-    __slots__ = ("gallery", "model_id", "template")
+class ImportEmbeddingsHeader(_message.Message):
+    __slots__ = ("gallery", "model_id")
     GALLERY_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     gallery: str
     model_id: str
+    def __init__(self, gallery: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class TemplateBatch(_message.Message):
+    __slots__ = ("identity_ids", "display_names", "embeddings")
+    IDENTITY_IDS_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAMES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    identity_ids: _containers.RepeatedScalarFieldContainer[str]
+    display_names: _containers.RepeatedScalarFieldContainer[str]
+    embeddings: bytes
+    def __init__(self, identity_ids: _Optional[_Iterable[str]] = ..., display_names: _Optional[_Iterable[str]] = ..., embeddings: _Optional[bytes] = ...) -> None: ...
+
+class ImportEmbeddingsRequest(_message.Message):
+    __slots__ = ("header", "template", "batch")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    header: ImportEmbeddingsHeader
     template: ExportedTemplate
-    def __init__(self, gallery: _Optional[str] = ..., model_id: _Optional[str] = ..., template: _Optional[_Union[ExportedTemplate, _Mapping]] = ...) -> None: ...
+    batch: TemplateBatch
+    def __init__(self, header: _Optional[_Union[ImportEmbeddingsHeader, _Mapping]] = ..., template: _Optional[_Union[ExportedTemplate, _Mapping]] = ..., batch: _Optional[_Union[TemplateBatch, _Mapping]] = ...) -> None: ...
 
 class ImportEmbeddingsResponse(_message.Message):
     __slots__ = ("imported", "skipped")
@@ -646,7 +663,7 @@ class ModelInfo(_message.Message):
     manifest_json: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., model_id: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., metric: _Optional[str] = ..., threshold: _Optional[float] = ..., chip_size: _Optional[int] = ..., has_head: _Optional[bool] = ..., manifest_json: _Optional[str] = ...) -> None: ...
 
-class ServerInfo(_message.Message):
+class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "model")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -73,7 +73,7 @@ class GalleryServiceStub:
         self.BulkEnroll = channel.stream_stream(
                 '/facegallery.v1.GalleryService/BulkEnroll',
                 request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollRequest.SerializeToString,
-                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollResult.FromString,
+                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollResponse.FromString,
                 _registered_method=True)
         self.Identify = channel.unary_unary(
                 '/facegallery.v1.GalleryService/Identify',
@@ -138,7 +138,7 @@ class GalleryServiceStub:
         self.GetServerInfo = channel.unary_unary(
                 '/facegallery.v1.GalleryService/GetServerInfo',
                 request_serializer=facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.ServerInfo.FromString,
+                response_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
         self.CreateKey = channel.unary_unary(
                 '/facegallery.v1.GalleryService/CreateKey',
@@ -214,7 +214,8 @@ class GalleryServiceServicer:
         """Enrolls one face (from an image or a precomputed embedding) as a new template of an identity,
         creating the identity if it does not exist yet. The reply is sent only after the template is
         durably stored. FAILED_PRECONDITION if the gallery's model id differs from the server's (image)
-        or from the embedding's `model_id` (embedding).
+        or from the embedding's `model_id` (embedding). With a `request_id`, a retry of the same
+        request returns the first reply instead of adding a second template.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -307,7 +308,8 @@ class GalleryServiceServicer:
 
     def ExportGallery(self, request, context):
         """Streams every template of a gallery with its embedding and identity data. Server-streaming
-        because a gallery can hold millions of templates. The first message carries `gallery`.
+        because a gallery can hold millions of templates. The first message carries `gallery`, every
+        later one a `template`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -315,8 +317,14 @@ class GalleryServiceServicer:
 
     def ImportEmbeddings(self, request_iterator, context):
         """Imports precomputed templates (as produced by ExportGallery) without the photos.
-        Client-streaming for the same reason; the stream is applied item by item and the reply counts
-        what was imported. FAILED_PRECONDITION if model_id differs from the gallery's.
+        Client-streaming for the same reason: the first message is a `header` (gallery, model id),
+        every later one a `template` or a `batch` of many templates. Single templates are committed
+        in groups of 256, each batch in one transaction of its own; the reply, sent once every item
+        is durably stored, counts what was imported. A failure keeps what was committed before the
+        failing item, and templates already present are skipped, so an interrupted import is resumed
+        by sending it again. For an acknowledgement per batch (bulk loads: the client knows what is
+        durable when the server dies) send one batch per call. FAILED_PRECONDITION if model_id
+        differs from the gallery's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -392,7 +400,7 @@ def add_GalleryServiceServicer_to_server(servicer, server):
             'BulkEnroll': grpc.stream_stream_rpc_method_handler(
                     servicer.BulkEnroll,
                     request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollRequest.FromString,
-                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollResult.SerializeToString,
+                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollResponse.SerializeToString,
             ),
             'Identify': grpc.unary_unary_rpc_method_handler(
                     servicer.Identify,
@@ -457,7 +465,7 @@ def add_GalleryServiceServicer_to_server(servicer, server):
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
                     request_deserializer=facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.ServerInfo.SerializeToString,
+                    response_serializer=facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoResponse.SerializeToString,
             ),
             'CreateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateKey,
@@ -691,7 +699,7 @@ class GalleryService:
             target,
             '/facegallery.v1.GalleryService/BulkEnroll',
             facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollRequest.SerializeToString,
-            facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollResult.FromString,
+            facegallery_dot_v1_dot_gallery__service__pb2.BulkEnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1042,7 +1050,7 @@ class GalleryService:
             target,
             '/facegallery.v1.GalleryService/GetServerInfo',
             facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoRequest.SerializeToString,
-            facegallery_dot_v1_dot_gallery__service__pb2.ServerInfo.FromString,
+            facegallery_dot_v1_dot_gallery__service__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
