@@ -174,9 +174,14 @@ def serve(
             print(f"--- end of the server log {log_path}:\n{server.log_tail()}", file=sys.stderr)
             raise
     finally:
-        process.terminate()  # SIGTERM: graceful drain
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the server drains gracefully), then SIGKILL after 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

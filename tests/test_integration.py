@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_process import facegallery_command, free_port
+from server_process import facegallery_command, free_port, stop
 
 from facegallery.client import DeadlineExceeded, GalleryClient
 
@@ -142,12 +142,7 @@ def server(tmp_path_factory, model_dir) -> str:
                 pytest.fail(f"the server did not become ready:\n{log_path.read_text()[-3000:]}")
         yield address
     finally:
-        process.terminate()  # SIGTERM: graceful drain
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module")

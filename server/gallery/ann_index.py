@@ -36,7 +36,7 @@ from facegallery.server.gallery.index import (
     FaissIndex,
     VectorIndex,
     deserialize,
-    pin_search_threads,
+    l2_search,
 )
 
 __all__ = [
@@ -163,16 +163,7 @@ class IvfFlatIndex(VectorIndex):
         return int(self._index.remove_ids(ids))  # an IDSelectorArray: absent ids are skipped
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        x = _vectors(x, self.d)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if len(x) == 0:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        pin_search_threads()
-        squared, I = self._index.search(x, k)
-        D = np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
-        D[I < 0] = np.inf
-        return D, I.astype(np.int64)
+        return l2_search(self._index, _vectors(x, self.d), k)
 
     def ids(self) -> np.ndarray:
         return np.sort(self.items(vectors=False)[0])

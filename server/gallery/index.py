@@ -35,6 +35,7 @@ __all__ = [
     "make_index",
     "set_search_threads",
     "pin_search_threads",
+    "l2_search",
     "deserialize",
     "IdentityHit",
     "search_identities",
@@ -65,6 +66,21 @@ def pin_search_threads() -> None:
     if _search_threads is not None and getattr(_thread_state, "omp_threads", None) != _search_threads:
         faiss.omp_set_num_threads(_search_threads)
         _thread_state.omp_threads = _search_threads
+
+
+def l2_search(index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` nearest neighbours of each row of ``x`` ``(n, d) float32`` (already checked) in a faiss
+    index of squared L2: ``D (n, k) float32`` L2 distances (+inf where fewer than k exist) and
+    ``I (n, k) int64`` ids (-1 there). ValueError for k < 1."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(x) == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    pin_search_threads()
+    squared, I = index.search(x, k)
+    D = np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
+    D[I < 0] = np.inf
+    return D, I.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,16 +206,7 @@ class FaissIndex(VectorIndex):
         return int(self._index.remove_ids(ids))
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        x = self._vectors(x)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if len(x) == 0:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        pin_search_threads()
-        squared, I = self._index.search(x, k)
-        D = np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
-        D[I < 0] = np.inf
-        return D, I.astype(np.int64)
+        return l2_search(self._index, self._vectors(x), k)
 
     def ids(self) -> np.ndarray:
         return np.sort(faiss.vector_to_array(self._index.id_map).astype(np.int64))
