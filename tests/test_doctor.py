@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from facegallery.client.cli import main
@@ -12,8 +13,10 @@ from facegallery.server.contract.manifest import ModelFile
 from facegallery.server.gallery import doctor
 from facegallery.server.gallery.doctor import Status, diagnose
 from facegallery.server.gallery.manager import INDEX_DIR, STORE_FILE, GalleryManager
-from facegallery.server.gallery.snapshot import snapshot_path
-from fakes import FakePipeline, fake_manifest, person_embedding
+from facegallery.server.gallery.ann_index import IndexPlan
+from facegallery.server.gallery.snapshot import read_snapshot, snapshot_path, write_snapshot
+from facegallery.server.gallery.store import SqliteTemplateStore
+from fakes import DIM, FakePipeline, fake_manifest, person_embedding
 from test_store import damaged_store
 
 
@@ -149,3 +152,22 @@ def test_a_large_wal_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "WAL_WARN_BYTES", 1024)
     (finding,) = doctor.check_wal(data_dir / STORE_FILE)
     assert finding.status is Status.WARN and "checkpoint is pending" in finding.message
+
+
+def test_an_approximate_snapshot_is_accepted(tmp_path):
+    """A gallery past the approximate size snapshots an IVF index: doctor takes it as the server does."""
+    data_dir = _data_dir(tmp_path)
+    path = snapshot_path(data_dir / INDEX_DIR, 1)
+    header, _ = read_snapshot(path)
+    store = SqliteTemplateStore(data_dir / STORE_FILE)
+    try:
+        ids = store.template_ids("default")
+    finally:
+        store.close()
+    extra = np.arange(1000, 4000)  # an IVF trains on thousands of vectors; the extras are removed again
+    x = np.random.default_rng(0).normal(size=(len(ids) + len(extra), DIM)).astype(np.float32)
+    ivf = IndexPlan(approximate_above=1000, nprobe=4).build(DIM, np.concatenate([ids, extra]), x)
+    assert ivf.remove(extra) == len(extra) and ivf.factory.startswith("IVF")
+    write_snapshot(path, ivf, gallery_key=1, gallery="default", last_seq=header.last_seq)
+    (finding,) = [f for f in diagnose(data_dir) if f.check == "snapshot default"]
+    assert finding.status is Status.OK and "up to date" in finding.message, finding

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from facegallery.server.contract.errors import ModelError, StoreCorruptError
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.gallery.ann_index import IndexPlan
 from facegallery.server.gallery.index import DEFAULT_FACTORY
 from facegallery.server.gallery.manager import INDEX_DIR, STORE_FILE
 from facegallery.server.gallery.snapshot import (
@@ -248,9 +249,9 @@ def _check_snapshot(store: SqliteTemplateStore, g: GalleryRecord, path: Path, in
         header, index = read_snapshot(path)
     except (SnapshotError, OSError) as exc:
         return Finding(check, Status.WARN, f"{exc}; the index {rebuild}")
-    if (header.gallery_key, header.d, header.factory) != (g.key, g.embedding_dim, index_factory):
+    if (header.gallery_key, header.d) != (g.key, g.embedding_dim) or not IndexPlan(index_factory).accepts(header.factory):
         got = f"gallery key {header.gallery_key}, {header.d}-d, {header.factory!r}"
-        want = f"gallery key {g.key}, {g.embedding_dim}-d, {index_factory!r}"
+        want = f"gallery key {g.key}, {g.embedding_dim}-d, {index_factory!r} or an IVF index (the server's defaults)"
         return Finding(check, Status.WARN, f"{path} holds {got}, the store needs {want}; the index {rebuild}")
     if header.last_seq > g.last_seq:
         return Finding(
