@@ -35,8 +35,10 @@ from facegallery.server.gallery.index import (
     DEFAULT_FACTORY,
     FaissIndex,
     VectorIndex,
+    add_with_ids,
     deserialize,
     l2_search,
+    remove_ids,
 )
 
 __all__ = [
@@ -149,18 +151,10 @@ class IvfFlatIndex(VectorIndex):
         return int(self._index.ntotal)
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
-        x = _vectors(x, self.d)
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) != len(x):
-            raise ValueError(f"got {len(ids)} ids for {len(x)} vectors")
-        if len(ids):
-            self._index.add_with_ids(x, ids)
+        add_with_ids(self._index, ids, _vectors(x, self.d))
 
     def remove(self, ids: np.ndarray) -> int:
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) == 0:
-            return 0
-        return int(self._index.remove_ids(ids))  # an IDSelectorArray: absent ids are skipped
+        return remove_ids(self._index, ids)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return l2_search(self._index, _vectors(x, self.d), k)

@@ -36,6 +36,8 @@ __all__ = [
     "set_search_threads",
     "pin_search_threads",
     "l2_search",
+    "add_with_ids",
+    "remove_ids",
     "deserialize",
     "IdentityHit",
     "search_identities",
@@ -66,6 +68,23 @@ def pin_search_threads() -> None:
     if _search_threads is not None and getattr(_thread_state, "omp_threads", None) != _search_threads:
         faiss.omp_set_num_threads(_search_threads)
         _thread_state.omp_threads = _search_threads
+
+
+def add_with_ids(index: faiss.Index, ids: np.ndarray, x: np.ndarray) -> None:
+    """Add ``x`` ``(n, d) float32`` (already checked) under ``ids`` ``(n,)`` int64; ValueError when the lengths differ."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) != len(x):
+        raise ValueError(f"got {len(ids)} ids for {len(x)} vectors")
+    if len(ids):
+        index.add_with_ids(x, ids)
+
+
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove ``ids`` ``(n,)`` int64 (absent ones are skipped: faiss takes them as an IDSelectorArray); returns how many were removed."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) == 0:
+        return 0
+    return int(index.remove_ids(ids))
 
 
 def l2_search(index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,18 +211,10 @@ class FaissIndex(VectorIndex):
         return int(self._index.ntotal)
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
-        x = self._vectors(x)
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) != len(x):
-            raise ValueError(f"got {len(ids)} ids for {len(x)} vectors")
-        if len(ids):
-            self._index.add_with_ids(x, ids)
+        add_with_ids(self._index, ids, self._vectors(x))
 
     def remove(self, ids: np.ndarray) -> int:
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) == 0:
-            return 0
-        return int(self._index.remove_ids(ids))
+        return remove_ids(self._index, ids)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return l2_search(self._index, self._vectors(x), k)
