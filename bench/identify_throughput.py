@@ -122,37 +122,16 @@ class _RawSession:
         return self._session.run(None, {self._input: chips})[0]
 
 
-def raw_rate(embedder, chips: np.ndarray, seconds: float, threads: int = 1) -> float:
-    """Chips/s of the embedder alone in batches of :data:`RAW_BATCH`, run by ``threads`` threads."""
-    embedder.embed(chips[:RAW_BATCH])
-    counts = [0] * threads
-    stop_at = time.perf_counter() + seconds
-
-    def run(worker: int) -> None:
-        while time.perf_counter() < stop_at:
-            for i in range(0, len(chips) - RAW_BATCH + 1, RAW_BATCH):
-                embedder.embed(chips[i : i + RAW_BATCH])
-                counts[worker] += RAW_BATCH
-
-    began = time.perf_counter()
-    pool = [threading.Thread(target=run, args=(w,)) for w in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return sum(counts) / (time.perf_counter() - began)
-
-
-def pipeline_rate(pipeline, photos: list[bytes], seconds: float, threads: int) -> float:
-    """Photos/s of ``pipeline.analyze`` in this process from ``threads`` threads."""
+def _rate(step, threads: int, seconds: float) -> float:
+    """Units/s of ``step(i)`` (one unit of work, returning how many units it did) called for
+    ``seconds`` from ``threads`` threads; thread ``w`` passes i = w, w + threads, ..."""
     counts = [0] * threads
     stop_at = time.perf_counter() + seconds
 
     def run(worker: int) -> None:
         i = worker
         while time.perf_counter() < stop_at:
-            pipeline.analyze(photos[i % len(photos)])
-            counts[worker] += 1
+            counts[worker] += step(i)
             i += threads
 
     began = time.perf_counter()
@@ -162,6 +141,28 @@ def pipeline_rate(pipeline, photos: list[bytes], seconds: float, threads: int) -
     for t in pool:
         t.join()
     return sum(counts) / (time.perf_counter() - began)
+
+
+def raw_rate(embedder, chips: np.ndarray, seconds: float, threads: int = 1) -> float:
+    """Chips/s of the embedder alone in batches of :data:`RAW_BATCH`, run by ``threads`` threads."""
+    embedder.embed(chips[:RAW_BATCH])
+
+    def all_chips(_: int) -> int:
+        for i in range(0, len(chips) - RAW_BATCH + 1, RAW_BATCH):
+            embedder.embed(chips[i : i + RAW_BATCH])
+        return len(chips) // RAW_BATCH * RAW_BATCH
+
+    return _rate(all_chips, threads, seconds)
+
+
+def pipeline_rate(pipeline, photos: list[bytes], seconds: float, threads: int) -> float:
+    """Photos/s of ``pipeline.analyze`` in this process from ``threads`` threads."""
+
+    def one_photo(i: int) -> int:
+        pipeline.analyze(photos[i % len(photos)])
+        return 1
+
+    return _rate(one_photo, threads, seconds)
 
 
 def _report(what: str, unit: str, pairs: list[tuple[float, float]], baseline: str) -> float:

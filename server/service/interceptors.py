@@ -71,6 +71,13 @@ def rewrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, boo
     return handler
 
 
+def service_method(handler_call_details: grpc.HandlerCallDetails, service_prefix: str) -> str | None:
+    """The method name (e.g. ``"Identify"``) of a call under ``service_prefix``
+    (``"/facegallery.v1.GalleryService/"``), or None for another service's call (health, reflection)."""
+    full = handler_call_details.method
+    return full[len(service_prefix) :].lstrip("/") if full.startswith(service_prefix) else None
+
+
 def code_name(context: grpc.ServicerContext, exc: BaseException | None) -> str:
     """The status code name a call ended with: the one its context holds (``context.abort`` in an
     inner interceptor sets it), else ``OK`` when the handler returned, ``CANCELLED`` when a response
@@ -104,9 +111,9 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefix):
+        method = service_method(handler_call_details, self._prefix)
+        if handler is None or method is None:
             return handler
-        method = handler_call_details.method[len(self._prefix) :].lstrip("/")
         request_id = request_id_from(handler_call_details.invocation_metadata)
 
         def finished(context: grpc.ServicerContext, started: float, exc: BaseException | None) -> None:

@@ -61,7 +61,7 @@ from prometheus_client.process_collector import ProcessCollector
 from facegallery.server.contract import timing
 from facegallery.server.gallery.snapshot import snapshot_path
 from facegallery.server.service.auth import AUTH_FAILURE_REASONS
-from facegallery.server.service.interceptors import code_name, rewrap_handler
+from facegallery.server.service.interceptors import code_name, rewrap_handler, service_method
 
 if TYPE_CHECKING:
     from facegallery.server.gallery.manager import GalleryManager
@@ -264,9 +264,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefix):
+        method = service_method(handler_call_details, self._prefix)
+        if handler is None or method is None:
             return handler
-        method = handler_call_details.method[len(self._prefix) :].lstrip("/")
         requests, duration = self._metrics.requests, self._metrics.rpc_duration.labels(method)
 
         def done(context: grpc.ServicerContext, started: float, exc: BaseException | None) -> None:
