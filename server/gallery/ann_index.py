@@ -136,10 +136,12 @@ class IvfFlatIndex(VectorIndex):
 
     @property
     def nlist(self) -> int:
+        """Inverted lists (k-means cells) of the coarse quantizer, fixed at training (:func:`nlist_for`)."""
         return int(self._index.nlist)
 
     @property
     def nprobe(self) -> int:
+        """Lists a search visits (settable; more = higher recall, slower; :data:`NPROBE` by default)."""
         return int(self._index.nprobe)
 
     @nprobe.setter
