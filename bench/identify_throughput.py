@@ -188,6 +188,7 @@ def main() -> None:
 
     from facegallery.export.dlib.default_model import ensure_default_model
     from facegallery.server.face.decode import DecodeLimits, decode_image
+    from facegallery.server.gallery.store import NewTemplate
     from facegallery.server.service.app import ServerConfig, create_server
 
     model_dir = ensure_default_model(args.model_dir)
@@ -207,10 +208,10 @@ def main() -> None:
             pipeline = manager.pipeline
             manager.create_gallery("bench")
             rng = np.random.default_rng(0)
-            d = manager.model.embedding_dim
-            for i in range(args.identities):
-                v = rng.standard_normal(d).astype(np.float32)
-                manager.enroll("bench", f"p{i:05d}", embedding=0.5 * v / np.linalg.norm(v))
+            v = rng.standard_normal((args.identities, manager.model.embedding_dim)).astype(np.float32)
+            v *= 0.5 / np.linalg.norm(v, axis=1, keepdims=True)
+            manager.import_embeddings("bench", pipeline.model_id, [NewTemplate(f"p{i:05d}", row) for i, row in enumerate(v)])
+            manager.decision_status("bench")  # calibrates once, so no recalibration runs during the rounds
             embedder_file = manager.model.path_of(model_dir, "embedder")
             cores = os.cpu_count() or 1
 

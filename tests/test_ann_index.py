@@ -25,6 +25,7 @@ from facegallery.server.gallery.decision import (
     Normalization,
 )
 from facegallery.server.gallery.index import FaissIndex, search_identities
+from facegallery.server.gallery.owners import TemplateOwners
 from facegallery.server.gallery.indexed_gallery import IndexedGallery
 from facegallery.server.gallery.snapshot import read_snapshot, write_snapshot
 from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
@@ -75,9 +76,9 @@ def test_identity_search_stops_when_the_probed_lists_are_exhausted():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 16)).astype(np.float32)
     ivf = IndexPlan(approximate_above=1000, nprobe=1).build(16, np.arange(2000), x)
-    owners = {i: type("Owner", (), {"identity_key": i % 5, "identity_id": f"p{i % 5}", "display_name": ""})() for i in range(2000)}
-    (hits,) = search_identities(ivf, lambda ids: {i: owners[i] for i in ids}, x[:1], 5)
-    assert 1 <= len(hits) <= 5 and hits[0].template_id == 0
+    owners = TemplateOwners(np.arange(2000), np.arange(2000) % 5)
+    (hits,) = search_identities(ivf, owners, x[:1], 5)
+    assert 1 <= len(hits) <= 5 and hits.template_ids[0] == 0
 
 
 def test_index_plan_switches_with_hysteresis_and_retrains_as_the_gallery_grows():

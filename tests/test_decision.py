@@ -191,3 +191,50 @@ def test_mean_templates_follow_every_write_and_a_restart(tmp_path):
         assert [m.identity_id for m in manager.identify_embedding("m", on_axis(1), top_k=5).matches] == ["b"]
     finally:
         manager.close()
+
+
+def _strangers(n: int, seed: int, offset: int = 0) -> list[NewTemplate]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    return [NewTemplate(f"p{offset + i}", 0.5 * row / np.linalg.norm(row)) for i, row in enumerate(x)]
+
+
+def test_a_restart_decides_with_the_stored_calibration_until_the_gallery_changes(tmp_path, monkeypatch):
+    from facegallery.server.gallery.open_set import OpenSetScorer
+
+    runs = []  # leave-one-out passes (recalibrations) of gallery "g"
+    leave_one_out = OpenSetScorer.leave_one_out
+
+    def counted(self, *args, **kwargs):
+        runs.extend([1] if self.gallery == "g" else [])
+        return leave_one_out(self, *args, **kwargs)
+
+    monkeypatch.setattr(OpenSetScorer, "leave_one_out", counted)
+    pipeline = FakePipeline()
+    policy = DecisionPolicy.targeting(0.01, normalization=Normalization.NONE)
+    manager = GalleryManager.open(tmp_path, pipeline)
+    manager.create_gallery("g", policy=policy)
+    manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
+    first = manager.decision_status("g")
+    assert len(runs) == 1 and first.basis.startswith("Gumbel fit of leave-one-out") and 0 < first.threshold < 1
+    manager.close()
+
+    manager = GalleryManager.open(tmp_path, pipeline)
+    try:  # same gallery, same policy: no leave-one-out search, the same decision
+        restored = manager.decision_status("g")
+        assert len(runs) == 1 and restored == first
+        manager.update_gallery("g", policy=DecisionPolicy.targeting(0.001, normalization=Normalization.NONE))
+        stricter = manager.decision_status("g")
+        assert len(runs) == 2 and stricter.threshold < first.threshold
+        manager.update_gallery("g", policy=policy)
+        assert manager.decision_status("g").threshold == pytest.approx(first.threshold) and len(runs) == 3
+        manager.import_embeddings("g", pipeline.model_id, _strangers(200, 1, offset=400))  # +50 %: stale
+    finally:
+        manager.close()
+
+    manager = GalleryManager.open(tmp_path, pipeline)
+    try:  # the stored calibration is 200 changes old for 400 templates: recomputed before deciding
+        grown = manager.decision_status("g")
+        assert len(runs) == 4 and grown.identities == 600
+    finally:
+        manager.close()

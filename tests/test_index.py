@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from facegallery.server.gallery.index import make_index, search_identities, set_search_threads
+from facegallery.server.gallery.owners import TemplateOwners
 from facegallery.server.gallery.snapshot import (
     SnapshotError,
     open_gallery_index,
@@ -18,7 +19,7 @@ from facegallery.server.gallery.snapshot import (
     snapshot_path,
     write_snapshot,
 )
-from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore, TemplateOwner
+from facegallery.server.gallery.store import NewTemplate, SqliteTemplateStore
 
 
 def synthetic(n: int, d: int, seed: int) -> np.ndarray:
@@ -78,13 +79,6 @@ def test_remove_and_missing_results():
         make_index(d, "HNSW32")  # not an IDMap2: ids could not be removed
 
 
-def owners_for(identity_of: dict[int, int]):
-    def owners_of(template_ids):
-        return {t: TemplateOwner(t, identity_of[t], f"id{identity_of[t]}", "") for t in template_ids if t in identity_of}
-
-    return owners_of
-
-
 def test_identity_search_matches_brute_force_min_over_templates():
     d = 32
     rng = np.random.default_rng(4)
@@ -99,23 +93,29 @@ def test_identity_search_matches_brute_force_min_over_templates():
     ids = np.arange(1000, 1000 + len(xb), dtype=np.int64)
     index = make_index(d)
     index.add(ids, xb)
-    owners_of = owners_for(dict(zip(ids.tolist(), identity.tolist())))
+    owners = TemplateOwners(ids, identity)
     k = 5
-    hits = search_identities(index, owners_of, xq, k)
+    hits = search_identities(index, owners, xq, k)
     dist = np.sqrt(((xq[:, None].astype(np.float64) - xb[None]) ** 2).sum(-1))
     for q in range(len(xq)):
         per_identity = {}
         for j in np.argsort(dist[q]):
             per_identity.setdefault(int(identity[j]), (dist[q, j], int(ids[j])))
         expected = sorted(per_identity.items(), key=lambda kv: kv[1][0])[:k]
-        assert [h.identity_key for h in hits[q]] == [e[0] for e in expected]
-        np.testing.assert_allclose([h.distance for h in hits[q]], [e[1][0] for e in expected], rtol=1e-4, atol=1e-4)
-        assert [h.template_id for h in hits[q]] == [e[1][1] for e in expected]
-    assert hits[0][0].identity_key == 0 and len({h.identity_key for h in hits[0]}) == k
+        assert hits[q].identity_keys.tolist() == [e[0] for e in expected]
+        np.testing.assert_allclose(hits[q].distances, [e[1][0] for e in expected], rtol=1e-4, atol=1e-4)
+        assert hits[q].template_ids.tolist() == [e[1][1] for e in expected]
+    assert hits[0].identity_keys[0] == 0 and len(set(hits[0].identity_keys.tolist())) == k
     # More identities asked than exist: every identity once, then the search stops.
-    all_ids = search_identities(index, owners_of, xq[:2], 200)
+    all_ids = search_identities(index, owners, xq[:2], 200)
     assert [len(h) for h in all_ids] == [120, 120]
-    assert search_identities(make_index(d), owners_of, xq[:3], 5) == [[], [], []]
+    assert [len(h) for h in search_identities(make_index(d), owners, xq[:3], 5)] == [0, 0, 0]
+    # Templates the owners do not hold are skipped: with identity 0's crowd forgotten, the
+    # nearest identity is the brute-force nearest of the other templates.
+    owners.remove(ids[-60:])
+    (first,) = search_identities(index, owners, xq[:1], 1)
+    nearest = int(np.argmin(dist[0, :-60]))
+    assert first.identity_keys.tolist() == [int(identity[nearest])] and first.template_ids.tolist() == [int(ids[nearest])]
 
 
 def test_snapshot_roundtrip_and_corruption(tmp_path):

@@ -6,6 +6,14 @@ callers and lets one worker thread embed them together: a batch is closed when i
 ``max_batch_size`` chips or ``max_delay_ms`` after its first request arrived, whichever comes
 first (the TensorFlow Serving / Triton dynamic-batching policy). Each caller blocks until its own
 rows are back.
+
+Several workers (``workers``, one per core by default in the server) run batches side by side,
+like Triton's model instances: one worker at a time collects the next batch while the others
+embed theirs, so the cores embed while the handlers of the last batch search and answer.
+With one worker that splits each batch over both cores instead, every call of a batch waited
+for the slowest slice and the embedder sat idle while those calls did their Python work: 8
+concurrent Identify clients on chips, 1,000 identities, this 2-core machine: 180 -> see
+docs/scale.md (``bench/identify_throughput.py``).
 """
 
 from __future__ import annotations
@@ -56,25 +64,35 @@ class BatchingEmbedder:
         Chips per batch, >= 1. A single request with more chips is embedded as its own batch.
     max_delay_ms : float
         Longest wait (milliseconds) for more requests after the first one of a batch, >= 0.
+    workers : int
+        Batches embedded at once, each by its own worker thread, >= 1 (with an embedder of one
+        onnxruntime thread per run: the cores).
 
     ``embed`` has the wrapped embedder's surface. If a batch fails, its requests are retried one
     by one so that each caller gets its own result or its own exception. :meth:`close` embeds
     what is queued, then stops the worker; ``embed`` after ``close`` raises RuntimeError.
     """
 
-    def __init__(self, embedder: ChipEmbedder, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_delay_ms: float = DEFAULT_MAX_DELAY_MS) -> None:
+    def __init__(
+        self, embedder: ChipEmbedder, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_delay_ms: float = DEFAULT_MAX_DELAY_MS, workers: int = 1
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_delay_ms < 0:
             raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.embedder = embedder
         self.max_batch_size = int(max_batch_size)
         self.max_delay_ms = float(max_delay_ms)
+        self.workers = int(workers)
         self._queue: queue.Queue = queue.Queue()
+        self._collecting = threading.Lock()  # one worker forms a batch at a time
         self._closed = False
         self._close_lock = threading.Lock()
-        self._worker = threading.Thread(target=self._run, name="batching-embedder", daemon=True)
-        self._worker.start()
+        self._threads = [threading.Thread(target=self._run, name=f"batching-embedder-{i}", daemon=True) for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """Embed ``chips`` ``(N,S,S,3)`` with other callers' chips; returns ``(N,D) float32``.
@@ -95,8 +113,9 @@ class BatchingEmbedder:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
-        self._worker.join()
+            self._queue.put(_STOP)  # after every queued request; each worker passes it on
+        for thread in self._threads:
+            thread.join()
 
     def __enter__(self) -> BatchingEmbedder:
         return self
@@ -105,18 +124,21 @@ class BatchingEmbedder:
         self.close()
 
     def __repr__(self) -> str:
-        return f"BatchingEmbedder({self.embedder!r}, max_batch_size={self.max_batch_size}, max_delay_ms={self.max_delay_ms})"
+        return f"BatchingEmbedder({self.embedder!r}, max_batch_size={self.max_batch_size}, max_delay_ms={self.max_delay_ms}, workers={self.workers})"
 
     # -- worker ------------------------------------------------------------------------------
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch, stopping = self._collect(first)
+            with self._collecting:
+                first = self._queue.get()
+                if first is _STOP:
+                    self._queue.put(_STOP)
+                    return
+                batch, stopping = self._collect(first)
             self._embed_batch(batch)
+        self._queue.put(_STOP)
 
     def _collect(self, first: _Request) -> tuple[list[_Request], bool]:
         """``first`` plus the requests that arrive within the delay and fit in the batch."""

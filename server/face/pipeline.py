@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -218,9 +219,10 @@ class FacePipeline:
         #: Shared by every call of this pipeline (one per server process).
         self.memory_budget = memory_budget
 
-    @property
+    @functools.cached_property
     def model_id(self) -> str:
-        """The embedding space of this pipeline: ``manifest.embedding_id(config.flip_augment)``.
+        """The embedding space of this pipeline: ``manifest.embedding_id(config.flip_augment)``
+        (computed once: every call on an image or embedding checks it).
 
         64 hex digits of sha256 over the embedder file's hash, embedding_dim, metric, chip spec,
         embedder input and the flip augmentation (``ModelManifest.embedding_id``). Galleries record it; the server
@@ -274,9 +276,10 @@ class FacePipeline:
         return pipeline
 
     @staticmethod
-    def load_embedder(model_dir: Path, manifest: ModelManifest, config: PipelineConfig) -> Embedder:
-        """The plain onnxruntime embedder of a model directory."""
-        return Embedder.from_manifest(model_dir, manifest, intra_op_threads=config.intra_op_threads)
+    def load_embedder(model_dir: Path, manifest: ModelManifest, config: PipelineConfig, *, parallel_runs: int | None = None) -> Embedder:
+        """The plain onnxruntime embedder of a model directory (``parallel_runs``: embed.py
+        ``Embedder``'s, None = its default)."""
+        return Embedder.from_manifest(model_dir, manifest, intra_op_threads=config.intra_op_threads, parallel_runs=parallel_runs)
 
     # ------------------------------------------------------------------------------------------
     def analyze(

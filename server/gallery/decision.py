@@ -393,6 +393,31 @@ class Calibration:
     curve: FalseMatchCurve | None
     basis: str
 
+    def to_json(self) -> dict[str, Any]:
+        """The calibration as JSON (store.py keeps it across restarts); the model's curve is
+        recorded only as whether it was used."""
+        tail = None if self.tail is None else {"loc": self.tail.loc, "scale": self.tail.scale}
+        return {
+            "score_kind": self.score_kind.value, "identities": self.identities, "comparisons": self.comparisons,
+            "threshold": self.threshold, "tail": tail, "uses_curve": self.curve is not None, "basis": self.basis,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], curve: FalseMatchCurve | None) -> Calibration | None:
+        """The calibration :meth:`to_json` wrote, with the model's ``curve``; None when it used a
+        curve and ``curve`` is None (the model changed) or the record is not one of ours."""
+        try:
+            if data["uses_curve"] and curve is None:
+                return None
+            tail = data["tail"]
+            return cls(
+                ScoreKind(data["score_kind"]), int(data["identities"]), int(data["comparisons"]), float(data["threshold"]),
+                None if tail is None else GumbelMin(float(tail["loc"]), float(tail["scale"])),
+                curve if data["uses_curve"] else None, str(data["basis"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def estimated_fpir(self, score: float) -> float:
         """Estimated probability that a person not enrolled scores <= ``score`` against someone
         in the gallery: the LOO fit's CDF, else the curve's ``1 - (1 - F1)^N``; 0 for an empty

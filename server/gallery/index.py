@@ -21,12 +21,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import threading
-from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import faiss
 import numpy as np
 
-from facegallery.server.gallery.store import TemplateOwner
+from facegallery.server.gallery.owners import NO_OWNER, TemplateOwners
 
 __all__ = [
     "DEFAULT_FACTORY",
@@ -40,6 +40,7 @@ __all__ = [
     "remove_ids",
     "deserialize",
     "IdentityHit",
+    "RankedIdentities",
     "search_identities",
 ]
 
@@ -284,21 +285,42 @@ class IdentityHit:
     distance: float
 
 
-def search_identities(
-    index: VectorIndex,
-    owners_of: Callable[[list[int]], Mapping[int, TemplateOwner]],
-    x: np.ndarray,
-    k: int,
-) -> list[list[IdentityHit]]:
+class RankedIdentities(NamedTuple):
+    """A probe's nearest identities, ascending distance: parallel ``(m,)`` arrays of the
+    identities' store keys (int64), their nearest templates' ids (int64) and the L2 distances to
+    those (float64)."""
+
+    identity_keys: np.ndarray
+    template_ids: np.ndarray
+    distances: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.identity_keys)
+
+    def without(self, identity_key: int | None) -> RankedIdentities:
+        """The same ranking with one identity left out (None: unchanged)."""
+        if identity_key is None:
+            return self
+        keep = self.identity_keys != identity_key
+        return RankedIdentities(self.identity_keys[keep], self.template_ids[keep], self.distances[keep])
+
+    def head(self, n: int) -> RankedIdentities:
+        """The first ``n`` identities."""
+        return RankedIdentities(self.identity_keys[:n], self.template_ids[:n], self.distances[:n])
+
+
+_NO_HITS = RankedIdentities(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+
+def search_identities(index: VectorIndex, owners: TemplateOwners, x: np.ndarray, k: int) -> list[RankedIdentities]:
     """The ``k`` nearest identities of each probe, an identity's distance being its nearest template's.
 
     Parameters
     ----------
     index : VectorIndex
         Template ids -> embeddings.
-    owners_of : callable
-        Template ids -> their :class:`TemplateOwner` (e.g. ``store.template_owners``); ids it
-        leaves out are ignored.
+    owners : TemplateOwners
+        Template ids -> identity keys (owners.py); hits it does not hold are ignored.
     x : (n, d) float32
         Probe embeddings.
     k : int
@@ -306,7 +328,7 @@ def search_identities(
 
     Returns
     -------
-    list (length n) of lists of IdentityHit
+    list (length n) of RankedIdentities
         Ascending distance, at most ``k`` each (fewer when the gallery has fewer identities;
         empty for an empty gallery).
     """
@@ -314,38 +336,27 @@ def search_identities(
         raise ValueError(f"k must be >= 1, got {k}")
     n = len(x)
     ntotal = index.ntotal
-    results: list[list[IdentityHit] | None] = [None] * n
+    results: list[RankedIdentities] = [_NO_HITS] * n
     if ntotal == 0:
-        return [[] for _ in range(n)]
-    owners: dict[int, TemplateOwner] = {}
+        return results
     pending = np.arange(n)
     fetch = min(ntotal, _TEMPLATE_FANOUT * k)
     while len(pending):
         D, I = index.search(x[pending], fetch)
-        unknown = [int(i) for i in np.unique(I) if i >= 0 and int(i) not in owners]
-        owners.update(owners_of(unknown))
+        keys = owners.identity_keys(I)
         still = []
         for row, probe in enumerate(pending):
-            hits = _group_by_identity(D[row], I[row], owners, k)
-            if len(hits) >= k or fetch >= ntotal or I[row, -1] < 0:
-                results[probe] = hits
-            else:
+            results[probe] = _first_of_each_identity(D[row], I[row], keys[row], k)
+            if len(results[probe]) < k and fetch < ntotal and I[row, -1] >= 0:
                 still.append(probe)
         pending = np.asarray(still, dtype=np.int64)
         fetch = min(ntotal, fetch * _TEMPLATE_FANOUT)
-    return [r if r is not None else [] for r in results]
+    return results
 
 
-def _group_by_identity(D: np.ndarray, I: np.ndarray, owners: Mapping[int, TemplateOwner], k: int) -> list[IdentityHit]:
-    """First (nearest) template of each identity in one ranked row, at most ``k`` identities."""
-    hits: list[IdentityHit] = []
-    seen: set[int] = set()
-    for distance, template_id in zip(D.tolist(), I.tolist(), strict=True):
-        owner = owners.get(template_id) if template_id >= 0 else None
-        if owner is None or owner.identity_key in seen:
-            continue
-        seen.add(owner.identity_key)
-        hits.append(IdentityHit(owner.identity_key, owner.identity_id, owner.display_name, template_id, distance))
-        if len(hits) == k:
-            break
-    return hits
+def _first_of_each_identity(D: np.ndarray, I: np.ndarray, keys: np.ndarray, k: int) -> RankedIdentities:
+    """The first (nearest) template of each identity in one ranked row, at most ``k`` identities."""
+    held = np.flatnonzero(keys != NO_OWNER)
+    _, first = np.unique(keys[held], return_index=True)
+    rows = held[np.sort(first)[:k]]
+    return RankedIdentities(keys[rows], I[rows].astype(np.int64), D[rows].astype(np.float64))

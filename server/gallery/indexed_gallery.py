@@ -48,6 +48,7 @@ from facegallery.server.gallery.identity_means import IdentityMeans
 from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE, IndexPlan, RebuildableIndex
 from facegallery.server.gallery.index import DEFAULT_FACTORY, VectorIndex
 from facegallery.server.gallery.open_set import OpenSetScorer, ScoredHit
+from facegallery.server.gallery.owners import TemplateOwners
 from facegallery.server.gallery.rwlock import ReadWriteLock
 from facegallery.server.gallery.snapshot import (
     SnapshotHeader,
@@ -97,7 +98,8 @@ class IndexedGallery:
     indexes; ``approximate_above``, the templates (identities, for the means) from which search is
     approximate (None: always exact); ``nprobe``, IVF lists scanned per query. ``means``: the
     gallery's mean templates when already loaded (:meth:`load`), else built from the store under
-    a policy of mean templates.
+    a policy of mean templates. ``owners``: the identity of each template (owners.py), when
+    already read from the store, else read here.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class IndexedGallery:
         approximate_above: int | None = APPROXIMATE_ABOVE,
         nprobe: int = NPROBE,
         means: IdentityMeans | None = None,
+        owners: TemplateOwners | None = None,
         curve: FalseMatchCurve | None = None,
         fallback_threshold: float | None = None,
     ) -> None:
@@ -132,6 +135,8 @@ class IndexedGallery:
         self._version = 0  # templates added + removed since loaded (open_set.py staleness)
         self._rebuilds: set[RebuildableIndex] = set()  # indexes being rebuilt in the background
         self._means_file = means_snapshot_path(snapshot_file.parent, record.key)
+        # template id -> identity key of every template (owners.py; searches group hits by it)
+        self._owners = owners if owners is not None else TemplateOwners(*store.template_identity_keys(record.name))
         # mean templates (identity_means.py) under Aggregation.MEAN
         self._means = means if means is not None or record.policy.aggregation is not Aggregation.MEAN else self._build_means(record.policy)
         self.scorer = OpenSetScorer(
@@ -141,7 +146,10 @@ class IndexedGallery:
             curve,
             fallback_threshold=record.threshold if fallback_threshold is None else fallback_threshold,
             identity_vectors=self._identity_vectors,
+            owners=self._owners,
+            applied_seq=lambda: self._applied_seq,
         )
+        self.scorer.restore_calibration()
 
     @classmethod
     def load(cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, **options: object) -> IndexedGallery:
@@ -151,18 +159,20 @@ class IndexedGallery:
         background. ``options``: the constructor's keywords (index parameters, ``curve``: the
         model's false-match curve, ``fallback_threshold``: the model's L2 threshold).
 
-        The means load in a second thread beside the template index: reading, checksumming and
-        deserializing a snapshot mostly runs without the GIL, so a 1M gallery of mean templates
-        starts in about the time of one index (docs/scale.md)."""
+        The means and the template owners load in other threads beside the template index:
+        reading, checksumming and deserializing a snapshot mostly runs without the GIL, so a 1M
+        gallery of mean templates starts in about the time of one index (docs/scale.md)."""
         path = snapshot_path(index_dir, record.key)
         plan = _index_plan(options)
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"load-{record.name}") as pool:
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"load-{record.name}") as pool:
             means = None
             if record.policy.aggregation is Aggregation.MEAN:
                 means = pool.submit(open_identity_means, store, record, means_snapshot_path(index_dir, record.key), plan)
+            owners = pool.submit(store.template_identity_keys, record.name)
             index = open_gallery_index(store, record, path, plan)
             loaded = means.result() if means is not None else None
-        gallery = cls(store, record, index, snapshot_file=path, means=loaded, **options)  # type: ignore[arg-type]
+            held = TemplateOwners(*owners.result())
+        gallery = cls(store, record, index, snapshot_file=path, means=loaded, owners=held, **options)  # type: ignore[arg-type]
         with gallery._lock.write():
             gallery._schedule_rebuilds()
         return gallery
@@ -270,11 +280,12 @@ class IndexedGallery:
         with self._lock.write():
             self._check_live()
             results, seq = self._store.add_templates(self.name, items, skip_duplicates=skip_duplicates, request=request)
-            stored = [(r.template_id, item.embedding) for r, item in zip(results, items, strict=True) if r is not None]
+            stored = [(r, item) for r, item in zip(results, items, strict=True) if r is not None]
             if stored:
-                ids = np.array([t for t, _ in stored], dtype=np.int64)
-                touched = {item.identity_id for r, item in zip(results, items, strict=True) if r is not None}
-                self._apply(seq, add=(ids, np.stack([e for _, e in stored])), identities=touched)
+                ids = np.array([r.template_id for r, _ in stored], dtype=np.int64)
+                keys = np.array([r.identity_key for r, _ in stored], dtype=np.int64)
+                touched = {item.identity_id for _, item in stored}
+                self._apply(seq, add=(ids, np.stack([item.embedding for _, item in stored]), keys), identities=touched)
         return results
 
     def delete_identity(self, identity_id: str) -> int:
@@ -319,10 +330,15 @@ class IndexedGallery:
         return counts
 
     def _apply(
-        self, seq: int, *, add: tuple[np.ndarray, np.ndarray] | None = None, remove: np.ndarray | None = None, identities: Collection[str] = ()
+        self,
+        seq: int,
+        *,
+        add: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        remove: np.ndarray | None = None,
+        identities: Collection[str] = (),
     ) -> None:
-        """Apply committed change ``seq`` to the index (write lock held): ``add`` = (ids, x),
-        ``remove`` = ids; ``identities`` whose templates changed (their mean templates are
+        """Apply committed change ``seq`` to the index and the template owners (write lock held):
+        ``add`` = (template ids, x, identity keys), ``remove`` = template ids; ``identities`` whose templates changed (their mean templates are
         recomputed under Aggregation.MEAN). Then starts a background rebuild of an index that
         no longer fits its size (:meth:`_schedule_rebuilds`).
 
@@ -332,8 +348,10 @@ class IndexedGallery:
         try:
             if remove is not None:
                 self._index.remove(remove)
+                self._owners.remove(remove)
             if add is not None:
-                self._index.add(*add)
+                self._index.add(add[0], add[1])
+                self._owners.add(add[0], add[2])
             if self._means is not None:
                 self._means.refresh(identities, removed=remove)
         except Exception:
@@ -341,6 +359,7 @@ class IndexedGallery:
             record = self._store.get_gallery(self.name)
             self._index = RebuildableIndex(open_gallery_index(self._store, record, self.snapshot_file, self._plan))
             self._means = self._build_means(self.scorer.policy)
+            self._owners.reset(*self._store.template_identity_keys(self.name))
             self._applied_seq = record.last_seq
             self._layout += 1
             raise

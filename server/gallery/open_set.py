@@ -11,7 +11,10 @@ things, both rebuilt from the index when stale:
   about 3 KB per identity at k = 100; at most :data:`MAX_CACHED_IDENTITIES` are kept (oldest
   dropped first).
 * the **calibration** (decision.py ``Calibration``): threshold and FPIR estimate from
-  leave-one-out searches of a deterministic sample of M identities.
+  leave-one-out searches of a deterministic sample of M identities. Each one computed is kept in
+  the store (store.py ``save_calibration``) with the store's change ``seq`` then, and a
+  restarted server starts from it (:meth:`OpenSetScorer.restore_calibration`) instead of
+  recomputing it on the first search (about 70 s at 1M templates, docs/scale.md).
 
 Both are current within :data:`STALE_FRACTION`: an entry is recomputed once the templates added
 or removed since it was computed exceed that fraction of the templates the gallery had then.
@@ -54,8 +57,9 @@ from facegallery.server.gallery.decision import (
     snorm,
 )
 from facegallery.server.contract.errors import NotFound
-from facegallery.server.gallery.index import IdentityHit, VectorIndex, search_identities
-from facegallery.server.gallery.store import TemplateStore
+from facegallery.server.gallery.index import IdentityHit, RankedIdentities, VectorIndex, search_identities
+from facegallery.server.gallery.owners import TemplateOwners
+from facegallery.server.gallery.store import StoredCalibration, TemplateStore
 
 __all__ = ["ScoredHit", "OpenSetScorer", "STALE_FRACTION", "MAX_CACHED_IDENTITIES"]
 
@@ -89,6 +93,7 @@ class _Neighbours:
     ids: tuple[str, ...]
     version: int  # the gallery's change counter when computed
     size: int  # templates in the gallery then
+    stats: tuple[float, float]  # cohort_stats of distances (no identity left out)
 
 
 class OpenSetScorer:
@@ -106,6 +111,11 @@ class OpenSetScorer:
         The model's L2 threshold (decision.py ``calibrate``).
     identity_vectors : callable
         Identity id -> the ``(n, D) float32`` vectors that stand for it in the searched index.
+    owners : TemplateOwners
+        The identity of each template id of the searched index (owners.py), kept current by
+        the gallery.
+    applied_seq : callable
+        The store's newest change the gallery's index holds (called with the read lock held).
 
     Every method taking ``index`` must be called with the gallery's read lock held;
     ``version`` is the gallery's count of template changes (adds + removes) so far.
@@ -121,6 +131,8 @@ class OpenSetScorer:
         *,
         fallback_threshold: float,
         identity_vectors: Callable[[str], np.ndarray],
+        owners: TemplateOwners,
+        applied_seq: Callable[[], int],
     ) -> None:
         self.gallery = gallery
         #: identity id -> ``(n, D) float32`` vectors that stand for it in the searched index
@@ -128,6 +140,8 @@ class OpenSetScorer:
         self.identity_vectors = identity_vectors
         self.policy = policy
         self._store = store
+        self._owners = owners
+        self._applied_seq = applied_seq
         self._curve = curve
         self._fallback = fallback_threshold
         self._neighbours: dict[str, _Neighbours] = {}
@@ -158,28 +172,27 @@ class OpenSetScorer:
         """
         k = self.policy.cohort_size
         exclude = exclude if exclude is not None else [None] * len(x)
-        extra = 1 if any(e is not None for e in exclude) else 0
+        out_keys = self._store.identity_keys(self.gallery, {e for e in exclude if e is not None}) if any(e is not None for e in exclude) else {}
+        extra = 1 if out_keys else 0
+        candidates = top_k if kind is ScoreKind.DISTANCE else max(top_k, RERANK_CANDIDATES)
+        wanted = top_k if kind is ScoreKind.DISTANCE else max(k + 1, candidates)
+        ranked = [r.without(out_keys.get(out)) for r, out in zip(search_identities(index, self._owners, x, wanted + extra), exclude, strict=True)]
+        names = self._store.identity_names(np.concatenate([r.identity_keys[:candidates] for r in ranked]))
         if kind is ScoreKind.DISTANCE:
-            ranked = search_identities(index, self._store.template_owners, x, top_k + extra)
-            return [[ScoredHit(h, h.distance) for h in hits if h.identity_id != out][:top_k] for hits, out in zip(ranked, exclude, strict=True)]
-        candidates = max(top_k, RERANK_CANDIDATES)
-        ranked = search_identities(index, self._store.template_owners, x, max(k + 1, candidates) + extra)
-        ranked = [[h for h in hits if h.identity_id != out] for hits, out in zip(ranked, exclude, strict=True)]
-        wanted = {h.identity_id for hits in ranked for h in hits[:candidates]}
-        neighbours = self.neighbours(index, sorted(wanted), version=version)
+            return [_scored(r.head(top_k), r.distances[:top_k], names) for r in ranked]
+        neighbours = self.neighbours(index, sorted({names[key][0] for r in ranked for key in r.identity_keys[:candidates].tolist()}), version=version)
         results = []
-        for hits, out in zip(ranked, exclude, strict=True):
-            head = hits[:candidates]
-            if not head:
+        for r, out in zip(ranked, exclude, strict=True):
+            head = r.head(candidates)
+            if not len(head):
                 results.append([])
                 continue
-            distances = np.array([h.distance for h in hits], dtype=np.float64)
-            probe_mu, probe_sigma = probe_cohort_stats(distances, np.arange(len(head)), k)
-            stats = np.array([self._template_stats(neighbours[h.identity_id], out, k) for h in head])
-            scores = snorm(distances[: len(head)], probe_mu, probe_sigma, stats[:, 0], stats[:, 1])
+            probe_mu, probe_sigma = probe_cohort_stats(r.distances, np.arange(len(head)), k)
+            stats = np.array([self._template_stats(neighbours[names[key][0]], out, k) for key in head.identity_keys.tolist()])
+            scores = snorm(head.distances, probe_mu, probe_sigma, stats[:, 0], stats[:, 1])
             scores = np.where(np.isfinite(scores), scores, math.inf)
             order = np.argsort(scores, kind="stable")[:top_k]
-            results.append([ScoredHit(head[i], float(scores[i])) for i in order])
+            results.append(_scored(RankedIdentities(*(a[order] for a in head)), scores[order], names))
         return results
 
     @staticmethod
@@ -187,7 +200,7 @@ class OpenSetScorer:
         if exclude is not None and exclude in entry.ids:
             keep = [i for i, other in enumerate(entry.ids) if other != exclude]
             return cohort_stats(entry.distances[keep], k)
-        return cohort_stats(entry.distances, k)
+        return entry.stats
 
     # -- cohort neighbours -------------------------------------------------------------------
 
@@ -231,17 +244,20 @@ class OpenSetScorer:
             blocks.append(x)
         if not blocks:
             return {}
-        ranked = search_identities(index, self._store.template_owners, np.concatenate(blocks), want + 1)
+        ranked = search_identities(index, self._owners, np.concatenate(blocks), want + 1)
+        names = self._store.identity_names(np.concatenate([r.identity_keys for r in ranked]))
         merged: dict[str, dict[str, float]] = {i: {} for i in identity_ids}
         for identity, hits in zip(owners, ranked, strict=True):
             best = merged[identity]
-            for h in hits:
-                if h.identity_id != identity and h.distance < best.get(h.identity_id, math.inf):
-                    best[h.identity_id] = h.distance
+            for key, distance in zip(hits.identity_keys.tolist(), hits.distances.tolist(), strict=True):
+                other = names[key][0]
+                if other != identity and distance < best.get(other, math.inf):
+                    best[other] = distance
         entries = {}
         for identity, best in merged.items():
             nearest = sorted(best.items(), key=lambda item: item[1])[:want]
-            entries[identity] = _Neighbours(np.array([d for _, d in nearest], dtype=np.float64), tuple(i for i, _ in nearest), version, size)
+            distances = np.array([d for _, d in nearest], dtype=np.float64)
+            entries[identity] = _Neighbours(distances, tuple(i for i, _ in nearest), version, size, cohort_stats(distances, self.policy.cohort_size))
         return entries
 
     # -- calibration -------------------------------------------------------------------------
@@ -282,9 +298,28 @@ class OpenSetScorer:
         finally:
             self._calibrating.release()
 
+    def restore_calibration(self) -> bool:
+        """Start from the calibration the store kept (see the module docstring); True when
+        there is one for the current policy and model curve.
+
+        Its age is the store's changes since it was computed: the difference of change ``seq``
+        numbers, which counts the changes of every gallery of the store, so the estimate errs
+        towards recalibrating early. Call before the first search (the gallery's load)."""
+        stored = self._store.load_calibration(self.gallery)
+        if stored is None or stored.policy != self.policy.to_json():
+            return False
+        calibration = Calibration.from_json(stored.calibration, self._curve)
+        if calibration is None:
+            return False
+        changed = max(0, self._applied_seq() - stored.seq)
+        self._calibration, self._calibration_at = calibration, (-changed, stored.templates)
+        LOG.info("gallery %r: threshold %.4f (%s) from the stored calibration, %d changes old", self.gallery, calibration.threshold, calibration.score_kind.value, changed)
+        return True
+
     def recalibrate(self, read: Reader) -> Calibration:
-        """Leave-one-out searches of the identity sample, then decision.py ``calibrate``."""
-        version, size = read(lambda index, version: (version, index.ntotal))
+        """Leave-one-out searches of the identity sample, then decision.py ``calibrate``; the
+        result is kept in the store (a failure to store it is logged, not raised)."""
+        version, size, seq = read(lambda index, version: (version, index.ntotal, self._applied_seq()))
         record = self._store.get_gallery(self.gallery)
         identities = record.identity_count
         kind = choose_score_kind(self.policy, identities)
@@ -293,6 +328,12 @@ class OpenSetScorer:
         scores = [s.score for _, s in loo if s is not None]
         result = calibrate(self.policy, identities, kind, scores, self._curve, fallback_threshold=self._fallback, comparisons=record.template_count)
         self._calibration, self._calibration_at = result, (version, size)
+        try:
+            self._store.save_calibration(self.gallery, StoredCalibration(self.policy.to_json(), seq, size, result.to_json()))
+        except NotFound:  # the gallery was deleted meanwhile, as for the searches above
+            raise
+        except Exception:  # still decides with it; a restart recomputes it
+            LOG.warning("gallery %r: keeping its calibration in the store failed", self.gallery, exc_info=True)
         LOG.info(
             "gallery %r: %s threshold %.4f (%s), from %d leave-one-out searches in %.2f s",
             self.gallery, self.policy.describe(), result.threshold, kind.value, len(loo), time.perf_counter() - started,
@@ -311,3 +352,11 @@ class OpenSetScorer:
             best = read(lambda index, version: self.score(index, probes, 1, version=version, kind=kind, exclude=list(batch)))  # noqa: B023
             results.extend((identity, hits[0] if hits else None) for identity, hits in zip(batch, best, strict=True))
         return results
+
+
+def _scored(ranked: RankedIdentities, scores: np.ndarray, names: dict[int, tuple[str, str]]) -> list[ScoredHit]:
+    """ScoredHits of ``ranked``'s identities (``names``: identity key -> (id, display name))."""
+    return [
+        ScoredHit(IdentityHit(key, *names[key], template_id, distance), score)
+        for key, template_id, distance, score in zip(ranked.identity_keys.tolist(), ranked.template_ids.tolist(), ranked.distances.tolist(), scores.tolist(), strict=True)
+    ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import threading
 import time
@@ -458,8 +459,14 @@ def _load_pipeline(config: ServerConfig):
     embedder = None
     if config.batch_max_size > 1:
         manifest = ModelManifest.load(model_dir, verify=False)  # from_model_dir verifies checksums
+        # One batch per core at once, each one onnxruntime run (batching.py), when runs use one
+        # thread each; else one batch at a time on all of the run's threads.
+        workers = (os.cpu_count() or 1) if pipeline_config.intra_op_threads == 1 else 1
         embedder = BatchingEmbedder(
-            FacePipeline.load_embedder(model_dir, manifest, pipeline_config), max_batch_size=config.batch_max_size, max_delay_ms=config.batch_max_delay_ms
+            FacePipeline.load_embedder(model_dir, manifest, pipeline_config, parallel_runs=1),
+            max_batch_size=config.batch_max_size,
+            max_delay_ms=config.batch_max_delay_ms,
+            workers=workers,
         )
     try:
         return FacePipeline.from_model_dir(model_dir, pipeline_config, embedder=embedder), embedder
