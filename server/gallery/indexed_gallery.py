@@ -169,7 +169,7 @@ class IndexedGallery:
             if record.policy.aggregation is Aggregation.MEAN:
                 means = pool.submit(open_identity_means, store, record, means_snapshot_path(index_dir, record.key), plan)
             owners = pool.submit(store.template_identity_keys, record.name)
-            index = open_gallery_index(store, record, path, plan)
+            index = open_gallery_index(store, record, path, plan, template_ids=lambda: owners.result()[0])
             loaded = means.result() if means is not None else None
             held = TemplateOwners(*owners.result())
         gallery = cls(store, record, index, snapshot_file=path, means=loaded, owners=held, **options)  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +140,14 @@ def read_snapshot(path: str | os.PathLike) -> tuple[SnapshotHeader, VectorIndex]
     return header, index
 
 
-def open_gallery_index(store: TemplateStore, gallery: GalleryRecord, path: str | os.PathLike, plan: IndexPlan = IndexPlan()) -> VectorIndex:
+def open_gallery_index(
+    store: TemplateStore,
+    gallery: GalleryRecord,
+    path: str | os.PathLike,
+    plan: IndexPlan = IndexPlan(),
+    *,
+    template_ids: Callable[[], np.ndarray] | None = None,
+) -> VectorIndex:
     """The index of ``gallery`` as of its ``last_seq``: snapshot plus replay, or a rebuild.
 
     The snapshot is used when it belongs to this gallery (same key and dimension, an index kind
@@ -149,11 +156,13 @@ def open_gallery_index(store: TemplateStore, gallery: GalleryRecord, path: str |
     store's template ids, otherwise (or when the snapshot is unusable) the index is rebuilt from
     every stored embedding, of the kind ``plan`` gives its size. So a snapshot replaced while this
     runs (its older changes then pruned) costs a rebuild, never a wrong index. Call it while the
-    gallery receives no writes.
+    gallery receives no writes. ``template_ids``: the store's template ids of the gallery,
+    ascending ``(n,) int64``, when the caller reads them anyway (the gallery's template owners);
+    None reads them here (``store.template_ids``).
     """
     started = time.perf_counter()
     try:
-        index = _from_snapshot(store, gallery, Path(path), plan)
+        index = _from_snapshot(store, gallery, Path(path), plan, template_ids or (lambda: store.template_ids(gallery.name)))
         how = "snapshot"
     except SnapshotError as exc:
         LOG.info("gallery %r: %s; rebuilding the index from the store", gallery.name, exc)
@@ -191,7 +200,7 @@ def _usable_snapshot(gallery: GalleryRecord, path: Path, plan: IndexPlan) -> tup
     return header, plan.restored(index)
 
 
-def _from_snapshot(store: TemplateStore, gallery: GalleryRecord, path: Path, plan: IndexPlan) -> VectorIndex:
+def _from_snapshot(store: TemplateStore, gallery: GalleryRecord, path: Path, plan: IndexPlan, template_ids: Callable[[], np.ndarray]) -> VectorIndex:
     header, index = _usable_snapshot(gallery, path, plan)
     changes = store.changes_since(gallery.name, header.last_seq)
     removed = {c.template_id for c in changes if c.op == "remove"}
@@ -199,7 +208,7 @@ def _from_snapshot(store: TemplateStore, gallery: GalleryRecord, path: Path, pla
     index.remove(np.fromiter(removed, dtype=np.int64, count=len(removed)))
     for ids, x in store.embeddings(gallery.name, added):
         index.add(ids, x)
-    if not np.array_equal(index.ids(), store.template_ids(gallery.name)):
+    if not np.array_equal(index.ids(), template_ids()):
         raise SnapshotError(f"{path} plus {len(changes)} replayed changes does not match the store")
     LOG.debug("gallery %r: snapshot seq %d, replayed %d changes", gallery.name, header.last_seq, len(changes))
     return index

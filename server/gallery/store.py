@@ -130,7 +130,7 @@ CREATE TABLE IF NOT EXISTS templates (
     created       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS templates_by_identity ON templates(identity_key);
-CREATE INDEX IF NOT EXISTS templates_by_gallery ON templates(gallery_key, template_id);
+CREATE INDEX IF NOT EXISTS templates_by_gallery_owner ON templates(gallery_key, template_id, identity_key);
 CREATE TABLE IF NOT EXISTS changes (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     gallery_key   INTEGER NOT NULL,
@@ -440,6 +440,8 @@ class SqliteTemplateStore:
                 LOG.info("migrated store %s from schema version 1 to %d (decision policies, API keys, enroll request ids, calibrations)", self.path, SCHEMA_VERSION)
             elif version in (2, 3, 4):
                 LOG.info("migrated store %s from schema version %d to %d (API keys, enroll request ids, calibrations)", self.path, version, SCHEMA_VERSION)
+            # version 5 extended templates_by_gallery to cover identity_key (template_identity_keys)
+            self._writer.execute("DROP INDEX IF EXISTS templates_by_gallery")
             self._writer.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._writer.close()
@@ -930,18 +932,14 @@ class SqliteTemplateStore:
         """Every template of a gallery with its identity: ``(template ids (n,) int64 ascending,
         identity keys (n,) int64)`` (owners.py ``TemplateOwners``). Raises NotFound.
 
-        Read in pages of the ``templates_by_gallery`` index into preallocated arrays (about
-        0.6 s per 1M templates)."""
-        conn = self._reader()
-        key = conn.execute("SELECT gallery_key FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
-        pages, last = [], -1
-        while rows := conn.execute(
-            "SELECT template_id, identity_key FROM templates WHERE gallery_key = ? AND template_id > ? ORDER BY template_id LIMIT ?",
-            (key[0], last, 16 * _FETCH_ROWS),
-        ).fetchall():
-            pages.append(np.array(rows, dtype=np.int64))
-            last = int(pages[-1][-1, 0])
-        both = np.concatenate(pages) if pages else np.zeros((0, 2), np.int64)
+        Read from the covering index ``templates_by_gallery_owner`` as one text of numbers that
+        numpy parses (:func:`_int_columns`): 0.5 s per 1M templates, nearly all in SQLite without
+        the GIL, where fetching 1M row tuples from the table took 1.2 s, mostly holding the GIL
+        and slowing the index snapshots loading beside it."""
+        with self._read() as conn:
+            key = _gallery_key(conn, gallery)
+            both = _int_columns(conn, ("template_id", "identity_key"), "FROM templates WHERE gallery_key = ?", (key,))
+        both = both[np.argsort(both[:, 0])]
         return np.ascontiguousarray(both[:, 0]), np.ascontiguousarray(both[:, 1])
 
     def identity_names(self, identity_keys: Iterable[int]) -> dict[int, tuple[str, str]]:
@@ -971,8 +969,8 @@ class SqliteTemplateStore:
         """Every template id of a gallery, ascending, ``(n,) int64``. Raises NotFound."""
         with self._read() as conn:
             key = _gallery_key(conn, gallery)
-            ids = conn.execute("SELECT template_id FROM templates WHERE gallery_key = ? ORDER BY template_id", (key,)).fetchall()
-        return np.array([r[0] for r in ids], dtype=np.int64)
+            ids = _int_columns(conn, ("template_id",), "FROM templates WHERE gallery_key = ?", (key,))
+        return np.sort(ids[:, 0])
 
     def embeddings(self, gallery: str, template_ids: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Template embeddings in blocks ``(ids (n,) int64, x (n, D) float32)``, ascending ids.
@@ -1130,6 +1128,18 @@ def _embedding_blobs(items: Sequence[NewTemplate], dim: int) -> list[bytes]:
     raw = np.stack(vectors).tobytes()
     width = dim * 4
     return [raw[start : start + width] for start in range(0, len(raw), width)]
+
+
+def _int_columns(conn: sqlite3.Connection, columns: Sequence[str], rows: str, params: tuple) -> np.ndarray:
+    """Integer ``columns`` of ``SELECT <columns> <rows>`` as an ``(n, len(columns)) int64`` array,
+    rows in no particular order.
+
+    SQLite joins the values into one comma-separated text (``group_concat``) and numpy parses it,
+    so no Python object is made per row."""
+    value = " || ',' || ".join(columns)
+    (text,) = conn.execute(f"SELECT group_concat(v, ',') FROM (SELECT {value} AS v {rows})", params).fetchone()
+    flat = np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, np.int64)
+    return flat.reshape(-1, len(columns))
 
 
 def _last_key(conn: sqlite3.Connection, table: str) -> int:
