@@ -98,3 +98,57 @@ def test_close_finishes_queued_work_then_refuses():
         batcher.embed(chips(1))
     with pytest.raises(ValueError):
         BatchingEmbedder(embedder, max_batch_size=0)
+
+
+class MeetingEmbedder:
+    """Each call waits (up to 5 s) until ``parties`` calls are inside at once; records whether they met."""
+
+    def __init__(self, parties: int) -> None:
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.met: list[bool] = []
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        try:
+            self.barrier.wait()
+            self.met.append(True)
+        except threading.BrokenBarrierError:
+            self.met.append(False)
+        return chips.reshape(len(chips), -1, 3).mean(axis=1).astype(np.float32)
+
+
+def test_workers_embed_batches_side_by_side_and_all_stop_on_close():
+    """Two workers: while one batch is in the embedder the other worker forms and runs the next
+    (both calls meet inside the embedder); each caller still gets its own rows."""
+    embedder = MeetingEmbedder(2)
+    batcher = BatchingEmbedder(embedder, max_batch_size=1, max_delay_ms=0, workers=2)
+    results: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.embed(chips(i + 1)))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert embedder.met == [True, True]
+    for i in range(2):
+        np.testing.assert_array_equal(results[i], np.full((1, 3), i + 1, np.float32))
+    queued = threading.Thread(target=lambda: results.__setitem__(0, batcher.embed(chips(9, n=2))))
+    embedder.barrier = threading.Barrier(1)  # alone from now on
+    queued.start()
+    queued.join(10)
+    batcher.close()  # every worker passes the stop on and exits
+    assert all(not t.is_alive() for t in batcher._threads)
+    np.testing.assert_array_equal(results[0], np.full((2, 3), 9, np.float32))
+    with pytest.raises(ValueError, match="workers"):
+        BatchingEmbedder(embedder, workers=0)
+
+
+def test_one_worker_runs_one_batch_at_a_time():
+    """The same two calls with one worker never meet in the embedder (the barrier times out)."""
+    embedder = MeetingEmbedder(2)
+    embedder.barrier = threading.Barrier(2, timeout=0.3)
+    with BatchingEmbedder(embedder, max_batch_size=1, max_delay_ms=0, workers=1) as batcher:
+        threads = [threading.Thread(target=batcher.embed, args=(chips(1),)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    assert embedder.met == [False, False]
