@@ -133,6 +133,14 @@ def test_reads_for_search(store):
     assert [b[0].tolist() for b in blocks] == [[ids[1], ids[3]]]
     np.testing.assert_array_equal(blocks[0][1], np.stack([vec(1), vec(9)]))
     assert store.template_ids("g").tolist() == ids
+    many = store.identities_embeddings("g", ["b", "a", "nobody", "a"])
+    assert sorted(many) == ["a", "b"] and many["a"][0].tolist() == ids[:3] and many["b"][0].tolist() == [ids[3]]
+    np.testing.assert_array_equal(many["a"][1], x)
+    np.testing.assert_array_equal(many["b"][1], vec(9)[None])
+    template_ids, identity_keys = store.template_identity_keys("g")
+    assert template_ids.tolist() == ids and len(set(identity_keys[:3].tolist())) == 1 and identity_keys[3] != identity_keys[0]
+    assert store.identity_names(identity_keys[[0, 3]].tolist() + [10_000]) == {int(identity_keys[0]): ("a", "A"), int(identity_keys[3]): ("b", "")}
+    assert store.identity_keys("g", ["b", "nobody"]) == {"b": int(identity_keys[3])}
 
 
 def test_export_is_one_consistent_state(store):

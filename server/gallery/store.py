@@ -36,6 +36,7 @@ Times are Unix seconds (float). Embeddings are little-endian float32.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import sqlite3
@@ -380,6 +381,8 @@ class TemplateStore(Protocol):
     def save_calibration(self, gallery: str, calibration: StoredCalibration) -> None: ...
     def load_calibration(self, gallery: str) -> StoredCalibration | None: ...
     def identity_templates(self, gallery: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]: ...
+    def identity_embeddings(self, gallery: str, identity_id: str) -> tuple[np.ndarray, np.ndarray]: ...
+    def identities_embeddings(self, gallery: str, identity_ids: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]: ...
     def add_templates(
         self, gallery: str, items: Sequence[NewTemplate], *, skip_duplicates: bool = False, request: IdempotentRequest | None = None
     ) -> tuple[list[AddedTemplate | None], int]: ...
@@ -890,6 +893,25 @@ class SqliteTemplateStore:
                 raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
             rows = conn.execute("SELECT template_id, embedding FROM templates WHERE identity_key = ? ORDER BY template_id", (row[0],)).fetchall()
         return _stack(rows, dim)
+
+    def identities_embeddings(self, gallery: str, identity_ids: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:meth:`identity_embeddings` of many identities in one query per :data:`_IN_CHUNK` of
+        them (mean templates after a bulk import): identity id -> (template ids ``(n,) int64``
+        ascending, embeddings ``(n, D) float32``); identities that do not exist are left out.
+        Raises NotFound for an unknown gallery."""
+        ids = list(set(identity_ids))
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        with self._read() as conn:
+            key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
+            for start in range(0, len(ids), _IN_CHUNK):
+                rows = conn.execute(
+                    "SELECT i.identity_id, t.template_id, t.embedding FROM identities i JOIN templates t ON t.identity_key = i.identity_key "
+                    "WHERE i.gallery_key = ? AND i.identity_id IN (SELECT value FROM json_each(?)) ORDER BY i.identity_key, t.template_id",
+                    (key, json.dumps(ids[start : start + _IN_CHUNK])),
+                ).fetchall()
+                for identity_id, group in itertools.groupby(rows, key=lambda row: row[0]):
+                    found[identity_id] = _stack([(t, b) for _, t, b in group], dim)
+        return found
 
     def identity_templates(self, gallery: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """Every identity with its templates: ``(identity_id, template ids (n,) int64, x (n, D)
