@@ -11,9 +11,10 @@ Several workers (``workers``, one per core by default in the server) run batches
 like Triton's model instances: one worker at a time collects the next batch while the others
 embed theirs, so the cores embed while the handlers of the last batch search and answer.
 With one worker that splits each batch over both cores instead, every call of a batch waited
-for the slowest slice and the embedder sat idle while those calls did their Python work: 8
-concurrent Identify clients on chips, 1,000 identities, this 2-core machine: 180 -> see
-docs/scale.md (``bench/identify_throughput.py``).
+for the slowest slice and the embedder sat idle while those calls did their Python work. 8
+concurrent Identify clients on chips, 1,000 identities, this 2-core machine, A/B in one
+session: 0.42 -> 0.51 of raw onnxruntime's rate (``bench/identify_throughput.py``,
+docs/scale.md).
 """
 
 from __future__ import annotations

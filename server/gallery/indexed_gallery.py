@@ -338,8 +338,8 @@ class IndexedGallery:
         identities: Collection[str] = (),
     ) -> None:
         """Apply committed change ``seq`` to the index and the template owners (write lock held):
-        ``add`` = (template ids, x, identity keys), ``remove`` = template ids; ``identities`` whose templates changed (their mean templates are
-        recomputed under Aggregation.MEAN). Then starts a background rebuild of an index that
+        ``add`` = (template ids, x, identity keys), ``remove`` = template ids; ``identities``
+        whose templates changed (their mean templates are recomputed under Aggregation.MEAN). Then starts a background rebuild of an index that
         no longer fits its size (:meth:`_schedule_rebuilds`).
 
         Should the index refuse it, the index (and the means) are reloaded from the store, which
@@ -357,9 +357,10 @@ class IndexedGallery:
         except Exception:
             LOG.exception("gallery %r: applying change %d to the index failed; reloading it from the store", self.name, seq)
             record = self._store.get_gallery(self.name)
-            self._index = RebuildableIndex(open_gallery_index(self._store, record, self.snapshot_file, self._plan))
+            template_ids, identity_keys = self._store.template_identity_keys(self.name)
+            self._owners.reset(template_ids, identity_keys)
+            self._index = RebuildableIndex(open_gallery_index(self._store, record, self.snapshot_file, self._plan, template_ids=lambda: template_ids))
             self._means = self._build_means(self.scorer.policy)
-            self._owners.reset(*self._store.template_identity_keys(self.name))
             self._applied_seq = record.last_seq
             self._layout += 1
             raise

@@ -14,7 +14,7 @@ things, both rebuilt from the index when stale:
   leave-one-out searches of a deterministic sample of M identities. Each one computed is kept in
   the store (store.py ``save_calibration``) with the store's change ``seq`` then, and a
   restarted server starts from it (:meth:`OpenSetScorer.restore_calibration`) instead of
-  recomputing it on the first search (about 70 s at 1M templates, docs/scale.md).
+  recomputing it on the first search (37-40 s at 1M templates with IVF, docs/scale.md).
 
 Both are current within :data:`STALE_FRACTION`: an entry is recomputed once the templates added
 or removed since it was computed exceed that fraction of the templates the gallery had then.

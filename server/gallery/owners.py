@@ -78,9 +78,9 @@ class TemplateOwners:
         if not len(ids) or not self._size:
             return
         at = np.minimum(np.searchsorted(self._ids[: self._size], ids), self._size - 1)
-        hit = at[(self._ids[at] == ids) & (self._keys[at] != NO_OWNER)]
-        self._keys[np.unique(hit)] = NO_OWNER
-        self._removed += len(np.unique(hit))
+        hit = np.unique(at[(self._ids[at] == ids) & (self._keys[at] != NO_OWNER)])
+        self._keys[hit] = NO_OWNER
+        self._removed += len(hit)
         if self._removed > self._size // 2:
             held = self._keys[: self._size] != NO_OWNER
             self.reset(self._ids[: self._size][held], self._keys[: self._size][held])

@@ -885,14 +885,12 @@ class SqliteTemplateStore:
     # -- reads for search and the index ------------------------------------------------------
 
     def identity_embeddings(self, gallery: str, identity_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Template ids ``(n,) int64`` and embeddings ``(n, D) float32`` of one identity. Raises NotFound."""
-        with self._read() as conn:
-            key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
-            row = conn.execute("SELECT identity_key FROM identities WHERE gallery_key = ? AND identity_id = ?", (key, identity_id)).fetchone()
-            if row is None:
-                raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
-            rows = conn.execute("SELECT template_id, embedding FROM templates WHERE identity_key = ? ORDER BY template_id", (row[0],)).fetchall()
-        return _stack(rows, dim)
+        """Template ids ``(n,) int64`` ascending and embeddings ``(n, D) float32`` of one identity
+        (:meth:`identities_embeddings` of one). Raises NotFound."""
+        found = self.identities_embeddings(gallery, [identity_id]).get(identity_id)
+        if found is None:  # an identity always has a template: it is deleted with its last one
+            raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {gallery!r}")
+        return found
 
     def identities_embeddings(self, gallery: str, identity_ids: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """:meth:`identity_embeddings` of many identities in one query per :data:`_IN_CHUNK` of
