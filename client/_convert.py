@@ -393,6 +393,7 @@ def gallery(message: pb.Gallery) -> Gallery:
         score_kind=score_kind(message.score_kind),
         estimated_fpir=_optional_float(message, "estimated_fpir", math.nan),
         threshold_basis=message.threshold_basis,
+        recalibrating=message.recalibrating,
     )
 
 

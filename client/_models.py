@@ -478,6 +478,10 @@ class Gallery(_Result):
         is nothing to estimate it from.
     threshold_basis : str
         What ``estimated_fpir`` rests on, for people (e.g. "leave-one-out searches of ...").
+    recalibrating : bool
+        The threshold is being recomputed after a large change (a bulk import): ``threshold``,
+        ``score_kind``, ``estimated_fpir`` and ``threshold_basis`` are the previous
+        calibration's; searches wait for the new one.
     """
 
     name: str
@@ -492,6 +496,7 @@ class Gallery(_Result):
     score_kind: ScoreKind
     estimated_fpir: float
     threshold_basis: str
+    recalibrating: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

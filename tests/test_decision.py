@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 import pytest
 from fakes import DIM, FakePipeline
 
-from facegallery.server.contract.errors import InvalidInput
+from facegallery.server.contract.errors import GalleryClosed, InvalidInput
 from facegallery.server.gallery.decision import (
     DEFAULT_POLICY,
     Aggregation,
@@ -29,7 +30,7 @@ from facegallery.server.gallery.decision import (
     snorm,
 )
 from facegallery.server.gallery.manager import GalleryManager
-from facegallery.server.gallery.store import NewTemplate
+from facegallery.server.gallery.store import NewTemplate, TemplateBatch
 
 CURVE = FalseMatchCurve.from_json({"distances": [0.3, 0.5, 0.7, 1.0], "rates": [0.0, 0.001, 0.01, 0.5], "pairs": 1000, "data": "hand-made"})
 
@@ -193,10 +194,96 @@ def test_mean_templates_follow_every_write_and_a_restart(tmp_path):
         manager.close()
 
 
+def test_an_import_batch_gives_new_and_existing_identities_the_means_of_all_their_templates(tmp_path):
+    pipeline = FakePipeline()
+    manager = GalleryManager.open(tmp_path, pipeline)
+    try:
+        manager.create_gallery("m", policy=DecisionPolicy.fixed(0.5, aggregation=Aggregation.MEAN))
+        a0 = manager.enroll("m", "a", embedding=on_axis(0)).template_id
+        ids = ["n", "a", "n", "m", "n"]  # n: three templates created in the batch; a: one more for a stored identity
+        manager.import_embeddings("m", pipeline.model_id, [TemplateBatch(ids, np.stack([on_axis(v) for v in (10, 2, 12, 20, 14)]).reshape(-1))])
+        for probe, identity, template in ((1, "a", a0), (12, "n", a0 + 1), (20, "m", a0 + 4)):  # means 0+2 -> 1, 10+12+14 -> 12, 20
+            hit = manager.identify_embedding("m", on_axis(probe), top_k=3)
+            assert (hit.identity_id, hit.matches[0].template_id) == (identity, template)
+            assert hit.distance == pytest.approx(0.0, abs=1e-6) and len(hit.matches) == 3
+        manager.enroll("m", "n", embedding=on_axis(16))  # n's mean moves to 13, recomputed from the store
+        assert manager.identify_embedding("m", on_axis(13)).distance == pytest.approx(0.0, abs=1e-6)
+    finally:
+        manager.close()
+
+
 def _strangers(n: int, seed: int, offset: int = 0) -> list[NewTemplate]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, DIM)).astype(np.float32)
     return [NewTemplate(f"p{offset + i}", 0.5 * row / np.linalg.norm(row)) for i, row in enumerate(x)]
+
+
+def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import(tmp_path, monkeypatch):
+    from facegallery.server.gallery.open_set import OpenSetScorer
+
+    pipeline = FakePipeline()
+    manager = GalleryManager.open(tmp_path, pipeline)
+    try:
+        manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))
+        manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
+        first = manager.decision_status("g")
+        assert not first.recalibrating and first.identities == 400
+        entered, release = threading.Event(), threading.Event()
+        leave_one_out = OpenSetScorer.leave_one_out
+
+        def held(self, *args, **kwargs):  # the recalibration waits until the test lets it go
+            entered.set()
+            assert release.wait(10), "a status call waited for the recalibration"
+            return leave_one_out(self, *args, **kwargs)
+
+        monkeypatch.setattr(OpenSetScorer, "leave_one_out", held)
+        manager.import_embeddings("g", pipeline.model_id, _strangers(400, 1, offset=400))  # +100 %: searches would wait
+        status = manager.decision_status("g", wait_s=0)
+        assert status.recalibrating and (status.threshold, status.identities, status.basis) == (first.threshold, 400, first.basis)
+        assert entered.wait(10) and not release.is_set()  # started in the background, still held
+        release.set()
+        after = manager.decision_status("g")
+        assert not after.recalibrating and after.identities == 800
+        assert manager.decision_status("g", wait_s=0) == after
+        manager.import_embeddings("g", pipeline.model_id, _strangers(800, 2, offset=800))
+        waited = manager.decision_status("g", wait_s=30)  # done within the wait: the new calibration
+        assert not waited.recalibrating and waited.identities == 1600
+    finally:
+        manager.close()
+
+
+def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_path, monkeypatch, caplog):
+    from facegallery.server.gallery.open_set import OpenSetScorer
+
+    pipeline = FakePipeline()
+    manager = GalleryManager.open(tmp_path, pipeline)
+    manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))
+    manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
+    manager.decision_status("g")
+    entered, release = threading.Event(), threading.Event()
+    leave_one_out = OpenSetScorer.leave_one_out
+
+    def held(self, *args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return leave_one_out(self, *args, **kwargs)  # its first read finds the gallery closed
+
+    monkeypatch.setattr(OpenSetScorer, "leave_one_out", held)
+    saved = []
+    monkeypatch.setattr(manager.store, "save_calibration", lambda *args: saved.append(args))
+    manager.import_embeddings("g", pipeline.model_id, _strangers(400, 1, offset=400))
+    assert manager.decision_status("g", wait_s=0).recalibrating and entered.wait(10)
+    closer = threading.Thread(target=manager.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # waiting for the recalibration
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive() and saved == []  # stopped before it stored anything
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    with pytest.raises(GalleryClosed) as raised:
+        manager.identify_embedding("g", on_axis(0))
+    assert (raised.value.code, raised.value.reason) == ("UNAVAILABLE", "NOT_READY")
 
 
 def test_a_restart_decides_with_the_stored_calibration_until_the_gallery_changes(tmp_path, monkeypatch):

@@ -34,11 +34,13 @@ Every error also takes two optional keywords: ``field`` (the request field at fa
     │   └── TooManyStreams                stream cap (server or per client) reached: TOO_MANY_STREAMS
     │   (face/memory_budget.py MemoryBudgetExhausted: MEMORY_BUDGET_EXHAUSTED)
     ├── StreamIdleError                   (DEADLINE_EXCEEDED)    STREAM_IDLE
+    ├── GalleryClosed                     (UNAVAILABLE)  the engine is shutting down: NOT_READY
     ├── ModelError                        (INTERNAL)  missing or corrupt model files: MODEL_ERROR
     └── StoreCorruptError                 (DATA_LOSS)  the store fails its integrity check: STORE_DAMAGED
 
-Statuses not raised as engine errors: NOT_READY (UNAVAILABLE while the server starts) and INTERNAL
-(any unexpected exception) come from ``facegallery.server.service``.
+Statuses not raised as engine errors: NOT_READY (UNAVAILABLE while the server starts; the engine
+raises it as GalleryClosed once it is closing) and INTERNAL (any unexpected exception) come from
+``facegallery.server.service``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ __all__ = [
     "ImageTooLargeError",
     "TooManyStreams",
     "StreamIdleError",
+    "GalleryClosed",
     "ModelError",
     "StoreCorruptError",
 ]
@@ -197,6 +200,14 @@ class StreamIdleError(FaceGalleryError):
 
     code = "DEADLINE_EXCEEDED"
     reason = "STREAM_IDLE"
+
+
+class GalleryClosed(FaceGalleryError):
+    """The gallery engine is closing (GalleryManager.close: the server shuts down); another
+    server, or this one once restarted, can take the call."""
+
+    code = "UNAVAILABLE"
+    reason = "NOT_READY"
 
 
 class ModelError(FaceGalleryError):

@@ -486,7 +486,10 @@ def calibrate(
 @dataclasses.dataclass(frozen=True)
 class DecisionStatus:
     """What a gallery decides with now: its policy, score kind, threshold, and the FPIR estimate
-    at that threshold (``basis`` says what it rests on)."""
+    at that threshold (``basis`` says what it rests on). ``recalibrating``: the calibration is
+    being recomputed after a change of over open_set.py ``STALE_BLOCKING`` of the gallery, and
+    the other fields are those of the previous one (searches wait for the new one; a status
+    report waits a bounded time, manager.py ``STATUS_WAIT_S``)."""
 
     policy: DecisionPolicy
     score_kind: ScoreKind
@@ -494,3 +497,4 @@ class DecisionStatus:
     estimated_fpir: float
     identities: int
     basis: str
+    recalibrating: bool = False

@@ -74,11 +74,16 @@ class IdentityMeans:
             raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {self._gallery!r}") from None
         return x.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
 
-    def refresh(self, identity_ids: Iterable[str], removed: np.ndarray | None = None) -> None:
+    def refresh(
+        self, identity_ids: Iterable[str], removed: np.ndarray | None = None, created: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    ) -> None:
         """Recompute the means of identities whose templates changed (dropped when none is left).
 
         ``removed``: template ids ``(n,) int64`` just deleted from them (a mean stored under one
-        of them is dropped).
+        of them is dropped). ``created``: ``(template ids (m,) int64, embeddings (m, D) float32,
+        identity keys (m,) int64)`` of every template of identities the change created; their
+        means come from these rows, without reading the store (most of a bulk import's
+        identities are new), and ``identity_ids`` need not name them.
         """
         stale = [np.zeros(0, np.int64) if removed is None else np.asarray(removed, dtype=np.int64).reshape(-1)]
         keys, rows = [], []
@@ -90,3 +95,16 @@ class IdentityMeans:
         self.index.remove(np.concatenate(stale))  # one call: an exact index compacts itself per call
         if keys:
             self.index.add(np.array(keys, dtype=np.int64), np.stack(rows))
+        if created is not None and len(created[0]):
+            self.index.add(*_group_means(*created))
+
+
+def _group_means(template_ids: np.ndarray, x: np.ndarray, identity_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per identity key: its smallest template id ``(k,) int64`` and the mean of its rows
+    ``(k, D) float32`` (accumulated in float64, as :meth:`IdentityMeans.build`)."""
+    order = np.argsort(identity_keys, kind="stable")
+    keys = identity_keys[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    counts = np.diff(np.r_[starts, len(keys)])
+    sums = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+    return np.minimum.reduceat(template_ids[order], starts), (sums / counts[:, None]).astype(np.float32)

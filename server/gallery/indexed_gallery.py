@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facegallery.server.contract.errors import GalleryNotFound, NotFound
+from facegallery.server.contract.errors import GalleryClosed, GalleryNotFound, NotFound
 from facegallery.server.contract.timing import record, timed
 from facegallery.server.gallery.decision import Aggregation, Calibration, DecisionPolicy, DecisionStatus, FalseMatchCurve
 from facegallery.server.gallery.identity_means import IdentityMeans
@@ -132,6 +132,7 @@ class IndexedGallery:
         self._layout = 0  # index swaps (rebuilds, reloads, policy changes) so far
         self._snapshot_state = (-1, -1)  # (seq, layout) on disk in a snapshot ((-1, -1): none written by us)
         self._deleted = False
+        self._closed = False  # close(): every later call raises GalleryClosed
         self._version = 0  # templates added + removed since loaded (open_set.py staleness)
         self._rebuilds: set[RebuildableIndex] = set()  # indexes being rebuilt in the background
         self._means_file = means_snapshot_path(snapshot_file.parent, record.key)
@@ -220,10 +221,19 @@ class IndexedGallery:
             self._check_live()
             return fn(self._searched, self._version)
 
-    def decision_status(self) -> DecisionStatus:
-        """The policy, score kind, threshold and estimated FPIR the gallery decides with now."""
-        cal = self.scorer.calibration(self._read)
-        return DecisionStatus(self.scorer.policy, cal.score_kind, cal.threshold, cal.estimated_fpir(cal.threshold), cal.identities, cal.basis)
+    def decision_status(self, *, wait_s: float | None = None) -> DecisionStatus:
+        """The policy, score kind, threshold and estimated FPIR the gallery decides with now.
+
+        ``wait_s``: the longest wait, seconds, for a recalibration after a large change (None:
+        as long as it takes); past it the previous calibration is reported with ``recalibrating``
+        set (open_set.py ``OpenSetScorer.latest_calibration``)."""
+        if wait_s is None:
+            cal, recalibrating = self.scorer.calibration(self._read), False
+        else:
+            cal, recalibrating = self.scorer.latest_calibration(self._read, wait_s)
+        return DecisionStatus(
+            self.scorer.policy, cal.score_kind, cal.threshold, cal.estimated_fpir(cal.threshold), cal.identities, cal.basis, recalibrating
+        )
 
     def duplicates(self) -> tuple[list[tuple[str, ScoredHit]], Calibration]:
         """Every identity whose best-scored other identity is within the threshold: the gallery's
@@ -284,8 +294,11 @@ class IndexedGallery:
             if stored:
                 ids = np.array([r.template_id for r, _ in stored], dtype=np.int64)
                 keys = np.array([r.identity_key for r, _ in stored], dtype=np.int64)
-                touched = {item.identity_id for _, item in stored}
-                self._apply(seq, add=(ids, np.stack([item.embedding for _, item in stored]), keys), identities=touched)
+                x = np.stack([item.embedding for _, item in stored])
+                created = {r.identity_key for r, _ in stored if r.identity_created}
+                new = np.fromiter((r.identity_key in created for r, _ in stored), dtype=bool, count=len(stored))
+                existing = {item.identity_id for (r, item), is_new in zip(stored, new) if not is_new}
+                self._apply(seq, add=(ids, x, keys), identities=existing, created=new)
         return results
 
     def delete_identity(self, identity_id: str) -> int:
@@ -336,11 +349,14 @@ class IndexedGallery:
         add: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         remove: np.ndarray | None = None,
         identities: Collection[str] = (),
+        created: np.ndarray | None = None,
     ) -> None:
         """Apply committed change ``seq`` to the index and the template owners (write lock held):
         ``add`` = (template ids, x, identity keys), ``remove`` = template ids; ``identities``
-        whose templates changed (their mean templates are recomputed under Aggregation.MEAN). Then starts a background rebuild of an index that
-        no longer fits its size (:meth:`_schedule_rebuilds`).
+        whose templates changed (their mean templates are recomputed from the store under
+        Aggregation.MEAN); ``created``, a ``(len(add[0]),) bool`` mask of the added rows whose
+        identity the change created (their means come from those rows). Then starts a background
+        rebuild of an index that no longer fits its size (:meth:`_schedule_rebuilds`).
 
         Should the index refuse it, the index (and the means) are reloaded from the store, which
         has the change, and the error is re-raised.
@@ -353,7 +369,8 @@ class IndexedGallery:
                 self._index.add(add[0], add[1])
                 self._owners.add(add[0], add[2])
             if self._means is not None:
-                self._means.refresh(identities, removed=remove)
+                fresh = None if add is None or created is None else (add[0][created], add[1][created], add[2][created])
+                self._means.refresh(identities, removed=remove, created=fresh)
         except Exception:
             LOG.exception("gallery %r: applying change %d to the index failed; reloading it from the store", self.name, seq)
             record = self._store.get_gallery(self.name)
@@ -369,9 +386,22 @@ class IndexedGallery:
         self._schedule_rebuilds()
 
     def _check_live(self) -> None:
-        """Raise NotFound if the gallery was deleted while the caller waited for the lock."""
+        """Raise NotFound if the gallery was deleted while the caller waited for the lock,
+        GalleryClosed (UNAVAILABLE) once it is closed."""
         if self._deleted:
             raise GalleryNotFound(f"gallery {self.name!r} does not exist")
+        if self._closed:
+            raise GalleryClosed(f"gallery {self.name!r} is closed: the server is shutting down; retry on another server or after its restart")
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Refuse every later call (GalleryClosed) and wait up to ``timeout_s`` seconds for a
+        background recalibration, which stops at its next read, so nothing reads or writes the
+        store after :meth:`GalleryManager.close` closed it. A background index rebuild is not
+        waited for (a faiss training cannot be interrupted; it touches no store) and its index is
+        dropped. Snapshots are still written (:meth:`snapshot`)."""
+        with self._lock.write():
+            self._closed = True
+        self.scorer.join(timeout_s)
 
     # -- rebuilds ----------------------------------------------------------------------------
 
@@ -402,7 +432,7 @@ class IndexedGallery:
         started = time.perf_counter()
         try:
             with self._lock.read():
-                if self._deleted or not self._holds(index):
+                if self._deleted or self._closed or not self._holds(index):
                     return
                 ids, x = index.start_rebuild()
             copied = time.perf_counter()
@@ -410,7 +440,7 @@ class IndexedGallery:
             del ids, x
             built = time.perf_counter()
             with self._lock.write():
-                if self._deleted or not self._holds(index):
+                if self._deleted or self._closed or not self._holds(index):
                     return
                 was = index.factory
                 replayed = index.finish_rebuild(rebuilt)

@@ -49,6 +49,7 @@ import numpy as np
 from facegallery.server.contract.errors import (
     AlreadyExists,
     EmbeddingShapeError,
+    GalleryClosed,
     GalleryNotFound,
     InvalidInput,
     MultipleFacesError,
@@ -113,6 +114,7 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_PAGE_SIZE",
     "STORE_FILE",
+    "STATUS_WAIT_S",
     "INDEX_DIR",
     "FaceAnalyzer",
     "FacePolicy",
@@ -128,6 +130,10 @@ DEFAULT_GALLERY = "default"
 DEFAULT_TOP_K = 5
 #: Identities per listed page when the caller gives none (at most validation.MAX_PAGE_SIZE).
 DEFAULT_PAGE_SIZE = 100
+#: Seconds a status report (GetGallery) waits for a recalibration before it reports the previous one.
+STATUS_WAIT_S = 2.0
+#: Seconds close() waits for each background calibration (one batch of its searches, normally).
+CLOSE_TIMEOUT_S = 30.0
 #: Imported templates per store transaction.
 _IMPORT_BATCH = 256
 #: Data directory layout: the store, and the directory of index snapshots (snapshot.py).
@@ -217,7 +223,8 @@ class GalleryManager:
         if DEFAULT_GALLERY not in self._galleries:
             self.create_gallery(DEFAULT_GALLERY)
         LOG.info("loaded %d galleries in %.2f s", len(self._galleries), time.perf_counter() - started)
-        threading.Thread(target=self._warm_up, name="calibrate-galleries", daemon=True).start()
+        self._warm_up_thread = threading.Thread(target=self._warm_up, name="calibrate-galleries", daemon=True)
+        self._warm_up_thread.start()
         self._snapshotter: threading.Thread | None = None
         if snapshot_interval_s is not None:
             self._snapshotter = threading.Thread(target=self._snapshot_loop, args=(snapshot_interval_s,), name="index-snapshots", daemon=True)
@@ -305,10 +312,16 @@ class GalleryManager:
         LOG.info("gallery %r now decides with %s", name, policy.describe())
         return record
 
-    def decision_status(self, name: str) -> DecisionStatus:
+    def decision_status(self, name: str, *, wait_s: float | None = None) -> DecisionStatus:
         """What the gallery decides with now: policy, score kind, threshold, estimated FPIR there,
-        and what the estimate rests on. Raises NotFound."""
-        return self._gallery(name).decision_status()
+        and what the estimate rests on. Raises NotFound.
+
+        After a change of over a quarter of the gallery (a bulk import) its calibration is
+        recomputed before the next search decides (at 1M templates ~40 s, docs/scale.md). With
+        ``wait_s`` (seconds) the call waits at most that long for it, then returns the previous
+        one with ``recalibrating`` set (status reports: GetGallery, ListGalleries wait
+        :data:`STATUS_WAIT_S`); None waits for it."""
+        return self._gallery(name).decision_status(wait_s=wait_s)
 
     def find_duplicates(self, name: str, *, max_pairs: int = 100) -> list[DuplicatePair]:
         """Pairs of identities the gallery's policy would confuse, best score first.
@@ -818,13 +831,24 @@ class GalleryManager:
         """Template ids held by the gallery's index, ascending ``(n,) int64`` (for consistency checks)."""
         return self._gallery(gallery).template_ids()
 
-    def close(self) -> None:
-        """Stop background snapshots, write final snapshots, close the store (idempotent)."""
+    def close(self, *, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop background work, write final snapshots, close the store (idempotent).
+
+        Every gallery refuses later calls (GalleryClosed, UNAVAILABLE: calls still running when
+        the server's grace period ends get it); the start-up calibration, background
+        recalibrations (within one batch of searches each) and snapshots are waited for, up to
+        ``timeout_s`` seconds each, so the store is not used after it is closed. Background
+        index rebuilds are not waited for (IndexedGallery.close)."""
         if self._closed.is_set():
             return
         self._closed.set()
         if self._snapshotter is not None:
             self._snapshotter.join()
+        with self._lock:
+            galleries = list(self._galleries.values())
+        for gallery in galleries:
+            gallery.close(timeout_s)
+        self._warm_up_thread.join(timeout_s)
         self.snapshot()
         self.store.close()
 
@@ -840,6 +864,8 @@ class GalleryManager:
                 gallery.decision_status()
             except NotFound:  # deleted meanwhile
                 continue
+            except GalleryClosed:  # close() was called
+                return
             except Exception:  # the next search retries
                 LOG.exception("calibrating gallery %r failed", gallery.name)
 

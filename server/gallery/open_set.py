@@ -56,7 +56,7 @@ from facegallery.server.gallery.decision import (
     probe_cohort_stats,
     snorm,
 )
-from facegallery.server.contract.errors import NotFound
+from facegallery.server.contract.errors import GalleryClosed, NotFound
 from facegallery.server.gallery.index import IdentityHit, RankedIdentities, VectorIndex, search_identities
 from facegallery.server.gallery.owners import TemplateOwners
 from facegallery.server.gallery.store import StoredCalibration, TemplateStore
@@ -149,6 +149,7 @@ class OpenSetScorer:
         self._calibration: Calibration | None = None
         self._calibration_at: tuple[int, int] = (0, 0)  # (version, templates) when computed
         self._calibrating = threading.Lock()
+        self._background: threading.Thread | None = None  # the last background recalibration
 
     def set_policy(self, policy: DecisionPolicy) -> None:
         """Decide with ``policy`` from now on (the next search recalibrates and recomputes cohorts)."""
@@ -278,20 +279,53 @@ class OpenSetScorer:
             if changed <= STALE_FRACTION * at_size:
                 return current
             if changed <= STALE_BLOCKING * at_size:
-                if not self._calibrating.locked():
-                    threading.Thread(target=self._recalibrate_once, args=(read,), name=f"calibrate-{self.gallery}", daemon=True).start()
+                self._recalibrate_in_background(read)
                 return current
         with self._calibrating:
             if self._calibration is not None and self._calibration is not current:
                 return self._calibration  # computed while we waited
             return self.recalibrate(read)
 
+    def latest_calibration(self, read: Reader, wait_s: float) -> tuple[Calibration, bool]:
+        """The calibration for a status report, waiting at most ``wait_s`` seconds for a
+        recalibration: ``(calibration, recalibrating)``. Where :meth:`calibration` would block
+        (over :data:`STALE_BLOCKING` of change), the recomputation runs in the background; when
+        it is not done within ``wait_s``, the previous calibration is returned with
+        ``recalibrating`` True. Only a gallery's first calibration, with none before it, is
+        waited for in full."""
+        version, _ = read(lambda index, version: (version, index.ntotal))
+        current, (at_version, at_size) = self._calibration, self._calibration_at
+        if current is None or version - at_version <= STALE_BLOCKING * at_size:
+            return self.calibration(read), False
+        started = self._recalibrate_in_background(read)
+        if started is not None:
+            started.join(wait_s)
+        elif self._calibrating.acquire(timeout=wait_s):  # a recalibration under way ended in time
+            self._calibrating.release()
+        latest = self._calibration
+        return (latest, False) if latest is not None and latest is not current else (current, True)
+
+    def _recalibrate_in_background(self, read: Reader) -> threading.Thread | None:
+        """Start :meth:`recalibrate` in a thread unless one is running; the thread, or None when
+        none was started (:meth:`join` waits for it)."""
+        if self._calibrating.locked():
+            return None
+        self._background = threading.Thread(target=self._recalibrate_once, args=(read,), name=f"calibrate-{self.gallery}", daemon=True)
+        self._background.start()
+        return self._background
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait up to ``timeout_s`` seconds for a background recalibration (one whose gallery is
+        closed or deleted ends at its next read: within one batch of :data:`_LOO_BATCH` searches)."""
+        if (thread := self._background) is not None:
+            thread.join(timeout_s)
+
     def _recalibrate_once(self, read: Reader) -> None:
         if not self._calibrating.acquire(blocking=False):
             return  # another thread is on it
         try:
             self.recalibrate(read)
-        except NotFound:  # the gallery was deleted meanwhile
+        except (NotFound, GalleryClosed):  # the gallery was deleted or closed meanwhile
             pass
         except Exception:  # keep deciding with the previous calibration; the next search retries
             LOG.exception("recalibrating gallery %r failed", self.gallery)

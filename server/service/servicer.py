@@ -36,7 +36,7 @@ from facegallery.server.face.memory_budget import MemoryBudgetExhausted
 from facegallery.server.face.pipeline import analyzed_ahead
 from facegallery.server.gallery.decision import DEFAULT_POLICY, Aggregation, DecisionPolicy, DecisionStatus, Normalization, ScoreKind
 from facegallery.server.gallery.keys import ApiKeyRecord, Role, create_key, revoke_key
-from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, FacePolicy, GalleryManager
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, STATUS_WAIT_S, FacePolicy, GalleryManager
 from facegallery.server.gallery.results import DuplicatePair, Identification, Match
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateBatch, TemplateRecord
 from facegallery.server.service.auth import caller_key, check_gallery
@@ -211,8 +211,9 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         )
 
     def _gallery_message(self, record: GalleryRecord) -> pb.Gallery:
-        """The ``Gallery`` message of a record and its gallery's current decision status."""
-        return _gallery(record, self.manager.decision_status(record.name))
+        """The ``Gallery`` message of a record and its gallery's current decision status, waiting
+        at most ``STATUS_WAIT_S`` for a recalibration under way (``Gallery.recalibrating``)."""
+        return _gallery(record, self.manager.decision_status(record.name, wait_s=STATUS_WAIT_S))
 
     # -- enrollment --------------------------------------------------------------------------
 
@@ -672,6 +673,7 @@ def _gallery(record: GalleryRecord, status: DecisionStatus) -> pb.Gallery:
         score_kind=_score_kind(status.score_kind),
         estimated_fpir=_finite(status.estimated_fpir),
         threshold_basis=status.basis,
+        recalibrating=status.recalibrating,
     )
 
 

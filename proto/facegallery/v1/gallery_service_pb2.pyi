@@ -137,7 +137,7 @@ class DecisionPolicy(_message.Message):
     def __init__(self, threshold: _Optional[float] = ..., target_fpir: _Optional[float] = ..., normalization: _Optional[_Union[ScoreNormalization, str]] = ..., cohort_size: _Optional[int] = ..., aggregation: _Optional[_Union[TemplateAggregation, str]] = ...) -> None: ...
 
 class Gallery(_message.Message):
-    __slots__ = ("name", "model_id", "threshold", "metric", "embedding_dim", "identity_count", "template_count", "create_time", "policy", "score_kind", "estimated_fpir", "threshold_basis")
+    __slots__ = ("name", "model_id", "threshold", "metric", "embedding_dim", "identity_count", "template_count", "create_time", "policy", "score_kind", "estimated_fpir", "threshold_basis", "recalibrating")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class Gallery(_message.Message):
     SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_FPIR_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_BASIS_FIELD_NUMBER: _ClassVar[int]
+    RECALIBRATING_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_id: str
     threshold: float
@@ -162,7 +163,8 @@ class Gallery(_message.Message):
     score_kind: ScoreKind
     estimated_fpir: float
     threshold_basis: str
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., threshold: _Optional[float] = ..., metric: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., identity_count: _Optional[int] = ..., template_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[DecisionPolicy, _Mapping]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., estimated_fpir: _Optional[float] = ..., threshold_basis: _Optional[str] = ...) -> None: ...
+    recalibrating: bool
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., threshold: _Optional[float] = ..., metric: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., identity_count: _Optional[int] = ..., template_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[DecisionPolicy, _Mapping]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., estimated_fpir: _Optional[float] = ..., threshold_basis: _Optional[str] = ..., recalibrating: _Optional[bool] = ...) -> None: ...
 
 class Template(_message.Message):
     __slots__ = ("template_id", "identity_id", "source_sha256", "face", "create_time")
