@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
+import ipaddress
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -125,8 +127,10 @@ class _ClientState(enum.Enum):
     CLOSED = 3  # closed for good: a closed client cannot be reopened
 
 
-def _retry_service_config(retries: int) -> str:
-    """gRPC service config (JSON) retrying the idempotent methods on UNAVAILABLE."""
+def _service_config(retries: int, *, round_robin: bool = False) -> str:
+    """gRPC service config (JSON) retrying the idempotent methods on UNAVAILABLE; with
+    ``round_robin``, also gRPC's ``round_robin`` load-balancing policy (else gRPC's default,
+    ``pick_first``)."""
     method_config: dict[str, Any] = {
         "name": [{"service": _SERVICE, "method": method} for method in _IDEMPOTENT_METHODS],
     }
@@ -138,7 +142,94 @@ def _retry_service_config(retries: int) -> str:
             "backoffMultiplier": _BACKOFF_MULTIPLIER,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    return json.dumps({"methodConfig": [method_config]})
+    config: dict[str, Any] = {"methodConfig": [method_config]}
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    return json.dumps(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """Where a client connects: see :func:`_channel_target`."""
+
+    addresses: tuple[str, ...]  # the servers as given (stripped, for a list)
+    target: str  # the gRPC channel target
+    round_robin: bool  # balance calls over the target's addresses
+    host: str | None  # several addresses of one host: that host (IPv6 in brackets), the TLS name
+
+
+_HOST_NAMES_IN_A_LIST = (
+    "a list of servers takes numeric addresses only (gRPC's ipv4:/ipv6: targets); servers known by host name belong "
+    "behind one DNS name with an address record per server: dns:///NAME:PORT"
+)
+
+
+def _endpoint(entry: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``(ip, port)`` of a numeric ``IPv4:PORT`` or ``[IPv6]:PORT`` address; ValueError for anything else."""
+    if entry.startswith("["):
+        host, sep, port = entry[1:].partition("]:")
+        family: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address] = ipaddress.IPv6Address
+    else:
+        host, sep, port = entry.rpartition(":")
+        family = ipaddress.IPv4Address
+    try:
+        ip = family(host)
+    except ValueError:
+        ip = None
+    number = int(port) if sep and port.isascii() and port.isdigit() else 0
+    if ip is None or not 0 < number < 65536:
+        raise ValueError(f"{entry!r} is not a numeric IPv4:PORT or [IPv6]:PORT address; {_HOST_NAMES_IN_A_LIST}")
+    return ip, number
+
+
+def _channel_target(address: str | Sequence[str]) -> _Target:
+    """The gRPC target of one server address or of several.
+
+    One address (``str`` without a comma, or a one-item sequence) is the channel target as
+    given, as before: ``host:port`` or any gRPC target (``dns:``, ``unix:``, ``ipv4:``, ...); an
+    explicit ``dns:`` target is balanced round robin over the addresses its name resolves to.
+    Several (a comma-separated ``str`` or a sequence, one address per item) must be numeric
+    ``IPv4:PORT`` or ``[IPv6]:PORT`` addresses of one family, listed once each; they become one
+    ``ipv4:`` / ``ipv6:`` target, balanced round robin.
+
+    Raises
+    ------
+    ValueError
+        No address, an empty one, or a list with a host name, a missing port, mixed IPv4 and IPv6,
+        or an address listed twice.
+    TypeError
+        A sequence item that is not a ``str``.
+    """
+    if isinstance(address, str):
+        if "," not in address:
+            if not address.strip():
+                raise ValueError("the server address is empty")
+            return _Target((address,), address, address.startswith("dns:"), None)
+        entries = [entry.strip() for entry in address.split(",")]
+    else:
+        entries = list(address)
+        for entry in entries:
+            if not isinstance(entry, str):
+                raise TypeError(f"server addresses must be strings, got {type(entry).__name__}")
+            if "," in entry:
+                raise ValueError(f"one address per item of a sequence, got {entry!r}")
+        entries = [entry.strip() for entry in entries]
+        if not entries:
+            raise ValueError("no server address given")
+    if any(not entry for entry in entries):
+        raise ValueError(f"an empty server address in {address!r}")
+    if len(entries) == 1:
+        return _Target((entries[0],), entries[0], entries[0].startswith("dns:"), None)
+    endpoints = [_endpoint(entry) for entry in entries]
+    if len({ip.version for ip, _ in endpoints}) > 1:
+        raise ValueError(f"{address!r} mixes IPv4 and IPv6 addresses: list servers of one family (one ipv4: or ipv6: target)")
+    numeric = [f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}" for ip, port in endpoints]
+    twice = sorted({n for n in numeric if numeric.count(n) > 1})
+    if twice:
+        raise ValueError(f"server address {twice[0]} is listed twice in {address!r}")
+    hosts = {str(ip) if ip.version == 4 else f"[{ip}]" for ip, _ in endpoints}
+    scheme = "ipv4" if endpoints[0][0].version == 4 else "ipv6"
+    return _Target(tuple(entries), f"{scheme}:{','.join(numeric)}", True, hosts.pop() if len(hosts) == 1 else None)
 
 
 def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
@@ -180,10 +271,32 @@ class GalleryClient:
     score): a match is ``score <= threshold``. Verify and compare decide on
     ``distance <= threshold`` (0.6 for the default dlib model).
 
+    Several servers (scaled out, e.g. stateless servers of one store) can be given as one
+    comma-separated string or a sequence of addresses::
+
+        GalleryClient("10.0.0.5:50051,10.0.0.6:50051")
+        GalleryClient(["10.0.0.5:50051", "10.0.0.6:50051"])
+
+    One channel then spreads the calls over them with gRPC's ``round_robin`` load-balancing
+    policy: each call goes to the next server whose connection is ready, a server that is down
+    is skipped until gRPC has reconnected to it, and an idempotent call that meets an
+    UNAVAILABLE server is retried (see ``retries``), each attempt picked afresh, so on another
+    server while one is down. Enroll, BulkEnroll, creations, deletions and imports are never
+    retried, with or without a ``request_id`` (an enrollment with one may be called again by
+    the caller; the repeat may go to another server, which knows the ``request_id`` only if it
+    shares the first one's store). gRPC may still resend a call that never reached a server
+    (its "transparent retry"), which cannot repeat an effect.
+
     Parameters
     ----------
-    address : str
-        ``host:port`` of the server.
+    address : str or sequence of str
+        ``host:port`` of the server, or any gRPC target (``dns:///name:port``, ``unix:path``,
+        ...), used as given; an explicit ``dns:`` target is balanced round robin over every
+        address its name resolves to (one DNS name with an A/AAAA record per server). Several
+        servers: numeric ``IPv4:PORT`` or ``[IPv6]:PORT`` addresses, all IPv4 or all IPv6,
+        comma-separated or as a sequence; host names are not accepted in a list (gRPC's
+        ``ipv4:``/``ipv6:`` targets take none; a name would be resolved once, never again):
+        servers known by name belong behind one ``dns:`` name.
     timeout : float or None, keyword-only
         Default deadline in seconds of each unary call (and of each page of
         :meth:`list_identities`); None = no deadline. Every method takes ``timeout=`` to override
@@ -196,7 +309,9 @@ class GalleryClient:
         How often an idempotent call (gets, lists, searches, ``update_identity``,
         ``update_gallery``, ``find_duplicates``, ``server_info``) is retried when the server is UNAVAILABLE, with exponential backoff (0.2 s doubling up to
         5 s, randomised) by gRPC's built-in retry policy; gRPC caps it at 4. 0 disables retries.
-        Enrollments, creations, deletions and imports are never retried.
+        Enrollments, creations, deletions and imports are never retried. With several servers
+        a retry may go to another one; with 0, a call to a server that just went down fails
+        with :class:`Unavailable` (the next call goes elsewhere).
     gallery : str, keyword-only
         Gallery used when a method's ``gallery`` argument is None.
     max_message_bytes : int, keyword-only
@@ -208,6 +323,14 @@ class GalleryClient:
         (``grpc.ssl_channel_credentials``). ``tls_ca`` = the CA that signed the server's
         certificate (None = the system roots); ``tls_cert`` and ``tls_key`` = this client's
         certificate and private key for a server that requires mTLS (both or neither).
+        The server's certificate must name the host of ``address`` (a DNS name or an IP
+        address in its subject alternative names); with several addresses of one host, that
+        host; with several hosts, give ``tls_server_name``.
+    tls_server_name : str or None, keyword-only
+        With TLS: the name every server's certificate must carry, checked instead of the
+        address's host and sent as the calls' ``:authority`` (``grpc.default_authority``), e.g.
+        the service's DNS name on the certificate of each of several servers given by IP.
+        Required with TLS and several addresses of different hosts.
     api_key : str or None, keyword-only
         An API key (``facegallery keys create``): sent as ``authorization: Bearer KEY`` metadata
         on every GalleryService call. A server with keys refuses calls without a valid one
@@ -217,14 +340,18 @@ class GalleryClient:
     ------
     ValueError
         A negative ``retries`` or ``timeout``; ``tls_cert`` without ``tls_key`` or the other
-        way round; ``credentials`` together with a ``tls_*`` argument; an empty ``api_key``.
+        way round; ``credentials`` together with a ``tls_*`` argument; an empty ``api_key``;
+        a malformed address list (see ``address``); TLS with several hosts and no
+        ``tls_server_name``, or ``tls_server_name`` without TLS.
+    TypeError
+        An address sequence with an item that is not a ``str``.
     OSError
         A ``tls_*`` file cannot be read.
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         stream_timeout: float | None = None,
@@ -235,6 +362,7 @@ class GalleryClient:
         tls_ca: str | os.PathLike[str] | bytes | None = None,
         tls_cert: str | os.PathLike[str] | bytes | None = None,
         tls_key: str | os.PathLike[str] | bytes | None = None,
+        tls_server_name: str | None = None,
         api_key: str | None = None,
     ) -> None:
         if retries < 0:
@@ -242,7 +370,11 @@ class GalleryClient:
         for name, value in (("timeout", timeout), ("stream_timeout", stream_timeout)):
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 seconds or None, got {value}")
-        self.address = address
+        self._target = _channel_target(address)
+        #: The server addresses, one per server (one gRPC target for one address).
+        self.addresses = self._target.addresses
+        #: ``address`` as given (a sequence: joined with commas), for messages.
+        self.address = address if isinstance(address, str) else ",".join(self.addresses)
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retries = retries
@@ -251,12 +383,33 @@ class GalleryClient:
         self._credentials = credentials if credentials is not None else _tls_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and (tls_ca, tls_cert, tls_key) != (None, None, None):
             raise ValueError("give either credentials or tls_ca/tls_cert/tls_key, not both")
+        self._authority = self._tls_authority(tls_server_name)
         if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or any(c.isspace() for c in api_key.strip())):
             raise ValueError("api_key must be a key string such as 'fg_...'")
         self._api_key = api_key.strip() if api_key is not None else None
         self._state = _ClientState.UNOPENED
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.GalleryServiceStub | None = None
+
+    def _tls_authority(self, tls_server_name: str | None) -> str | None:
+        """The ``grpc.default_authority`` of the channel: None keeps gRPC's (the target's host).
+
+        Needed with TLS and several addresses: gRPC checks every server's certificate against
+        the channel's one authority, which for an ``ipv4:a,b`` target is the whole list."""
+        if tls_server_name is not None:
+            if self._credentials is None:
+                raise ValueError("tls_server_name needs TLS (tls_ca, tls_cert/tls_key or credentials)")
+            if not tls_server_name.strip() or any(c.isspace() or c in ",/" for c in tls_server_name):
+                raise ValueError(f"tls_server_name must be one host name or IP address, got {tls_server_name!r}")
+            return tls_server_name
+        if self._credentials is None or len(self.addresses) == 1:
+            return None
+        if self._target.host is None:
+            raise ValueError(
+                f"with TLS, servers on several hosts ({self.address}) need tls_server_name: the name every server's "
+                "certificate carries"
+            )
+        return self._target.host
 
     # -----------------------------------------------------------------------------------------
     # Lifecycle
@@ -292,16 +445,20 @@ class GalleryClient:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", _retry_service_config(self.retries)),
+            ("grpc.service_config", _service_config(self.retries, round_robin=self._target.round_robin)),
         ]
+        if self._authority is not None:
+            options.append(("grpc.default_authority", self._authority))
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(self.address, options=options)
+            self._channel = grpc.insecure_channel(self._target.target, options=options)
         else:
-            self._channel = grpc.secure_channel(self.address, self._credentials, options=options)
+            self._channel = grpc.secure_channel(self._target.target, self._credentials, options=options)
         calls = self._channel if self._api_key is None else grpc.intercept_channel(self._channel, _BearerKey(self._api_key))
         self._stub = pb_grpc.GalleryServiceStub(calls)
         self._state = _ClientState.OPENED
-        LOG.debug("opened channel to %s (retries=%d)", self.address, self.retries)
+        LOG.debug(
+            "opened channel to %s (retries=%d%s)", self._target.target, self.retries, ", round_robin" if self._target.round_robin else ""
+        )
 
     def close(self) -> None:
         """Close the channel; further calls raise :class:`ClientClosedError`. Idempotent."""
@@ -1159,6 +1316,9 @@ class GalleryClient:
     def health(self, *, service: str = "", timeout: float | None | UseClientDefault = USE_CLIENT_DEFAULT) -> str:
         """Status of the standard ``grpc.health.v1`` check: ``"SERVING"``, ``"NOT_SERVING"``, ...
 
+        With several servers, one of them answers (the next in the round robin); the check is
+        not retried.
+
         Parameters
         ----------
         service : str
@@ -1185,7 +1345,8 @@ class GalleryClient:
         """Block until the server's health status is SERVING (models and galleries loaded).
 
         Polls the ``grpc.health.v1`` Check every 0.1 s; each check waits for the server to
-        start listening (``wait_for_ready``).
+        start listening (``wait_for_ready``). With several servers, each check asks the next
+        one in the round robin, so this returns once one of them is SERVING.
 
         Parameters
         ----------

@@ -3,10 +3,11 @@
 Client commands (``enroll``, ``identify``, ``verify``, ``compare``, ``galleries``,
 ``create-gallery``, ``update-gallery``, ``delete-gallery``, ``duplicates``, ``identities``,
 ``delete``, ``import``, ``export-gallery``, ``import-embeddings``) talk to a running server and all
-take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``), ``--gallery NAME``, ``--json``,
+take ``--server HOST:PORT`` (env ``FACEGALLERY_SERVER``; several servers as ``IP:PORT,IP:PORT``,
+balanced round robin), ``--gallery NAME``, ``--json``,
 ``--timeout SECONDS``, ``--tls-ca``/``--tls-cert``/``--tls-key`` (env ``FACEGALLERY_TLS_CA``,
-``FACEGALLERY_CLIENT_CERT``, ``FACEGALLERY_CLIENT_KEY``) and
-``--api-key KEY`` (env ``FACEGALLERY_API_KEY``). ``keys create|list|revoke --data-dir DIR`` manage
+``FACEGALLERY_CLIENT_CERT``, ``FACEGALLERY_CLIENT_KEY``), ``--tls-server-name NAME`` (env
+``FACEGALLERY_TLS_SERVER_NAME``) and ``--api-key KEY`` (env ``FACEGALLERY_API_KEY``). ``keys create|list|revoke --data-dir DIR`` manage
 the API keys in a data directory's store directly (a server may be running on it). The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
 ``eval``, ``train``, ``calibrate``) live in other packages and are imported only when invoked,
 so a missing optional dependency (e.g. torch for ``train``) breaks only its own command.
@@ -32,7 +33,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_IMPORT_BATCH, DEFAULT_TIMEOUT, GalleryClient
+from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_IMPORT_BATCH, DEFAULT_TIMEOUT, GalleryClient, _channel_target
 from facegallery.client._exceptions import FaceGalleryClientError, InvalidArgument, NotFound, Unavailable
 from facegallery.client._models import (
     Aggregation,
@@ -174,6 +175,36 @@ class _Session:
         click.echo(json.dumps(data, ensure_ascii=False) if self.as_json else text)
 
 
+_SERVER_METAVAR = "HOST:PORT[,...]"
+_SERVER_HELP = (
+    "Server address; several servers as numeric IP:PORT (all IPv4 or all [IPv6]:PORT) separated by commas, or "
+    "one dns:///NAME:PORT with a record per server. Calls are balanced round robin; gets, lists and searches are "
+    "retried on another server when one is UNAVAILABLE, enrollments, creations, deletions and imports never"
+)
+_TLS_SERVER_NAME_HELP = (
+    "With TLS: the name every server's certificate must carry, instead of the --server host; needed for several "
+    "servers on different hosts [env FACEGALLERY_TLS_SERVER_NAME]."
+)
+
+
+def _check_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--server: one address, or a well-formed list (see GalleryClient)."""
+    if value is not None:
+        try:
+            _channel_target(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+    return value
+
+
+def _open_client(server: str, **kwargs: Any) -> GalleryClient:
+    """``GalleryClient(server, **kwargs)``; an option combination it refuses is a usage error."""
+    try:
+        return GalleryClient(server, **kwargs)
+    except ValueError as exc:  # e.g. TLS over several hosts without --tls-server-name
+        raise click.UsageError(str(exc).replace("tls_server_name", "--tls-server-name")) from exc
+
+
 def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add --server/--gallery/--json/--timeout/--tls-*/--api-key, open a client, map client errors to exit code 1."""
 
@@ -182,8 +213,9 @@ def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
         envvar="FACEGALLERY_SERVER",
         default=DEFAULT_ADDRESS,
         show_default=True,
-        metavar="HOST:PORT",
-        help="Address of the facegallery server [env FACEGALLERY_SERVER].",
+        metavar=_SERVER_METAVAR,
+        callback=_check_server,
+        help=f"{_SERVER_HELP} [env FACEGALLERY_SERVER].",
     )
     @click.option("--gallery", default=DEFAULT_GALLERY, show_default=True, help="Gallery to use.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per line) instead of text.")
@@ -200,6 +232,7 @@ def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
                   help="PEM client certificate, for a server that requires mTLS (needs --tls-key) [env FACEGALLERY_CLIENT_CERT].")
     @click.option("--tls-key", envvar="FACEGALLERY_CLIENT_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                   help="PEM private key of --tls-cert [env FACEGALLERY_CLIENT_KEY].")
+    @click.option("--tls-server-name", envvar="FACEGALLERY_TLS_SERVER_NAME", default=None, metavar="NAME", help=_TLS_SERVER_NAME_HELP)
     @click.option("--api-key", envvar="FACEGALLERY_API_KEY", default=None, metavar="KEY",
                   help="API key (`facegallery keys create`), sent as 'authorization: Bearer KEY' [env FACEGALLERY_API_KEY].")
     @functools.wraps(func)
@@ -211,13 +244,18 @@ def _client_command(func: Callable[..., Any]) -> Callable[..., Any]:
         tls_ca: Path | None,
         tls_cert: Path | None,
         tls_key: Path | None,
+        tls_server_name: str | None,
         api_key: str | None,
         **kwargs: Any,
     ) -> Any:
         if (tls_cert is None) != (tls_key is None):
             raise click.UsageError("--tls-cert and --tls-key go together")
+        client = _open_client(
+            server, timeout=timeout, gallery=gallery, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+            tls_server_name=tls_server_name or None, api_key=api_key or None,
+        )
         try:
-            with GalleryClient(server, timeout=timeout, gallery=gallery, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, api_key=api_key or None) as client:
+            with client:
                 return func(_Session(client, as_json), **kwargs)
         except Unavailable as exc:
             raise click.ClickException(f"{exc} (is a server running at {server}?)") from exc
@@ -774,8 +812,9 @@ def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Data directory whose store holds the keys (a server may be running on it)  "
                   "[default, without --server: the server's default data dir]")
-    @click.option("--server", envvar="FACEGALLERY_SERVER", default=None, metavar="HOST:PORT",
-                  help="Manage the keys through a running server instead (needs an admin --api-key) [env FACEGALLERY_SERVER].")
+    @click.option("--server", envvar="FACEGALLERY_SERVER", default=None, metavar=_SERVER_METAVAR, callback=_check_server,
+                  help="Manage the keys through a running server instead (needs an admin --api-key); several servers as "
+                  "IP:PORT,IP:PORT [env FACEGALLERY_SERVER].")
     @click.option("--api-key", envvar="FACEGALLERY_API_KEY", default=None, metavar="KEY", help="API key, with --server [env FACEGALLERY_API_KEY].")
     @click.option("--tls-ca", envvar="FACEGALLERY_TLS_CA", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                   help="With --server: PEM CA certificate of the server's [env FACEGALLERY_TLS_CA].")
@@ -783,9 +822,17 @@ def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
                   help="With --server: PEM client certificate (mTLS) [env FACEGALLERY_CLIENT_CERT].")
     @click.option("--tls-key", envvar="FACEGALLERY_CLIENT_KEY", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
                   help="With --server: PEM private key of --tls-cert [env FACEGALLERY_CLIENT_KEY].")
+    @click.option("--tls-server-name", envvar="FACEGALLERY_TLS_SERVER_NAME", default=None, metavar="NAME", help=f"With --server: {_TLS_SERVER_NAME_HELP}")
     @functools.wraps(func)
     def wrapper(
-        data_dir: Path | None, server: str | None, api_key: str | None, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None, **kwargs: Any
+        data_dir: Path | None,
+        server: str | None,
+        api_key: str | None,
+        tls_ca: Path | None,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        tls_server_name: str | None,
+        **kwargs: Any,
     ) -> Any:
         from facegallery.server.contract.errors import FaceGalleryError
 
@@ -795,7 +842,10 @@ def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
             if data_dir is not None or server is None:
                 with _store_keys(data_dir) as keys:
                     return func(keys=keys, **kwargs)
-            with GalleryClient(server, api_key=api_key or None, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
+            client = _open_client(
+                server, api_key=api_key or None, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name or None
+            )
+            with client:
                 return func(keys=_ServerKeys(client), **kwargs)
         except Unavailable as exc:
             raise click.ClickException(f"{exc} (is a server running at {server}?)") from exc

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import socket
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -576,18 +578,26 @@ def test_wait_ready_waits_for_serving(fake):
 # client and the real servicer agree on the wire contract.
 
 
-@pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
+@contextlib.contextmanager
+def running_real_server(data_dir: Path, **config):
+    """The real server on a free 127.0.0.1 port with the fake pipeline and its own ``data_dir``;
+    yields ``(address, GalleryServer)``. ``config``: more ServerConfig fields (e.g. TLS)."""
     from fakes import FakePipeline
 
     from facegallery.server.service.app import ServerConfig, create_server
 
-    config = ServerConfig(
-        data_dir=tmp_path_factory.mktemp("real-server"), host="127.0.0.1", port=0, snapshot_interval_s=None
-    )
+    config = ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, snapshot_interval_s=None, **config)
     running = create_server(config, pipeline=FakePipeline(with_head=True, max_image_bytes=4096))
-    yield f"127.0.0.1:{running.port}"
-    running.stop(0)
+    try:
+        yield f"127.0.0.1:{running.port}", running
+    finally:
+        running.stop(0)  # idempotent: a test may have stopped it
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    with running_real_server(tmp_path_factory.mktemp("real-server")) as (address, _):
+        yield address
 
 
 @pytest.fixture()
@@ -770,3 +780,254 @@ def test_real_server_bulk_enroll_paging_export_and_import(real):
     assert real.update_identity("p2", display_name="Two").display_name == "Two"
     assert real.get_gallery().identity_count == 3
     assert real.delete_gallery(target).deleted_templates == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Several servers behind one client: gRPC's round_robin over one ipv4: target, idempotent calls
+# retried on another server. Real servers with their own data dirs; each holds gallery "shared"
+# with an identity of its own, so a search tells which server answered.
+
+SHARED = "shared"
+
+
+@pytest.fixture()
+def two_servers(tmp_path):
+    from fakes import person_embedding
+
+    with running_real_server(tmp_path / "a") as a, running_real_server(tmp_path / "b") as b:
+        for (address, _), identity, colour in ((a, "on-a", (200, 10)), (b, "on-b", (50, 60))):
+            with fc.GalleryClient(address, gallery=SHARED, timeout=10.0) as single:
+                single.create_gallery(SHARED, threshold=1.0)
+                single.enroll(identity, embedding=person_embedding(*colour))
+        yield types.SimpleNamespace(addresses=(a[0], b[0]), servers=(a[1], b[1]))
+
+
+def _answered_by(client: fc.GalleryClient) -> str:
+    """The server that answered one search, named by its only identity."""
+    from fakes import person_embedding
+
+    return client.identify_embedding(person_embedding(100, 100)).matches[0].identity_id
+
+
+def _until_seen(call, expected: set, within_s: float = 5.0) -> set:
+    """Repeat ``call()`` until its answers include ``expected`` (a second connection may come
+    up a call or two after the first) or ``within_s`` passed; returns the answers seen."""
+    seen: set = set()
+    end = time.monotonic() + within_s
+    while not expected <= seen and time.monotonic() < end:
+        seen.add(call())
+    return seen
+
+
+@pytest.mark.parametrize("join", [",".join, list], ids=["comma-string", "sequence"])
+def test_several_addresses_spread_calls_round_robin_over_every_server(two_servers, join):
+    with fc.GalleryClient(join(two_servers.addresses), gallery=SHARED, timeout=10.0) as client:
+        assert _until_seen(lambda: _answered_by(client), {"on-a", "on-b"}) == {"on-a", "on-b"}
+        answers = [_answered_by(client) for _ in range(10)]
+        listed = {tuple(i.identity_id for i in client.list_identities()) for _ in range(4)}
+    assert client.addresses == two_servers.addresses and client.address == ",".join(two_servers.addresses)
+    assert all(a != b for a, b in zip(answers, answers[1:])), answers  # round robin: strictly in turn
+    assert listed == {("on-a",), ("on-b",)}
+
+
+def test_idempotent_calls_go_to_the_other_server_once_one_is_stopped(two_servers):
+    with fc.GalleryClient(",".join(two_servers.addresses), gallery=SHARED, timeout=5.0) as client:
+        assert _until_seen(lambda: _answered_by(client), {"on-a", "on-b"}) == {"on-a", "on-b"}
+        two_servers.servers[0].stop(0)
+        started = time.monotonic()
+        answers = [_answered_by(client) for _ in range(10)]
+        listed = [i.identity_id for i in client.list_identities()]
+        assert client.get_gallery().identity_count == 1 and client.server_info().model.embedding_dim == 128
+        elapsed = time.monotonic() - started
+    assert answers == ["on-b"] * 10 and listed == ["on-b"]
+    assert elapsed < 3.0
+
+
+def test_a_server_down_from_the_start_is_skipped(two_servers):
+    two_servers.servers[0].stop(0)
+    started = time.monotonic()
+    with fc.GalleryClient(list(two_servers.addresses), gallery=SHARED, timeout=5.0) as client:
+        answers = [_answered_by(client) for _ in range(6)]
+    assert answers == ["on-b"] * 6 and time.monotonic() - started < 3.0
+
+
+def test_a_call_refused_unavailable_is_retried_on_the_other_server_but_enroll_never():
+    with running_fake_server() as (address_a, a, _), running_fake_server() as (address_b, b, _):
+        with fc.GalleryClient(f"{address_a},{address_b}", retries=3, timeout=5.0) as client:
+
+            def both_called() -> bool:
+                client.server_info()
+                return a.calls["GetServerInfo"] > 0 and b.calls["GetServerInfo"] > 0
+
+            assert _until_seen(both_called, {True}) >= {True}
+            a.unavailable.update(GetServerInfo=1000, Enroll=1000)  # a refuses these from now on
+            on_a, on_b = a.calls["GetServerInfo"], b.calls["GetServerInfo"]
+            for _ in range(6):
+                assert client.server_info().version == "0.0-fake"
+            enrolled = failed = 0
+            for i in range(6):
+                try:
+                    client.enroll(f"p{i}", embedding=_unit(i))
+                    enrolled += 1
+                except fc.Unavailable:
+                    failed += 1
+    assert b.calls["GetServerInfo"] - on_b == 6  # every call answered by b, first or after a's refusal
+    assert a.calls["GetServerInfo"] - on_a >= 5  # picks alternate: 5 or 6 of the calls met a first
+    assert a.calls["Enroll"] == failed == 3 and b.calls["Enroll"] == enrolled == 3  # one attempt each
+
+
+def test_tls_over_several_addresses_checks_every_certificate_against_one_name(tmp_path):
+    from pki import Pki
+
+    pki = Pki(tmp_path)
+    tls = {"tls_cert": pki.server_cert_path, "tls_key": pki.server_key_path}
+    with running_real_server(tmp_path / "a", **tls) as (a, _), running_real_server(tmp_path / "b", **tls) as (b, _):
+        for address, name in ((a, "only-a"), (b, "only-b")):
+            with fc.GalleryClient(address, tls_ca=pki.ca) as single:
+                single.create_gallery(name)
+        # The certificates name IP 127.0.0.1 (the one host of both addresses) and DNS localhost.
+        for server_name in (None, "localhost"):
+            with fc.GalleryClient(f"{a},{b}", tls_ca=pki.ca, tls_server_name=server_name, timeout=5.0) as client:
+                seen = _until_seen(lambda: next(g.name for g in client.list_galleries() if g.name.startswith("only-")), {"only-a", "only-b"})
+            assert seen == {"only-a", "only-b"}, server_name
+        with fc.GalleryClient(f"{a},{b}", tls_ca=pki.ca, tls_server_name="gallery.example", retries=0, timeout=5.0) as client:
+            with pytest.raises(fc.Unavailable):  # no certificate names it
+                client.server_info()
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("127.0.0.1:5001,gallery-b:5002", "not a numeric IPv4:PORT or \\[IPv6\\]:PORT address; a list of servers takes numeric"),
+        ("127.0.0.1:5001,127.0.0.1", "'127.0.0.1' is not a numeric"),
+        ("127.0.0.1:5001,127.0.0.1:70000", "'127.0.0.1:70000' is not a numeric"),
+        ("::1:5001,::1:5002", "'::1:5001' is not a numeric"),
+        ("127.0.0.1:5001,,127.0.0.1:5002", "an empty server address"),
+        ("127.0.0.1:5001,", "an empty server address"),
+        ("", "the server address is empty"),
+        ([], "no server address"),
+        (["127.0.0.1:5001,127.0.0.1:5002"], "one address per item"),
+        ("127.0.0.1:5001,[::1]:5002", "mixes IPv4 and IPv6"),
+        ("127.0.0.1:5001, 127.0.0.1:5001", "127.0.0.1:5001 is listed twice"),
+    ],
+    ids=["host-name", "no-port", "bad-port", "bare-ipv6", "empty-item", "trailing-comma", "empty", "no-items", "commas-in-item", "mixed", "twice"],
+)
+def test_malformed_address_lists_are_refused_when_the_client_is_made(address, message):
+    with pytest.raises(ValueError, match=message):
+        fc.GalleryClient(address)
+
+
+def test_an_address_that_is_not_a_string_is_refused():
+    with pytest.raises(TypeError):
+        fc.GalleryClient(["127.0.0.1:5001", 5002])
+
+
+@pytest.fixture()
+def channels(monkeypatch):
+    """Records ``(target, options)`` of every channel the client opens (then opened for real)."""
+    opened = []
+
+    def recording(real):
+        def channel(target, *args, options=(), **kwargs):
+            opened.append((target, dict(options)))
+            return real(target, *args, options=options, **kwargs)
+
+        return channel
+
+    monkeypatch.setattr(grpc, "insecure_channel", recording(grpc.insecure_channel))
+    monkeypatch.setattr(grpc, "secure_channel", recording(grpc.secure_channel))
+    return opened
+
+
+@pytest.mark.parametrize(
+    ("address", "target", "balanced"),
+    [
+        ("localhost:50051", "localhost:50051", False),
+        (" localhost:50051", " localhost:50051", False),  # one address: passed on as given, as before
+        (["localhost:50051"], "localhost:50051", False),
+        ("dns:///gallery.internal:50051", "dns:///gallery.internal:50051", True),
+        ("10.0.0.5:50051, 10.0.0.6:50051", "ipv4:10.0.0.5:50051,10.0.0.6:50051", True),
+        (["[fd00::5]:50051", "[fd00::6]:50051"], "ipv6:[fd00::5]:50051,[fd00::6]:50051", True),
+    ],
+    ids=["one", "one-as-given", "one-item", "dns", "ipv4-list", "ipv6-list"],
+)
+def test_one_address_keeps_its_target_and_several_become_one_round_robin_target(channels, address, target, balanced):
+    with fc.GalleryClient(address, retries=2) as client:
+        assert client.is_closed is False
+    [(opened, options)] = channels
+    config = json.loads(options["grpc.service_config"])
+    assert opened == target and "grpc.default_authority" not in options
+    assert config.get("loadBalancingConfig") == ([{"round_robin": {}}] if balanced else None)
+    [methods] = config["methodConfig"]
+    assert methods["retryPolicy"]["maxAttempts"] == 3 and methods["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert not {"Enroll", "BulkEnroll", "CreateGallery", "DeleteIdentity", "ImportEmbeddings"} & {m["method"] for m in methods["name"]}
+
+
+@pytest.mark.parametrize(
+    ("address", "server_name", "authority"),
+    [
+        ("127.0.0.1:5001", None, None),
+        ("gallery.internal:5001", "gallery.internal", "gallery.internal"),
+        ("127.0.0.1:5001,127.0.0.1:5002", None, "127.0.0.1"),
+        ("[::1]:5001,[::1]:5002", None, "[::1]"),
+        ("10.0.0.5:5001,10.0.0.6:5001", "gallery.internal", "gallery.internal"),
+    ],
+    ids=["one", "one-named", "one-host", "one-ipv6-host", "several-hosts-named"],
+)
+def test_tls_authority_is_set_only_when_the_target_cannot_name_the_certificate(channels, tmp_path, address, server_name, authority):
+    from pki import Pki
+
+    ca = Pki(tmp_path).ca
+    with fc.GalleryClient(address, tls_ca=ca, tls_server_name=server_name):
+        pass
+    [(_, options)] = channels
+    assert options.get("grpc.default_authority") == authority
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"address": "10.0.0.5:5001,10.0.0.6:5001", "tls_ca": b"pem"}, "need tls_server_name"),
+        ({"address": "127.0.0.1:5001", "tls_server_name": "localhost"}, "tls_server_name needs TLS"),
+        ({"address": "127.0.0.1:5001", "tls_ca": b"pem", "tls_server_name": "a,b"}, "one host name"),
+    ],
+    ids=["several-hosts", "no-tls", "list"],
+)
+def test_tls_server_name_is_required_for_several_hosts_and_refused_without_tls(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fc.GalleryClient(**kwargs)
+
+
+def test_cli_server_option_and_env_take_several_addresses(two_servers):
+    from click.testing import CliRunner
+
+    from facegallery.client.cli import main
+
+    two_servers.servers[0].stop(0)
+    both = ",".join(two_servers.addresses)
+    runner = CliRunner()
+    for args, env in ((["--server", both], {}), ([], {"FACEGALLERY_SERVER": both})):
+        result = runner.invoke(main, ["identities", "--gallery", SHARED, "--json", *args], env=env)
+        assert result.exit_code == 0, result.output
+        assert [json.loads(line)["identity_id"] for line in result.output.splitlines()] == ["on-b"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["identities", "--server", "127.0.0.1:5001,gallery-b:5002"], "Invalid value for '--server': 'gallery-b:5002' is not a numeric"),
+        (["identities", "--server", "127.0.0.1:5001,[::1]:5002"], "Invalid value for '--server'"),
+        (["keys", "list", "--server", "127.0.0.1:5001,"], "Invalid value for '--server': an empty server address"),
+        (["identities", "--server", "10.0.0.5:5001,10.0.0.6:5001", "--tls-ca", "CA"], "need --tls-server-name"),
+    ],
+    ids=["host-name", "mixed", "keys-empty-item", "tls-several-hosts"],
+)
+def test_cli_refuses_a_malformed_server_list_as_bad_usage(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from facegallery.client.cli import main
+
+    (tmp_path / "ca.pem").write_bytes(b"pem")
+    args = [str(tmp_path / "ca.pem") if a == "CA" else a for a in args]
+    result = CliRunner().invoke(main, args, env={"FACEGALLERY_SERVER": None})
+    assert result.exit_code == 2 and message in result.output, result.output
