@@ -219,8 +219,10 @@ def _strangers(n: int, seed: int, offset: int = 0) -> list[NewTemplate]:
 
 
 def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import(tmp_path, monkeypatch):
+    from facegallery.server.gallery import open_set
     from facegallery.server.gallery.open_set import OpenSetScorer
 
+    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_TEMPLATES", 500)  # as if 400 templates were many
     pipeline = FakePipeline()
     manager = GalleryManager.open(tmp_path, pipeline)
     try:
@@ -248,13 +250,19 @@ def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import
         manager.import_embeddings("g", pipeline.model_id, _strangers(800, 2, offset=800))
         waited = manager.decision_status("g", wait_s=30)  # done within the wait: the new calibration
         assert not waited.recalibrating and waited.identities == 1600
+        monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_TEMPLATES", 20_000)
+        manager.import_embeddings("g", pipeline.model_id, _strangers(1600, 3, offset=1600))
+        small = manager.decision_status("g", wait_s=0)  # a small gallery's recalibration is waited for
+        assert not small.recalibrating and small.identities == 3200
     finally:
         manager.close()
 
 
 def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_path, monkeypatch, caplog):
+    from facegallery.server.gallery import open_set
     from facegallery.server.gallery.open_set import OpenSetScorer
 
+    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_TEMPLATES", 500)
     pipeline = FakePipeline()
     manager = GalleryManager.open(tmp_path, pipeline)
     manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))

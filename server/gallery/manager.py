@@ -320,7 +320,9 @@ class GalleryManager:
         recomputed before the next search decides (at 1M templates ~40 s, docs/scale.md). With
         ``wait_s`` (seconds) the call waits at most that long for it, then returns the previous
         one with ``recalibrating`` set (status reports: GetGallery, ListGalleries wait
-        :data:`STATUS_WAIT_S`); None waits for it."""
+        :data:`STATUS_WAIT_S`); None waits for it, and so does any wait for a gallery of up to
+        open_set.py ``STATUS_FULL_WAIT_TEMPLATES`` (20,000) templates, whose recalibration takes
+        seconds."""
         return self._gallery(name).decision_status(wait_s=wait_s)
 
     def find_duplicates(self, name: str, *, max_pairs: int = 100) -> list[DuplicatePair]:
