@@ -5,7 +5,7 @@ load), each round into fresh galleries, on real photos of ``../shared/faces`` (L
 files, one identity per folder; sorted paths, every k-th):
 
 * **old**: the server as it was: onnxruntime runs on one thread per core (``PipelineConfig(
-  intra_op_threads=0)``), and one item at a time: the client sends an item only after the result
+  intra_op_threads=0)``), the batching embedder waits 5 ms for more chips, and one item at a time: the client sends an item only after the result
   of the previous one, so the server never holds two (what ``BulkEnroll`` did with any client);
 * **new**: the default server, with ``GalleryClient.bulk_enroll`` streaming every item (the
   server analyses up to ``bulk_enroll_window`` of them at once).
@@ -110,7 +110,7 @@ def main() -> None:
     print(f"{len(photos)} photos ({statistics.fmean(len(d) for _, d in photos) / 1e3:.0f} KB each) from {', '.join(SOURCES)}; model {model_dir}")
     with tempfile.TemporaryDirectory() as tmp:
         base = dict(port=0, model_dir=model_dir, snapshot_interval_s=None)
-        old = create_server(ServerConfig(data_dir=Path(tmp) / "old", pipeline=PipelineConfig(intra_op_threads=0), **base))
+        old = create_server(ServerConfig(data_dir=Path(tmp) / "old", pipeline=PipelineConfig(intra_op_threads=0), batch_max_delay_ms=5.0, **base))
         new = create_server(ServerConfig(data_dir=Path(tmp) / "new", **base))
         try:
             for running in (old, new):  # warm-up: first runs of the sessions

@@ -11,14 +11,6 @@
 The gallery (gallery/manager.py) and the CLI call :meth:`FacePipeline.analyze`; the server may wrap
 the embedder in a batching layer shared by concurrent requests (batching.py).
 
-Analysis ahead: ``BulkEnroll`` (service/servicer.py) analyses the images of a stream on a small
-pool, several at once, and enrolls them one by one in request order through the gallery, which
-calls :meth:`FacePipeline.analyze` again for each image. :func:`analyzed_ahead` hands that call the
-result already computed (a future) instead of analysing the image twice: for the block of the
-``with``, an ``analyze`` on this thread (and context) of the *same* bytes object and kind, with the
-default detection settings and at most the faces analysed ahead, returns (or raises) the ahead
-result.
-
 Memory: before decoding, :meth:`FacePipeline.analyze` reads the image header, estimates the call's
 working memory and holds it in the pipeline's :class:`~facegallery.server.face.memory_budget.MemoryBudget`
 for the call (memory_budget.py: waits briefly, then RESOURCE_EXHAUSTED). Photos over
@@ -29,16 +21,12 @@ downscaled copy anyway; boxes and landmarks are mapped back to pixels of the ful
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
@@ -71,7 +59,7 @@ from facegallery.server.face.memory_budget import (
 )
 from facegallery.server.face.same_head import SameHead
 
-__all__ = ["PipelineConfig", "FacePipeline", "ChipEmbedder", "DEFAULT_REDUCE_ABOVE_PIXELS", "analyzed_ahead"]
+__all__ = ["PipelineConfig", "FacePipeline", "ChipEmbedder", "DEFAULT_REDUCE_ABOVE_PIXELS"]
 
 #: Photos over this many pixels are decoded at reduced size (above the largest golden test image,
 #: 4352 px a side / 14 MP, and common 12-20 MP phone photos). See :meth:`FacePipeline.reduce_factor`.
@@ -80,52 +68,6 @@ DEFAULT_REDUCE_ABOVE_PIXELS = 24_000_000
 LOG = logging.getLogger(__name__)
 
 ImageInput = bytes | Image.Image | np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class _AheadResult:
-    """The analysis of ``image`` (this very object) as ``kind``, keeping ``max_faces`` (0 = all)."""
-
-    image: object
-    kind: ImageKind
-    max_faces: int
-    faces: Future[list[Face]]
-
-    def serves(self, image: object, kind: ImageKind, max_faces: int, detection: DetectionConfig | None) -> bool:
-        """Whether an ``analyze(image, kind=kind, max_faces=max_faces, detection=detection)`` call
-        returns what this ahead analysis computed."""
-        enough = self.max_faces == 0 or 0 < max_faces <= self.max_faces
-        return image is self.image and kind is self.kind and detection is None and enough
-
-    def result(self, max_faces: int) -> list[Face]:
-        """The ahead analysis' faces (waiting for it), ``max_faces`` of them; raises what it raised."""
-        faces = self.faces.result()
-        return faces[:max_faces] if max_faces else list(faces)
-
-
-_AHEAD: contextvars.ContextVar[_AheadResult | None] = contextvars.ContextVar("facegallery_analysis_ahead", default=None)
-
-
-@contextlib.contextmanager
-def analyzed_ahead(image: object, kind: ImageKind, max_faces: int, faces: Future[list[Face]]) -> Iterator[None]:
-    """Within the block, :meth:`FacePipeline.analyze` of ``image`` takes ``faces`` instead of analysing.
-
-    Parameters
-    ----------
-    image : bytes
-        The very object (``is``, not ``==``) the ahead analysis was given and the call passes on.
-    kind : ImageKind
-        The kind it was analysed as.
-    max_faces : int
-        The ``max_faces`` it was analysed with (0 = all); calls asking for more analyse normally.
-    faces : Future of list[Face]
-        The ahead ``analyze(image, kind=kind, max_faces=max_faces)``; its exception is re-raised.
-    """
-    token = _AHEAD.set(_AheadResult(image, kind, max_faces, faces))
-    try:
-        yield
-    finally:
-        _AHEAD.reset(token)
 
 
 class ChipEmbedder(Protocol):
@@ -315,14 +257,9 @@ class FacePipeline:
         ------
         ImageDecodeError, ImageTooLargeError, InvalidInput
             Undecodable input, input over the limits, a chip of the wrong size.
-
-        Inside :func:`analyzed_ahead` for this image, returns (or raises) the ahead analysis.
         """
         if max_faces < 0:
             raise InvalidInput(f"max_faces must be >= 0, got {max_faces}")
-        ahead = _AHEAD.get()
-        if ahead is not None and ahead.serves(image, kind, max_faces, detection):
-            return ahead.result(max_faces)
         detection = detection or self.config.detection
         header = read_header(image, self.config.decode_limits)
         reduce = self.reduce_factor(header, kind, detection)

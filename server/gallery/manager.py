@@ -119,6 +119,7 @@ __all__ = [
     "FaceAnalyzer",
     "FacePolicy",
     "GalleryManager",
+    "PreparedEnrollment",
     "snapshot_path",  # from snapshot.py: with STORE_FILE and INDEX_DIR, the data directory layout
 ]
 
@@ -162,6 +163,27 @@ class FacePolicy(enum.Enum):
 
     LARGEST = "largest"  # enroll the largest face by box area
     REJECT_MULTIPLE = "reject_multiple"  # MultipleFacesError (FAILED_PRECONDITION)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedEnrollment:
+    """An enrollment checked and embedded, not yet stored (:meth:`GalleryManager.prepare_enrollment`).
+
+    ``embedding`` ``(D,) float32`` with ``face`` (None for an embedding request) and the image's
+    ``source_sha256``; ``replay``: the first result of a remembered request id (then nothing is
+    stored).
+    """
+
+    gallery: IndexedGallery
+    identity_id: str
+    embedding: np.ndarray
+    face: Face | None
+    source_sha256: str
+    display_name: str
+    metadata: dict[str, str]
+    request_id: str
+    fingerprint: str
+    replay: EnrollResult | None = None
 
 
 class GalleryManager:
@@ -465,6 +487,43 @@ class GalleryManager:
         NotFound
             Unknown gallery.
         """
+        return self.store_enrollment(
+            self.prepare_enrollment(
+                gallery,
+                identity_id,
+                image=image,
+                embedding=embedding,
+                model_id=model_id,
+                kind=kind,
+                display_name=display_name,
+                metadata=metadata,
+                face_policy=face_policy,
+                request_id=request_id,
+            )
+        )
+
+    def prepare_enrollment(
+        self,
+        gallery: str,
+        identity_id: str,
+        *,
+        image: bytes | None = None,
+        embedding: np.ndarray | None = None,
+        model_id: str | None = None,
+        kind: ImageKind = ImageKind.PHOTO,
+        display_name: str = "",
+        metadata: dict[str, str] | None = None,
+        face_policy: FacePolicy = FacePolicy.LARGEST,
+        request_id: str = "",
+    ) -> PreparedEnrollment:
+        """The first half of :meth:`enroll`: check the request and compute its embedding.
+
+        Takes :meth:`enroll`'s arguments and raises what it raises before storing anything. A
+        request whose ``request_id`` is remembered comes back as its first result (``replay``),
+        without running the pipeline. Runs on any thread, several at once: BulkEnroll prepares a
+        window of items side by side (the pipeline is the expensive half). Then hand the results to
+        :meth:`store_enrollment` in the order the enrollments are to take effect.
+        """
         state = self._gallery(gallery)
         check_identity_id(identity_id)
         check_display_name(display_name)
@@ -476,8 +535,8 @@ class GalleryManager:
             fingerprint = _enroll_fingerprint(identity_id, image, embedding, model_id, kind, display_name, metadata, face_policy)
             remembered = self.store.remembered_enroll(gallery, request_id)
             if remembered is not None:
-                return _replayed(remembered, fingerprint)
-        self._check_merged_metadata(gallery, {identity_id: metadata})
+                return PreparedEnrollment(state, identity_id, np.zeros(0, np.float32), None, "", display_name, metadata, request_id, fingerprint, _replayed(remembered, fingerprint))
+        self._check_merged_metadata(gallery, {identity_id: metadata})  # early; store_enrollment checks again, in order
         if (image is None) == (embedding is None):
             raise InvalidInput("enroll needs exactly one of an image or an embedding")
         face: Face | None = None
@@ -492,16 +551,32 @@ class GalleryManager:
         else:
             self._check_embedding_model(state, model_id)
             vector = check_embedding(embedding, state.embedding_dim)
-        (scored,), calibration = state.identify(vector[None], 1, exclude=[identity_id])
+        return PreparedEnrollment(state, identity_id, vector, face, sha, display_name, metadata, request_id, fingerprint)
+
+    def store_enrollment(self, prepared: PreparedEnrollment) -> EnrollResult:
+        """The second half of :meth:`enroll`: the duplicate check and the durable write.
+
+        Checks the identity's stored metadata merged with the new (again: an earlier enrollment
+        may have added to it since :meth:`prepare_enrollment`), searches the gallery for a
+        possible duplicate under its decision rule, and stores the template (with its request id).
+        Returns the result once durable and searchable; the first result when the request id
+        was stored meanwhile (a concurrent retry). Raises InvalidInput (merged metadata),
+        RequestIdReusedError, NotFound (the gallery deleted meanwhile).
+        """
+        if prepared.replay is not None:
+            return prepared.replay
+        state, identity_id = prepared.gallery, prepared.identity_id
+        self._check_merged_metadata(state.name, {identity_id: prepared.metadata})
+        (scored,), calibration = state.identify(prepared.embedding[None], 1, exclude=[identity_id])
         duplicate = Match.from_scored(scored[0]) if scored and scored[0].score <= calibration.threshold else None
-        item = NewTemplate(identity_id, vector, display_name=display_name, metadata=metadata, source_sha256=sha, face=face)
-        request = IdempotentRequest(request_id, fingerprint, _match_json(duplicate)) if request_id else None
+        item = NewTemplate(identity_id, prepared.embedding, display_name=prepared.display_name, metadata=prepared.metadata, source_sha256=prepared.source_sha256, face=prepared.face)
+        request = IdempotentRequest(prepared.request_id, prepared.fingerprint, _match_json(duplicate)) if prepared.request_id else None
         try:
             (added,) = state.add_templates([item], request=request)
         except EnrollReplayed as exc:  # a concurrent retry stored it first
-            return _replayed(exc.remembered, fingerprint)
+            return _replayed(exc.remembered, prepared.fingerprint)
         LOG.debug("enrolled template %d of %r in %r", added.template_id, identity_id, state.name)
-        return EnrollResult(identity_id, added.template_id, face, added.identity_created, duplicate, sha)
+        return EnrollResult(identity_id, added.template_id, prepared.face, added.identity_created, duplicate, prepared.source_sha256)
 
     def _check_merged_metadata(self, gallery: str, additions: dict[str, dict[str, str]]) -> None:
         """Raise InvalidInput when an identity's stored metadata merged with ``additions[id]`` (the

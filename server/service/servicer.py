@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent import futures
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -33,11 +33,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from facegallery.server.contract.errors import EmbeddingShapeError, InvalidInput, NotFound
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.face.memory_budget import MemoryBudgetExhausted
-from facegallery.server.face.pipeline import analyzed_ahead
 from facegallery.server.gallery.decision import DEFAULT_POLICY, Aggregation, DecisionPolicy, DecisionStatus, Normalization, ScoreKind
 from facegallery.server.gallery.keys import ApiKeyRecord, Role, create_key, revoke_key
-from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, STATUS_WAIT_S, FacePolicy, GalleryManager
-from facegallery.server.gallery.results import DuplicatePair, Identification, Match
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, STATUS_WAIT_S, FacePolicy, GalleryManager, PreparedEnrollment
+from facegallery.server.gallery.results import DuplicatePair, EnrollResult, Identification, Match
 from facegallery.server.gallery.store import ExportedTemplate, GalleryRecord, IdentityRecord, NewTemplate, TemplateBatch, TemplateRecord
 from facegallery.server.service.auth import caller_key, check_gallery
 from facegallery.server.service.status import status_message
@@ -76,9 +75,6 @@ DEFAULT_MAX_PAIRS = 100
 _UPDATABLE = {"display_name", "metadata"}
 #: BulkEnroll items of one stream whose images are analysed at once (``GalleryServicer(bulk_enroll_window=)``).
 DEFAULT_BULK_ENROLL_WINDOW = 4
-#: Faces a BulkEnroll image is analysed for ahead: enough for either face policy (LARGEST enrolls
-#: the first, REJECT_MULTIPLE refuses a second).
-_AHEAD_FACES = 2
 _E = TypeVar("_E", ImageKind, FacePolicy, Normalization, Aggregation)
 _M = TypeVar("_M")  # a request message of a stream
 
@@ -87,20 +83,20 @@ _M = TypeVar("_M")  # a request message of a stream
 class _BulkItem:
     """One BulkEnroll item between its arrival and its result.
 
-    ``error``: why it fails before enrollment (reported in order); ``image``/``kind``/``faces``:
-    its image bytes, their kind and their ahead analysis (None for an embedding item).
+    ``error``: why it fails before enrollment (reported in order); else ``arguments``, its
+    ``GalleryManager.enroll`` keywords, and ``prepared``, their ``prepare_enrollment`` running on
+    the stream's pool.
     """
 
     index: int
     request: pb.EnrollRequest
     error: Exception | None = None
-    image: bytes | None = None
-    kind: ImageKind = ImageKind.PHOTO
-    faces: futures.Future[list[Face]] | None = None
+    arguments: dict[str, Any] | None = None
+    prepared: futures.Future[PreparedEnrollment] | None = None
 
     def analyzed(self) -> bool:
-        """Whether the item can be enrolled without waiting for its analysis."""
-        return self.faces is None or self.faces.done()
+        """Whether the item can be stored without waiting for its preparation."""
+        return self.prepared is None or self.prepared.done()
 
 
 _END = object()
@@ -222,7 +218,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         NOT_FOUND unknown gallery; FAILED_PRECONDITION several faces under REJECT_MULTIPLE, or a
         gallery of another model than the server's (image) or the embedding's ``model_id``;
         RESOURCE_EXHAUSTED image over the limits."""
-        return self._enroll(request, request.image.data if request.WhichOneof("source") == "image" else None)
+        return self._enroll(request)
 
     def BulkEnroll(self, request_iterator: Iterable[pb.BulkEnrollRequest], context: grpc.ServicerContext) -> Iterator[pb.BulkEnrollResponse]:
         """One result per request, in order: the EnrollResponse, or the google.rpc.Status (with
@@ -236,12 +232,12 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         """The items' results in request order, the images of up to ``bulk_enroll_window`` items
         analysed at once.
 
-        Each image item is analysed (decode, detect, landmarks, embed: ``pipeline.analyze``) ahead
-        on a pool of ``bulk_enroll_window`` threads of this stream, so the chips of several items
-        share the batching embedder and both cores; the items are then enrolled one by one on the
-        stream's thread in request order (pipeline.py ``analyzed_ahead`` hands each its analysis),
-        so template ids, identity creation, metadata merges and duplicate checks are those of
-        sequential enrollment. A reader thread takes the messages, so results go out as soon as
+        Each item is prepared (checks, and for an image decode, detect, landmarks, embed:
+        manager.py ``GalleryManager.prepare_enrollment``) ahead on a pool of
+        ``bulk_enroll_window`` threads of this stream, so the chips of several items share the
+        batching embedder and both cores; the items are then stored one by one on the stream's
+        thread in request order (``store_enrollment``), so template ids, identity creation,
+        metadata merges and duplicate checks are those of sequential enrollment. A reader thread takes the messages, so results go out as soon as
         they are ready even while the client waits for them before sending more. Memory: at most
         ``bulk_enroll_window`` messages read and not answered (besides streams.py's read-ahead),
         and every analysis holds its estimate of the pipeline's memory budget;
@@ -268,8 +264,8 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
                     item = self._start_bulk_item(pool, index, value.request, context)
                     pending.append(item)
                     index += 1
-                    if item.faces is not None:
-                        item.faces.add_done_callback(lambda _: events.put(("analyzed", None)))
+                    if item.prepared is not None:
+                        item.prepared.add_done_callback(lambda _: events.put(("analyzed", None)))
                 elif what == "end":
                     ended = True
                 elif what == "error":
@@ -280,59 +276,33 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _start_bulk_item(self, pool: futures.Executor, index: int, request: pb.EnrollRequest, context: grpc.ServicerContext) -> _BulkItem:
-        """Check the caller's access to the item's gallery and start the analysis of its image."""
+        """Check the caller's access to the item's gallery and start its preparation."""
         try:
             check_gallery(context, request.gallery)  # outside the caller key's galleries: as if missing
-            if request.WhichOneof("source") != "image":
-                return _BulkItem(index, request)
-            image, kind = request.image.data, _image_kind(request.image.kind)
+            arguments = _enroll_arguments(request)
         except Exception as exc:  # reported in order, as the item's result
             return _BulkItem(index, request, error=exc)
-        faces = pool.submit(self.manager.pipeline.analyze, image, kind=kind, max_faces=_AHEAD_FACES)
-        return _BulkItem(index, request, image=image, kind=kind, faces=faces)
+        return _BulkItem(index, request, arguments=arguments, prepared=pool.submit(self.manager.prepare_enrollment, **arguments))
 
     def _finish_bulk_item(self, item: _BulkItem, pending: Iterable[_BulkItem]) -> pb.BulkEnrollResponse:
-        """Enroll one item with its ahead analysis; its result or its status."""
+        """Store one prepared item; its result or its status."""
         try:
             if item.error is not None:
                 raise item.error
-            if item.faces is None:
-                response = self._enroll(item.request, None)
+            assert item.prepared is not None and item.arguments is not None
+            if isinstance(item.prepared.exception(), MemoryBudgetExhausted):  # perhaps held by this stream's own items
+                futures.wait([p.prepared for p in pending if p.prepared is not None])
+                prepared = self.manager.prepare_enrollment(**item.arguments)  # again, alone
             else:
-                if isinstance(item.faces.exception(), MemoryBudgetExhausted):  # perhaps held by this stream's own items
-                    futures.wait([p.faces for p in pending if p.faces is not None])
-                    response = self._enroll(item.request, item.image)
-                else:
-                    with analyzed_ahead(item.image, item.kind, _AHEAD_FACES, item.faces):
-                        response = self._enroll(item.request, item.image)
+                prepared = item.prepared.result()
+            response = _enroll_response(self.manager.store_enrollment(prepared))
         except Exception as exc:  # one item must not end the stream; the interceptor's rule per item
             return pb.BulkEnrollResponse(index=item.index, error=status_message(exc, f"BulkEnroll item {item.index}", item.request))
         return pb.BulkEnrollResponse(index=item.index, response=response)
 
-    def _enroll(self, request: pb.EnrollRequest, image: bytes | None) -> pb.EnrollResponse:
-        """``manager.enroll`` of one request; ``image`` is its image bytes (None for an embedding)."""
-        source = request.WhichOneof("source")
-        embedded = source == "embedding"
-        result = self.manager.enroll(
-            _gallery_name(request.gallery),
-            request.identity_id,
-            image=image,
-            kind=_image_kind(request.image.kind) if source == "image" else ImageKind.PHOTO,
-            embedding=_vector(request.embedding) if embedded else None,
-            model_id=_model_id(request) if embedded else None,  # the proto ignores it for images
-            display_name=request.display_name,
-            metadata=dict(request.metadata),
-            face_policy=_face_policy(request.face_policy),
-            request_id=request.request_id,
-        )
-        return pb.EnrollResponse(
-            identity_id=result.identity_id,
-            template_id=result.template_id,
-            identity_created=result.identity_created,
-            source_sha256=result.source_sha256,
-            face=_optional_face(result.face),
-            possible_duplicate=None if result.possible_duplicate is None else _match(result.possible_duplicate),
-        )
+    def _enroll(self, request: pb.EnrollRequest) -> pb.EnrollResponse:
+        """``manager.enroll`` of one request."""
+        return _enroll_response(self.manager.enroll(**_enroll_arguments(request)))
 
     # -- search ------------------------------------------------------------------------------
 
@@ -521,6 +491,35 @@ def _gallery_name(name: str) -> str:
 
 def _image_kind(kind: int) -> ImageKind:
     return _enum_value(_IMAGE_KINDS, kind, "image kind")
+
+
+def _enroll_arguments(request: pb.EnrollRequest) -> dict[str, Any]:
+    """``GalleryManager.enroll`` keywords of an Enroll request (its image bytes or embedding)."""
+    source = request.WhichOneof("source")
+    embedded = source == "embedding"
+    return {
+        "gallery": _gallery_name(request.gallery),
+        "identity_id": request.identity_id,
+        "image": request.image.data if source == "image" else None,
+        "kind": _image_kind(request.image.kind) if source == "image" else ImageKind.PHOTO,
+        "embedding": _vector(request.embedding) if embedded else None,
+        "model_id": _model_id(request) if embedded else None,  # the proto ignores it for images
+        "display_name": request.display_name,
+        "metadata": dict(request.metadata),
+        "face_policy": _face_policy(request.face_policy),
+        "request_id": request.request_id,
+    }
+
+
+def _enroll_response(result: EnrollResult) -> pb.EnrollResponse:
+    return pb.EnrollResponse(
+        identity_id=result.identity_id,
+        template_id=result.template_id,
+        identity_created=result.identity_created,
+        source_sha256=result.source_sha256,
+        face=_optional_face(result.face),
+        possible_duplicate=None if result.possible_duplicate is None else _match(result.possible_duplicate),
+    )
 
 
 def _face_policy(policy: int) -> FacePolicy:
