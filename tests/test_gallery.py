@@ -102,6 +102,28 @@ def test_enroll_image_and_possible_duplicate(manager):
     assert manager.get_gallery("default").identity_count == 3
 
 
+def test_prepared_enrollments_are_stored_in_the_order_given(manager):
+    # prepared side by side (as BulkEnroll's window), stored in order: each store sees the ones before
+    near = manager.prepare_enrollment("default", "ann-2", image=shot(ANN, 255))
+    first = manager.prepare_enrollment("default", "ann", image=shot(ANN), display_name="Ann", metadata={f"k{i}": "v" for i in range(40)})
+    more = manager.prepare_enrollment("default", "ann", embedding=person_embedding(*ANN, 150), metadata={f"m{i}": "v" for i in range(40)})
+    retry = manager.prepare_enrollment("default", "bob", image=shot(BOB), request_id="req-1")
+    twice = manager.prepare_enrollment("default", "bob", image=shot(BOB), request_id="req-1")
+    assert manager.get_gallery("default").template_count == 0  # preparing stores nothing
+    stored = manager.store_enrollment(first)
+    assert stored.identity_created and stored.face is not None and stored.possible_duplicate is None
+    with pytest.raises(InvalidInput, match="merged"):  # 80 keys once merged with what "ann" holds now
+        manager.store_enrollment(more)
+    twin = manager.store_enrollment(near)  # its duplicate search runs now, so it finds ann
+    assert twin.possible_duplicate is not None and twin.possible_duplicate.identity_id == "ann"
+    bob = manager.store_enrollment(retry)
+    replayed = manager.store_enrollment(twice)  # the request id was stored in between: the first result
+    assert (replayed.template_id, replayed.identity_created, replayed.source_sha256) == (bob.template_id, True, bob.source_sha256)
+    assert manager.get_gallery("default").template_count == 3
+    remembered = manager.prepare_enrollment("default", "bob", image=shot(BOB), request_id="req-1")
+    assert remembered.replay.template_id == bob.template_id and remembered.face is None  # known at once: no analysis
+
+
 def test_enroll_errors(manager):
     with pytest.raises(NoFaceError):
         manager.enroll("default", "x", image=photo((0, 0, 0)))
