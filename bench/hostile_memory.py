@@ -132,7 +132,7 @@ def measure_factor(side: int, fmt: str, reduce_above: int) -> str:
     """One analyze in this process: peak RSS over start, per MP (run in a fresh process)."""
     from PIL import Image
 
-    from facegallery.server.face.memory_budget import return_memory_to_os
+    from facegallery.server.contract.process_memory import return_memory_to_os
     from facegallery.server.face.pipeline import FacePipeline, PipelineConfig
 
     pipeline = FacePipeline.from_model_dir(_model_dir(), PipelineConfig(reduce_above_pixels=reduce_above, memory_budget_bytes=0))

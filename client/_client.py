@@ -271,8 +271,11 @@ class GalleryClient:
     score): a match is ``score <= threshold``. Verify and compare decide on
     ``distance <= threshold`` (0.6 for the default dlib model).
 
-    Several servers (scaled out, e.g. stateless servers of one store) can be given as one
-    comma-separated string or a sequence of addresses::
+    Several servers that answer from the same galleries can be given as one comma-separated
+    string or a sequence of addresses (with the embedded store each server keeps its own data
+    directory, so that means replicas loaded with the same galleries; an enrollment through one
+    is not seen by another, and a ``list_identities`` page token is valid only on the server
+    that issued it)::
 
         GalleryClient("10.0.0.5:50051,10.0.0.6:50051")
         GalleryClient(["10.0.0.5:50051", "10.0.0.6:50051"])

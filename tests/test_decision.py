@@ -222,7 +222,7 @@ def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import
     from facegallery.server.gallery import open_set
     from facegallery.server.gallery.open_set import OpenSetScorer
 
-    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_TEMPLATES", 500)  # as if 400 templates were many
+    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)  # as if 400 templates were many
     pipeline = FakePipeline()
     manager = GalleryManager.open(tmp_path, pipeline)
     try:
@@ -250,10 +250,18 @@ def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import
         manager.import_embeddings("g", pipeline.model_id, _strangers(800, 2, offset=800))
         waited = manager.decision_status("g", wait_s=30)  # done within the wait: the new calibration
         assert not waited.recalibrating and waited.identities == 1600
-        monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_TEMPLATES", 20_000)
+        monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 20_000)
         manager.import_embeddings("g", pipeline.model_id, _strangers(1600, 3, offset=1600))
         small = manager.decision_status("g", wait_s=0)  # a small gallery's recalibration is waited for
         assert not small.recalibrating and small.identities == 3200
+        monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)
+        release.clear()  # the next recalibration is held again
+        manager.update_gallery("g", policy=DecisionPolicy.targeting(0.001, normalization=Normalization.NONE))
+        provisional = manager.decision_status("g", wait_s=0)  # no calibration under the new policy yet
+        assert provisional.recalibrating and provisional.basis.startswith("provisional, while the leave-one-out calibration runs")
+        release.set()
+        stricter = manager.decision_status("g")
+        assert not stricter.recalibrating and stricter.basis.startswith("Gumbel fit") and stricter.threshold < small.threshold
     finally:
         manager.close()
 
@@ -262,7 +270,7 @@ def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_p
     from facegallery.server.gallery import open_set
     from facegallery.server.gallery.open_set import OpenSetScorer
 
-    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_TEMPLATES", 500)
+    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)
     pipeline = FakePipeline()
     manager = GalleryManager.open(tmp_path, pipeline)
     manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))
@@ -292,6 +300,9 @@ def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_p
     with pytest.raises(GalleryClosed) as raised:
         manager.identify_embedding("g", on_axis(0))
     assert (raised.value.code, raised.value.reason) == ("UNAVAILABLE", "NOT_READY")
+    for call in (manager.list_galleries, lambda: manager.get_gallery("g"), lambda: manager.create_gallery("h")):
+        with pytest.raises(GalleryClosed):  # not the closed store's RuntimeError (INTERNAL)
+            call()
 
 
 def test_a_restart_decides_with_the_stored_calibration_until_the_gallery_changes(tmp_path, monkeypatch):

@@ -124,6 +124,20 @@ def test_prepared_enrollments_are_stored_in_the_order_given(manager):
     assert remembered.replay.template_id == bob.template_id and remembered.face is None  # known at once: no analysis
 
 
+def test_an_enrollment_prepared_ahead_is_checked_against_the_metadata_it_is_stored_after(manager):
+    # ann holds 4 x 4,000-byte values; "shrink" replaces one by 1 byte, and only after it does
+    # "grow" (one more 4,000-byte value) fit the 16 KiB limit: in order, both are stored
+    full = {f"v{i}": "x" * 4000 for i in range(4)}
+    manager.enroll("default", "ann", embedding=person_embedding(*ANN), metadata=full)
+    shrink = manager.prepare_enrollment("default", "ann", embedding=person_embedding(*ANN, 50), metadata={"v0": "y"}, early_merge_check=False)
+    with pytest.raises(InvalidInput, match="merged"):  # checked now, against the stored metadata
+        manager.prepare_enrollment("default", "ann", embedding=person_embedding(*ANN, 100), metadata={"v4": "z" * 4000})
+    grow = manager.prepare_enrollment("default", "ann", embedding=person_embedding(*ANN, 100), metadata={"v4": "z" * 4000}, early_merge_check=False)
+    manager.store_enrollment(shrink)
+    manager.store_enrollment(grow)
+    assert manager.get_identity("default", "ann").metadata == {**full, "v0": "y", "v4": "z" * 4000}
+
+
 def test_enroll_errors(manager):
     with pytest.raises(NoFaceError):
         manager.enroll("default", "x", image=photo((0, 0, 0)))

@@ -15,8 +15,8 @@ from facegallery.server.face.memory_budget import (
     default_budget_bytes,
     estimate_working_bytes,
     physical_memory_bytes,
-    return_memory_to_os,
 )
+from facegallery.server.contract.process_memory import return_memory_to_os
 
 MB = 1 << 20
 

@@ -11,8 +11,9 @@ its own rows are back.
 The default delay is 0 (as Triton's ``max_queue_delay_microseconds``): a free worker takes what
 is queued at once, so batches are the requests that arrived while the workers were busy, and a
 lone request never waits. Waiting 5 ms for more left the cores idle while every client already
-waited for its answer: 8 Identify clients on chips, 198 -> 258 chips/s (0.42 -> 0.49 of raw
-onnxruntime batch 8, ``bench/identify_throughput.py``); photos unchanged (0.91 of the pipeline).
+waited for its answer: 8 Identify clients on chips, 198-204 -> 251-258 chips/s (0.39-0.42 ->
+0.48-0.49 of raw onnxruntime batch 8 in the same runs, ``bench/identify_throughput.py``);
+photos unchanged (0.91 of the pipeline).
 
 Several workers (``workers``, one per core by default in the server) run batches side by side,
 like Triton's model instances: one worker at a time collects the next batch while the others

@@ -20,15 +20,14 @@ measured peaks (table below), so the server's RSS stays under its idle RSS (~350
 model) plus the budget, plus onnxruntime's arenas, which grow once with the number of concurrent
 detector runs (up to ~100 MB each) and are kept.
 
-After a call whose estimate was large (:data:`TRIM_ABOVE_BYTES`), :func:`return_memory_to_os` asks
+After a call whose estimate was large (:data:`TRIM_ABOVE_BYTES`), contract/process_memory.py
+``return_memory_to_os`` asks
 glibc to give freed heap pages back (``malloc_trim``): Pillow's and numpy's big buffers are freed by
 Python, but glibc keeps much of the freed arena mapped, so RSS stayed gigabytes above its start.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -49,7 +48,6 @@ __all__ = [
     "default_budget_bytes",
     "physical_memory_bytes",
     "estimate_working_bytes",
-    "return_memory_to_os",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -207,23 +205,3 @@ class MemoryBudget:
 
 def _mb(nbytes: int) -> int:
     return round(nbytes / (1 << 20))
-
-
-_LIBC: ctypes.CDLL | None | bool = None
-
-
-def return_memory_to_os() -> bool:
-    """``malloc_trim(0)``: give glibc's free heap pages back to the OS. False where unavailable."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 (musl and macOS have none)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC is False:
-        return False
-    started = time.perf_counter()
-    _LIBC.malloc_trim(0)  # type: ignore[union-attr]
-    LOG.debug("malloc_trim in %.1f ms", 1000 * (time.perf_counter() - started))
-    return True

@@ -36,6 +36,7 @@ from PIL import Image
 from facegallery.server.contract.errors import InvalidInput
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.contract.manifest import ModelManifest
+from facegallery.server.contract.process_memory import return_memory_to_os
 from facegallery.server.contract.timing import record, timed
 from facegallery.server.face.align import extract_chips, template_in_chip
 from facegallery.server.face.decode import (
@@ -55,7 +56,6 @@ from facegallery.server.face.memory_budget import (
     MemoryBudget,
     default_budget_bytes,
     estimate_working_bytes,
-    return_memory_to_os,
 )
 from facegallery.server.face.same_head import SameHead
 

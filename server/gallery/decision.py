@@ -487,9 +487,10 @@ def calibrate(
 class DecisionStatus:
     """What a gallery decides with now: its policy, score kind, threshold, and the FPIR estimate
     at that threshold (``basis`` says what it rests on). ``recalibrating``: the calibration is
-    being recomputed after a change of over open_set.py ``STALE_BLOCKING`` of the gallery, and
-    the other fields are those of the previous one (searches wait for the new one; a status
-    report waits a bounded time, manager.py ``STATUS_WAIT_S``)."""
+    being recomputed after a change of over open_set.py ``STALE_BLOCKING`` of the gallery or of
+    its policy, and the other fields are those of the previous one, or provisional ones when
+    there is none (searches wait for the new one; a status report waits a bounded time,
+    manager.py ``STATUS_WAIT_S``)."""
 
     policy: DecisionPolicy
     score_kind: ScoreKind

@@ -7,7 +7,8 @@ the dev protocol with three photos per person, it beat the nearest template by a
 at FPIR 0.01, docs/open-set.md). The template index and the store are unchanged; the means are
 derived from the store: built in one pass over its templates, or restored from the gallery's
 means snapshot (snapshot.py) plus the store's newer changes, and the means of the identities a
-write touches recomputed after it commits.
+write touches recomputed after it commits (from the store, or, for identities the write
+created, from the rows it wrote).
 
 Each mean is stored under its identity's smallest template id, so index hits resolve to their
 identity through the store's template owners like template hits do, and the index is the only

@@ -126,7 +126,7 @@ class IndexedGallery:
         self._store = store
         self._plan = _index_plan({"factory": factory, "approximate_above": approximate_above, "nprobe": nprobe})
         self._index = RebuildableIndex(index)
-        self._lock = ReadWriteLock()  # index, means, applied_seq, layout, rebuilds; deleted
+        self._lock = ReadWriteLock()  # index, means, applied_seq, layout, rebuilds; deleted, closed
         self._snapshot_lock = threading.Lock()  # snapshot_state and the snapshot files
         self._applied_seq = record.last_seq  # newest change the index holds
         self._layout = 0  # index swaps (rebuilds, reloads, policy changes) so far

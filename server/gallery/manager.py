@@ -60,6 +60,7 @@ from facegallery.server.contract.errors import (
 from facegallery.server.contract.face import Face, ImageKind
 from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.contract import timing
+from facegallery.server.contract.process_memory import return_memory_to_os
 from facegallery.server.gallery.decision import DEFAULT_POLICY, DecisionPolicy, DecisionStatus, FalseMatchCurve, check_policy
 from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE
 from facegallery.server.gallery.index import DEFAULT_FACTORY
@@ -242,6 +243,7 @@ class GalleryManager:
             record = self._migrate_legacy_model_id(record)
             self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, **self.index_options, **self._decisions())
         remove_stale_snapshots(self.index_dir, [g.key for g in self._galleries.values()])
+        return_memory_to_os()  # what the snapshots' reading and replays freed (snapshot.py _compacted)
         if DEFAULT_GALLERY not in self._galleries:
             self.create_gallery(DEFAULT_GALLERY)
         LOG.info("loaded %d galleries in %.2f s", len(self._galleries), time.perf_counter() - started)
@@ -317,6 +319,7 @@ class GalleryManager:
         policy = self._policy(threshold, policy)
         l2 = self._l2_threshold(policy)
         with self._lock:
+            self._check_open()
             record = self.store.create_gallery(
                 name, model_id=self.pipeline.model_id, threshold=l2, metric=self.model.metric, embedding_dim=self.model.embedding_dim, policy=policy
             )
@@ -343,8 +346,8 @@ class GalleryManager:
         ``wait_s`` (seconds) the call waits at most that long for it, then returns the previous
         one with ``recalibrating`` set (status reports: GetGallery, ListGalleries wait
         :data:`STATUS_WAIT_S`); None waits for it, and so does any wait for a gallery of up to
-        open_set.py ``STATUS_FULL_WAIT_TEMPLATES`` (20,000) templates, whose recalibration takes
-        seconds."""
+        open_set.py ``STATUS_FULL_WAIT_SIZE`` (20,000) searched vectors (templates, or identities
+        under mean templates), whose recalibration takes seconds."""
         return self._gallery(name).decision_status(wait_s=wait_s)
 
     def find_duplicates(self, name: str, *, max_pairs: int = 100) -> list[DuplicatePair]:
@@ -394,7 +397,8 @@ class GalleryManager:
         return self.store.get_gallery(name)
 
     def list_galleries(self) -> list[GalleryRecord]:
-        """Every gallery, in creation order."""
+        """Every gallery, in creation order. Raises GalleryClosed once closing."""
+        self._check_open()
         return self.store.list_galleries()
 
     def delete_gallery(self, name: str) -> GalleryDeletion:
@@ -515,6 +519,7 @@ class GalleryManager:
         metadata: dict[str, str] | None = None,
         face_policy: FacePolicy = FacePolicy.LARGEST,
         request_id: str = "",
+        early_merge_check: bool = True,
     ) -> PreparedEnrollment:
         """The first half of :meth:`enroll`: check the request and compute its embedding.
 
@@ -523,6 +528,11 @@ class GalleryManager:
         without running the pipeline. Runs on any thread, several at once: BulkEnroll prepares a
         window of items side by side (the pipeline is the expensive half). Then hand the results to
         :meth:`store_enrollment` in the order the enrollments are to take effect.
+
+        ``early_merge_check``: refuse metadata that, merged with the identity's stored metadata,
+        is over the limits now, before the pipeline runs. BulkEnroll passes False: the items
+        stored before this one may still change that metadata, and :meth:`store_enrollment`
+        checks it in order anyway.
         """
         state = self._gallery(gallery)
         check_identity_id(identity_id)
@@ -536,7 +546,8 @@ class GalleryManager:
             remembered = self.store.remembered_enroll(gallery, request_id)
             if remembered is not None:
                 return PreparedEnrollment(state, identity_id, np.zeros(0, np.float32), None, "", display_name, metadata, request_id, fingerprint, _replayed(remembered, fingerprint))
-        self._check_merged_metadata(gallery, {identity_id: metadata})  # early; store_enrollment checks again, in order
+        if early_merge_check:
+            self._check_merged_metadata(gallery, {identity_id: metadata})  # store_enrollment checks again, in order
         if (image is None) == (embedding is None):
             raise InvalidInput("enroll needs exactly one of an image or an embedding")
         face: Face | None = None
@@ -911,11 +922,12 @@ class GalleryManager:
     def close(self, *, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Stop background work, write final snapshots, close the store (idempotent).
 
-        Every gallery refuses later calls (GalleryClosed, UNAVAILABLE: calls still running when
-        the server's grace period ends get it); the start-up calibration, background
-        recalibrations (within one batch of searches each) and snapshots are waited for, up to
-        ``timeout_s`` seconds each, so the store is not used after it is closed. Background
-        index rebuilds are not waited for (IndexedGallery.close)."""
+        Later calls are refused (GalleryClosed, UNAVAILABLE: calls still running when the
+        server's grace period ends get it). The background snapshots and the writes and
+        searches under way are waited for; so are recalibrations (each ends within one batch
+        of searches of its gallery being closed) and the start-up calibration, each up to
+        ``timeout_s`` seconds, so the store is not used after it is closed. Background index
+        rebuilds are not waited for (IndexedGallery.close)."""
         if self._closed.is_set():
             return
         self._closed.set()
@@ -955,8 +967,14 @@ class GalleryManager:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        """GalleryClosed (UNAVAILABLE) once :meth:`close` has begun."""
+        if self._closed.is_set():
+            raise GalleryClosed("the server is shutting down; retry on another server or after its restart")
+
     def _gallery(self, name: str) -> IndexedGallery:
         check_gallery_name(name)
+        self._check_open()
         with self._lock:
             state = self._galleries.get(name)
         if state is None:

@@ -61,7 +61,7 @@ from facegallery.server.gallery.index import IdentityHit, RankedIdentities, Vect
 from facegallery.server.gallery.owners import TemplateOwners
 from facegallery.server.gallery.store import StoredCalibration, TemplateStore
 
-__all__ = ["ScoredHit", "OpenSetScorer", "STALE_FRACTION", "STATUS_FULL_WAIT_TEMPLATES", "MAX_CACHED_IDENTITIES"]
+__all__ = ["ScoredHit", "OpenSetScorer", "STALE_FRACTION", "STATUS_FULL_WAIT_SIZE", "MAX_CACHED_IDENTITIES"]
 
 LOG = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ Reader = Callable[[Callable[[VectorIndex, int], Any]], Any]
 STALE_FRACTION = 0.05
 #: Beyond this fraction of change a stale calibration is not used while a new one is computed.
 STALE_BLOCKING = 0.25
-#: A status report waits in full for the recalibration of a gallery of at most this many
-#: templates (measured, default policy, exact index, 2 cores: 2.9 s at 20k, 5.4 s at 50k).
-STATUS_FULL_WAIT_TEMPLATES = 20_000
+#: A status report waits in full for the recalibration of a gallery searching at most this many
+#: vectors (its templates, or its identities under mean templates); measured, default policy,
+#: exact index, 2 cores: 2.9 s at 20k templates (10k identities), 5.4 s at 50k.
+STATUS_FULL_WAIT_SIZE = 20_000
 #: Cohort-neighbour entries kept per gallery (about 3 KB each at k = 100, measured: 101 distances
 #: and identity ids).
 MAX_CACHED_IDENTITIES = 100_000
@@ -152,7 +153,7 @@ class OpenSetScorer:
         self._calibration: Calibration | None = None
         self._calibration_at: tuple[int, int] = (0, 0)  # (version, templates) when computed
         self._calibrating = threading.Lock()
-        self._background: threading.Thread | None = None  # the last background recalibration
+        self._calibrated = threading.Condition()  # notified when a recalibration sets _calibration
 
     def set_policy(self, policy: DecisionPolicy) -> None:
         """Decide with ``policy`` from now on (the next search recalibrates and recomputes cohorts)."""
@@ -291,37 +292,47 @@ class OpenSetScorer:
 
     def latest_calibration(self, read: Reader, wait_s: float) -> tuple[Calibration, bool]:
         """The calibration for a status report, waiting at most ``wait_s`` seconds for a
-        recalibration of a gallery of over :data:`STATUS_FULL_WAIT_TEMPLATES` templates:
-        ``(calibration, recalibrating)``. Where :meth:`calibration` would block (over
-        :data:`STALE_BLOCKING` of change), the recomputation runs in the background; when it is
-        not done within ``wait_s``, the previous calibration is returned with ``recalibrating``
-        True. A smaller gallery's recalibration, and a gallery's first, are waited for in full."""
+        recalibration of a gallery searching over :data:`STATUS_FULL_WAIT_SIZE` vectors:
+        ``(calibration, recalibrating)``.
+
+        Where :meth:`calibration` would block (no calibration yet, e.g. after a policy change,
+        or over :data:`STALE_BLOCKING` of change), the recomputation runs in the background;
+        when it is not done within ``wait_s``, the previous calibration is returned with
+        ``recalibrating`` True, or, with none, a provisional one from the model's curve or
+        threshold alone (decision.py ``calibrate`` without leave-one-out scores). A smaller
+        gallery's recalibration is waited for in full."""
         version, size = read(lambda index, version: (version, index.ntotal))
         current, (at_version, at_size) = self._calibration, self._calibration_at
-        if current is None or version - at_version <= STALE_BLOCKING * at_size or size <= STATUS_FULL_WAIT_TEMPLATES:
+        blocking = current is None or version - at_version > STALE_BLOCKING * at_size
+        if not blocking or size <= STATUS_FULL_WAIT_SIZE:
             return self.calibration(read), False
-        started = self._recalibrate_in_background(read)
-        if started is not None:
-            started.join(wait_s)
-        elif self._calibrating.acquire(timeout=wait_s):  # a recalibration under way ended in time
-            self._calibrating.release()
+        self._recalibrate_in_background(read)
+        with self._calibrated:
+            self._calibrated.wait_for(lambda: self._calibration is not current, timeout=wait_s)
         latest = self._calibration
-        return (latest, False) if latest is not None and latest is not current else (current, True)
+        if latest is not None and latest is not current:
+            return latest, False
+        return (current if current is not None else self._provisional()), True
 
-    def _recalibrate_in_background(self, read: Reader) -> threading.Thread | None:
-        """Start :meth:`recalibrate` in a thread unless one is running; the thread, or None when
-        none was started (:meth:`join` waits for it)."""
-        if self._calibrating.locked():
-            return None
-        self._background = threading.Thread(target=self._recalibrate_once, args=(read,), name=f"calibrate-{self.gallery}", daemon=True)
-        self._background.start()
-        return self._background
+    def _provisional(self) -> Calibration:
+        """What the policy decides with before any leave-one-out search: the model's false-match
+        curve for distances, else the model's threshold (decision.py ``calibrate``)."""
+        record = self._store.get_gallery(self.gallery)
+        kind = choose_score_kind(self.policy, record.identity_count)
+        cal = calibrate(self.policy, record.identity_count, kind, [], self._curve, fallback_threshold=self._fallback, comparisons=record.template_count)
+        return dataclasses.replace(cal, basis=f"provisional, while the leave-one-out calibration runs: {cal.basis}")
+
+    def _recalibrate_in_background(self, read: Reader) -> None:
+        """Start :meth:`recalibrate` in a thread unless one is running (:meth:`join` waits for it)."""
+        if not self._calibrating.locked():
+            threading.Thread(target=self._recalibrate_once, args=(read,), name=f"calibrate-{self.gallery}", daemon=True).start()
 
     def join(self, timeout_s: float | None = None) -> None:
-        """Wait up to ``timeout_s`` seconds for a background recalibration (one whose gallery is
-        closed or deleted ends at its next read: within one batch of :data:`_LOO_BATCH` searches)."""
-        if (thread := self._background) is not None:
-            thread.join(timeout_s)
+        """Wait up to ``timeout_s`` seconds (None: as long as it takes) for a recalibration under
+        way, in the background or in a caller's thread (one whose gallery is closed or deleted
+        ends at its next read: within one batch of :data:`_LOO_BATCH` searches)."""
+        if self._calibrating.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            self._calibrating.release()
 
     def _recalibrate_once(self, read: Reader) -> None:
         if not self._calibrating.acquire(blocking=False):
@@ -365,6 +376,8 @@ class OpenSetScorer:
         scores = [s.score for _, s in loo if s is not None]
         result = calibrate(self.policy, identities, kind, scores, self._curve, fallback_threshold=self._fallback, comparisons=record.template_count)
         self._calibration, self._calibration_at = result, (version, size)
+        with self._calibrated:
+            self._calibrated.notify_all()
         try:
             self._store.save_calibration(self.gallery, StoredCalibration(self.policy.to_json(), seq, size, result.to_json()))
         except NotFound:  # the gallery was deleted meanwhile, as for the searches above

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from facegallery.server.contract.files import atomic_write
-from facegallery.server.gallery.ann_index import IndexPlan, make_any_index
+from facegallery.server.gallery.ann_index import IndexPlan, RebuildableIndex, make_any_index
 from facegallery.server.gallery.identity_means import IdentityMeans
 from facegallery.server.gallery.index import VectorIndex
 from facegallery.server.gallery.store import GalleryRecord, TemplateStore
@@ -179,9 +179,12 @@ def open_identity_means(store: TemplateStore, gallery: GalleryRecord, path: str 
     started = time.perf_counter()
     try:
         header, index = _usable_snapshot(gallery, Path(path), plan)
-        means = IdentityMeans.restore(store, gallery.name, index, store.changes_since(gallery.name, header.last_seq), gallery.identity_count)
+        changes = store.changes_since(gallery.name, header.last_seq)
+        means = IdentityMeans.restore(store, gallery.name, index, changes, gallery.identity_count)
         if means is None:
             raise SnapshotError(f"{path} plus the store's newer changes cannot be replayed exactly")
+        if changes:
+            means.index = RebuildableIndex(_compacted(means.index.current))
         how = "snapshot"
     except SnapshotError as exc:
         LOG.info("gallery %r: %s; building the mean templates from the store", gallery.name, exc)
@@ -209,10 +212,23 @@ def _from_snapshot(store: TemplateStore, gallery: GalleryRecord, path: Path, pla
     blocks = list(store.embeddings(gallery.name, added))
     if blocks:  # one add, not one per block of 500: replaying 100k templates into a 1M IVF index took 19.2 s, now 15.0 s
         index.add(np.concatenate([ids for ids, _ in blocks]), np.concatenate([x for _, x in blocks]))
+        index = _compacted(index)
     if not np.array_equal(index.ids(), template_ids()):
         raise SnapshotError(f"{path} plus {len(changes)} replayed changes does not match the store")
     LOG.debug("gallery %r: snapshot seq %d, replayed %d changes", gallery.name, header.last_seq, len(changes))
     return index
+
+
+def _compacted(index: VectorIndex) -> VectorIndex:
+    """A copy of ``index`` holding its vectors in arrays of exactly their size.
+
+    Adding to an index loaded from a snapshot grows the arrays of its inverted lists (faiss keeps
+    each in a ``std::vector``, which grows geometrically), so after a replay the index took far
+    more memory than its vectors: measured at 1M templates (IVF, mean templates) with 10,000
+    changes replayed, RSS 1.95-2.0 GB against 1.2 GB from the snapshot alone. The copy costs
+    about 0.3 s at 1M; the grown index is freed (GalleryManager trims the heap after loading).
+    """
+    return index.copy()
 
 
 def _rebuild(store: TemplateStore, gallery: GalleryRecord, plan: IndexPlan) -> VectorIndex:

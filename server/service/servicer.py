@@ -94,7 +94,7 @@ class _BulkItem:
     arguments: dict[str, Any] | None = None
     prepared: futures.Future[PreparedEnrollment] | None = None
 
-    def analyzed(self) -> bool:
+    def prepared_now(self) -> bool:
         """Whether the item can be stored without waiting for its preparation."""
         return self.prepared is None or self.prepared.done()
 
@@ -175,14 +175,15 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         return self._gallery_message(self.manager.get_gallery(request.name))
 
     def ListGalleries(self, request: pb.ListGalleriesRequest, context: grpc.ServicerContext) -> pb.ListGalleriesResponse:
-        """OK."""
+        """OK. Waits at most ``STATUS_WAIT_S`` in all for recalibrations under way (``Gallery.recalibrating``)."""
         galleries = []
         key = caller_key(context)
+        deadline = time.monotonic() + STATUS_WAIT_S
         for record in self.manager.list_galleries():
             if key is not None and not key.allows(record.name):
                 continue  # a key limited to galleries sees only those
             try:
-                galleries.append(self._gallery_message(record))
+                galleries.append(self._gallery_message(record, wait_s=max(0.0, deadline - time.monotonic())))
             except NotFound:  # deleted since it was listed
                 continue
         return pb.ListGalleriesResponse(galleries=galleries)
@@ -206,10 +207,10 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             pairs=[_duplicate_pair(p) for p in pairs], score_kind=_score_kind(status.score_kind), threshold=status.threshold
         )
 
-    def _gallery_message(self, record: GalleryRecord) -> pb.Gallery:
+    def _gallery_message(self, record: GalleryRecord, *, wait_s: float = STATUS_WAIT_S) -> pb.Gallery:
         """The ``Gallery`` message of a record and its gallery's current decision status, waiting
-        at most ``STATUS_WAIT_S`` for a recalibration under way (``Gallery.recalibrating``)."""
-        return _gallery(record, self.manager.decision_status(record.name, wait_s=STATUS_WAIT_S))
+        at most ``wait_s`` seconds for a recalibration under way (``Gallery.recalibrating``)."""
+        return _gallery(record, self.manager.decision_status(record.name, wait_s=wait_s))
 
     # -- enrollment --------------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         they are done, as it would have been alone.
         """
         window = self.bulk_enroll_window
-        events: queue.Queue = queue.Queue()  # ("message", m) / ("end", None) / ("error", exc) / ("analyzed", None)
+        events: queue.Queue = queue.Queue()  # ("message", m) / ("end", None) / ("error", exc) / ("prepared", None)
         slots = threading.Semaphore(window)  # messages read but not answered
         stop = threading.Event()
         threading.Thread(target=_read_bulk_messages, args=(messages, slots, events, stop), name="bulk-enroll-reader", daemon=True).start()
@@ -254,7 +255,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         ended, index = False, 0
         try:
             while True:
-                while pending and (ended or pending[0].analyzed()):
+                while pending and (ended or pending[0].prepared_now()):
                     yield self._finish_bulk_item(pending.popleft(), pending)
                     slots.release()
                 if not pending and ended:
@@ -265,7 +266,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
                     pending.append(item)
                     index += 1
                     if item.prepared is not None:
-                        item.prepared.add_done_callback(lambda _: events.put(("analyzed", None)))
+                        item.prepared.add_done_callback(lambda _: events.put(("prepared", None)))
                 elif what == "end":
                     ended = True
                 elif what == "error":
@@ -282,7 +283,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             arguments = _enroll_arguments(request)
         except Exception as exc:  # reported in order, as the item's result
             return _BulkItem(index, request, error=exc)
-        return _BulkItem(index, request, arguments=arguments, prepared=pool.submit(self.manager.prepare_enrollment, **arguments))
+        return _BulkItem(index, request, arguments=arguments, prepared=pool.submit(self.manager.prepare_enrollment, **arguments, early_merge_check=False))
 
     def _finish_bulk_item(self, item: _BulkItem, pending: Iterable[_BulkItem]) -> pb.BulkEnrollResponse:
         """Store one prepared item; its result or its status."""
@@ -292,7 +293,7 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
             assert item.prepared is not None and item.arguments is not None
             if isinstance(item.prepared.exception(), MemoryBudgetExhausted):  # perhaps held by this stream's own items
                 futures.wait([p.prepared for p in pending if p.prepared is not None])
-                prepared = self.manager.prepare_enrollment(**item.arguments)  # again, alone
+                prepared = self.manager.prepare_enrollment(**item.arguments, early_merge_check=False)  # again, alone
             else:
                 prepared = item.prepared.result()
             response = _enroll_response(self.manager.store_enrollment(prepared))
