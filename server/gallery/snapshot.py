@@ -225,8 +225,9 @@ def _compacted(index: VectorIndex) -> VectorIndex:
     Adding to an index loaded from a snapshot grows the arrays of its inverted lists (faiss keeps
     each in a ``std::vector``, which grows geometrically), so after a replay the index took far
     more memory than its vectors: measured at 1M templates (IVF, mean templates) with 10,000
-    changes replayed, RSS 1.95-2.0 GB against 1.2 GB from the snapshot alone. The copy costs
-    about 0.3 s at 1M; the grown index is freed (GalleryManager trims the heap after loading).
+    changes replayed, RSS 1.95-2.0 GB against 1.2 GB from the snapshot alone; with the copy, 1194
+    MB (docs/scale.md). The copy costs about 0.3 s at 1M; the grown index is freed
+    (GalleryManager trims the heap after loading).
     """
     return index.copy()
 
