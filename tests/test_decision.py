@@ -218,9 +218,25 @@ def _strangers(n: int, seed: int, offset: int = 0) -> list[NewTemplate]:
     return [NewTemplate(f"p{offset + i}", 0.5 * row / np.linalg.norm(row)) for i, row in enumerate(x)]
 
 
+def _hold_recalibrations(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make every leave-one-out pass (a recalibration) wait until the test sets ``release``;
+    ``entered`` is set when one starts."""
+    from facegallery.server.gallery.open_set import OpenSetScorer
+
+    entered, release = threading.Event(), threading.Event()
+    leave_one_out = OpenSetScorer.leave_one_out
+
+    def held(self, *args, **kwargs):
+        entered.set()
+        assert release.wait(10), "the recalibration was held for 10 s: a call waited for it"
+        return leave_one_out(self, *args, **kwargs)
+
+    monkeypatch.setattr(OpenSetScorer, "leave_one_out", held)
+    return entered, release
+
+
 def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import(tmp_path, monkeypatch):
     from facegallery.server.gallery import open_set
-    from facegallery.server.gallery.open_set import OpenSetScorer
 
     monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)  # as if 400 templates were many
     pipeline = FakePipeline()
@@ -230,15 +246,7 @@ def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import
         manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
         first = manager.decision_status("g")
         assert not first.recalibrating and first.identities == 400
-        entered, release = threading.Event(), threading.Event()
-        leave_one_out = OpenSetScorer.leave_one_out
-
-        def held(self, *args, **kwargs):  # the recalibration waits until the test lets it go
-            entered.set()
-            assert release.wait(10), "a status call waited for the recalibration"
-            return leave_one_out(self, *args, **kwargs)
-
-        monkeypatch.setattr(OpenSetScorer, "leave_one_out", held)
+        entered, release = _hold_recalibrations(monkeypatch)
         manager.import_embeddings("g", pipeline.model_id, _strangers(400, 1, offset=400))  # +100 %: searches would wait
         status = manager.decision_status("g", wait_s=0)
         assert status.recalibrating and (status.threshold, status.identities, status.basis) == (first.threshold, 400, first.basis)
@@ -268,7 +276,6 @@ def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import
 
 def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_path, monkeypatch, caplog):
     from facegallery.server.gallery import open_set
-    from facegallery.server.gallery.open_set import OpenSetScorer
 
     monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)
     pipeline = FakePipeline()
@@ -276,15 +283,7 @@ def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_p
     manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))
     manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
     manager.decision_status("g")
-    entered, release = threading.Event(), threading.Event()
-    leave_one_out = OpenSetScorer.leave_one_out
-
-    def held(self, *args, **kwargs):
-        entered.set()
-        release.wait(10)
-        return leave_one_out(self, *args, **kwargs)  # its first read finds the gallery closed
-
-    monkeypatch.setattr(OpenSetScorer, "leave_one_out", held)
+    entered, release = _hold_recalibrations(monkeypatch)  # once let go, its first read finds the gallery closed
     saved = []
     monkeypatch.setattr(manager.store, "save_calibration", lambda *args: saved.append(args))
     manager.import_embeddings("g", pipeline.model_id, _strangers(400, 1, offset=400))
@@ -303,6 +302,25 @@ def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_p
     for call in (manager.list_galleries, lambda: manager.get_gallery("g"), lambda: manager.create_gallery("h")):
         with pytest.raises(GalleryClosed):  # not the closed store's RuntimeError (INTERNAL)
             call()
+
+
+def test_close_waits_for_a_recalibration_at_most_its_timeout(tmp_path, monkeypatch):
+    from facegallery.server.gallery import open_set
+
+    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)
+    pipeline = FakePipeline()
+    manager = GalleryManager.open(tmp_path, pipeline)
+    manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))
+    manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
+    manager.decision_status("g")
+    entered, release = _hold_recalibrations(monkeypatch)
+    manager.import_embeddings("g", pipeline.model_id, _strangers(400, 1, offset=400))
+    assert manager.decision_status("g", wait_s=0).recalibrating and entered.wait(10)
+    manager.close(timeout_s=0.2)  # returns although the recalibration is still held
+    assert not release.is_set()
+    release.set()
+    with pytest.raises(GalleryClosed):
+        manager.decision_status("g")
 
 
 def test_a_restart_decides_with_the_stored_calibration_until_the_gallery_changes(tmp_path, monkeypatch):

@@ -276,15 +276,14 @@ class OpenSetScorer:
         calibration, it is recomputed in a background thread and searches keep deciding with the
         current one meanwhile; with more (the first templates, a bulk import) they wait for it.
         """
-        version, size = read(lambda index, version: (version, index.ntotal))
-        current, (at_version, at_size) = self._calibration, self._calibration_at
-        if current is not None:
-            changed = version - at_version
-            if changed <= STALE_FRACTION * at_size:
-                return current
-            if changed <= STALE_BLOCKING * at_size:
+        version = read(lambda index, version: version)
+        current, at = self._calibration, self._calibration_at
+        freshness = _freshness(current, at, version)
+        if freshness != "blocking":
+            assert current is not None  # only "blocking" has none
+            if freshness == "stale":
                 self._recalibrate_in_background(read)
-                return current
+            return current
         with self._calibrating:
             if self._calibration is not None and self._calibration is not current:
                 return self._calibration  # computed while we waited
@@ -302,9 +301,8 @@ class OpenSetScorer:
         threshold alone (decision.py ``calibrate`` without leave-one-out scores). A smaller
         gallery's recalibration is waited for in full."""
         version, size = read(lambda index, version: (version, index.ntotal))
-        current, (at_version, at_size) = self._calibration, self._calibration_at
-        blocking = current is None or version - at_version > STALE_BLOCKING * at_size
-        if not blocking or size <= STATUS_FULL_WAIT_SIZE:
+        current, at = self._calibration, self._calibration_at
+        if _freshness(current, at, version) != "blocking" or size <= STATUS_FULL_WAIT_SIZE:
             return self.calibration(read), False
         self._recalibrate_in_background(read)
         with self._calibrated:
@@ -402,6 +400,18 @@ class OpenSetScorer:
             best = read(lambda index, version: self.score(index, probes, 1, version=version, kind=kind, exclude=list(batch)))  # noqa: B023
             results.extend((identity, hits[0] if hits else None) for identity, hits in zip(batch, best, strict=True))
         return results
+
+
+def _freshness(calibration: Calibration | None, at: tuple[int, int], version: int) -> str:
+    """How ``calibration``, computed at ``at`` = (change counter, templates), stands at change
+    counter ``version``: ``"current"`` (within :data:`STALE_FRACTION` of change), ``"stale"``
+    (recomputed in the background and still decided with, up to :data:`STALE_BLOCKING`) or
+    ``"blocking"`` (none, or more change: searches wait for a new one)."""
+    at_version, at_size = at
+    changed = version - at_version
+    if calibration is None or changed > STALE_BLOCKING * at_size:
+        return "blocking"
+    return "current" if changed <= STALE_FRACTION * at_size else "stale"
 
 
 def _scored(ranked: RankedIdentities, scores: np.ndarray, names: dict[int, tuple[str, str]]) -> list[ScoredHit]:

@@ -238,8 +238,9 @@ class GalleryServicer(pb_grpc.GalleryServiceServicer):
         ``bulk_enroll_window`` threads of this stream, so the chips of several items share the
         batching embedder and both cores; the items are then stored one by one on the stream's
         thread in request order (``store_enrollment``), so template ids, identity creation,
-        metadata merges and duplicate checks are those of sequential enrollment. A reader thread takes the messages, so results go out as soon as
-        they are ready even while the client waits for them before sending more. Memory: at most
+        metadata merges and duplicate checks are those of sequential enrollment. A reader thread
+        takes the messages, so results go out as soon as they are ready even while the client
+        waits for them before sending more. Memory: at most
         ``bulk_enroll_window`` messages read and not answered (besides streams.py's read-ahead),
         and every analysis holds its estimate of the pipeline's memory budget;
         an item the budget refused while this stream's other items held it is analysed again once
