@@ -58,6 +58,7 @@ LOG = logging.getLogger(__name__)
 LAZY_COMMANDS = {
     "serve": "facegallery.client.cli:serve_command",
     "doctor": "facegallery.client.cli:doctor_command",
+    "migrate": "facegallery.server.service.migrate_cli:migrate",
     "export": "facegallery.export.dlib.cli:export",
     "embed": "facegallery.export.embed_cli:embed",
     "eval": "facegallery.client.eval_openset:eval_group",

@@ -18,6 +18,27 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory):
+    """The uri of a Milvus Lite server (tests/milvus_server.py) shared by the session; each test
+    gets collections of its own through :func:`milvus_prefix`."""
+    pytest.importorskip("pymilvus", reason="the milvus backend's tests need the test extra (pymilvus, milvus-lite)")
+    from milvus_server import MilvusLite
+
+    server = MilvusLite(tmp_path_factory.mktemp("milvus") / "data").start()
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture
+def milvus_prefix(request) -> str:
+    """A collection prefix no other test uses."""
+    import re
+    import secrets
+
+    return "t_" + re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:40] + "_" + secrets.token_hex(3)
+
+
+@pytest.fixture(scope="session")
 def golden(shared_dir: Path) -> list[dict]:
     """dlib 20.0.1's own outputs, one dict per image (see ../shared/README.md)."""
     lines = (shared_dir / "golden_dlib" / "golden.jsonl").read_text().splitlines()

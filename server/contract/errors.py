@@ -35,6 +35,7 @@ Every error also takes two optional keywords: ``field`` (the request field at fa
     │   (face/memory_budget.py MemoryBudgetExhausted: MEMORY_BUDGET_EXHAUSTED)
     ├── StreamIdleError                   (DEADLINE_EXCEEDED)    STREAM_IDLE
     ├── GalleryClosed                     (UNAVAILABLE)  the engine is shutting down: NOT_READY
+    ├── BackendUnavailable                (UNAVAILABLE)  the shared store (Milvus) cannot be reached: BACKEND_UNAVAILABLE
     ├── ModelError                        (INTERNAL)  missing or corrupt model files: MODEL_ERROR
     └── StoreCorruptError                 (DATA_LOSS)  the store fails its integrity check: STORE_DAMAGED
 
@@ -70,6 +71,7 @@ __all__ = [
     "TooManyStreams",
     "StreamIdleError",
     "GalleryClosed",
+    "BackendUnavailable",
     "ModelError",
     "StoreCorruptError",
 ]
@@ -208,6 +210,15 @@ class GalleryClosed(FaceGalleryError):
 
     code = "UNAVAILABLE"
     reason = "NOT_READY"
+
+
+class BackendUnavailable(FaceGalleryError):
+    """The shared store of the ``milvus`` backend (gallery/milvus_client.py) cannot be reached or
+    timed out; nothing was acknowledged, and the call can be retried once it is back (the server
+    reports NOT_SERVING meanwhile)."""
+
+    code = "UNAVAILABLE"
+    reason = "BACKEND_UNAVAILABLE"
 
 
 class ModelError(FaceGalleryError):

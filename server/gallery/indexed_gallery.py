@@ -25,6 +25,12 @@ change sequence; every template write of the gallery goes through it, so that:
   replay the writes recorded meanwhile and swap it in (milliseconds). Searches and writes go on
   throughout, on the old index.
 
+* On a store other servers write too (``store.shared``: the milvus backend, milvus_store.py)
+  there are no snapshots: the index starts empty and pulls every change, and before every call
+  the manager has it :meth:`IndexedGallery.sync` with the store: one small read of the gallery's
+  row and its writers' heads, then, when another writer's head moved, its new changes (read by
+  key), applied under the write lock. Its own writes are applied as above.
+
 Thread-safe. Distances are Euclidean (L2); arrays are float32 embeddings of ``embedding_dim``.
 """
 
@@ -48,7 +54,7 @@ from facegallery.server.gallery.identity_means import IdentityMeans
 from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE, IndexPlan, RebuildableIndex
 from facegallery.server.gallery.index import DEFAULT_FACTORY, VectorIndex
 from facegallery.server.gallery.open_set import OpenSetScorer, ScoredHit
-from facegallery.server.gallery.owners import TemplateOwners
+from facegallery.server.gallery.owners import NO_OWNER, TemplateOwners
 from facegallery.server.gallery.rwlock import ReadWriteLock
 from facegallery.server.gallery.snapshot import (
     SnapshotHeader,
@@ -58,12 +64,17 @@ from facegallery.server.gallery.snapshot import (
     snapshot_path,
     write_snapshot,
 )
-from facegallery.server.gallery.store import AddedTemplate, GalleryRecord, IdempotentRequest, NewTemplate, TemplateStore
+from facegallery.server.gallery.store import AddedTemplate, GalleryRecord, Head, IdempotentRequest, NewTemplate, NO_HEAD, TemplateStore
 
 __all__ = ["IndexedGallery"]
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _empty_index(plan: IndexPlan, dim: int) -> VectorIndex:
+    """An index of no templates, of the kind ``plan`` gives a new gallery (exact)."""
+    return plan.build(dim, np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
 
 
 def _index_plan(options: dict[str, object]) -> IndexPlan:
@@ -136,6 +147,9 @@ class IndexedGallery:
         self._version = 0  # templates added + removed since loaded (open_set.py staleness)
         self._rebuilds: set[RebuildableIndex] = set()  # indexes being rebuilt in the background
         self._means_file = means_snapshot_path(snapshot_file.parent, record.key)
+        #: a store other servers write too (the milvus backend): calls first :meth:`sync`
+        self._shared = bool(getattr(store, "shared", False))
+        self._held: dict[int, Head] = {}  # shared store: writer -> newest of its changes the index holds
         # template id -> identity key of every template (owners.py; searches group hits by it)
         self._owners = owners if owners is not None else TemplateOwners(*store.template_identity_keys(record.name))
         # mean templates (identity_means.py) under Aggregation.MEAN
@@ -164,6 +178,8 @@ class IndexedGallery:
         reading, checksumming and deserializing a snapshot mostly runs without the GIL, so a 1M
         gallery of mean templates starts in about the time of one index (docs/scale.md)."""
         path = snapshot_path(index_dir, record.key)
+        if getattr(store, "shared", False):
+            return cls._followed(store, record, path, options)
         plan = _index_plan(options)
         with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"load-{record.name}") as pool:
             means = None
@@ -179,11 +195,24 @@ class IndexedGallery:
         return gallery
 
     @classmethod
+    def _followed(cls, store: TemplateStore, record: GalleryRecord, path: Path, options: dict[str, object]) -> IndexedGallery:
+        """A gallery of a shared store (no snapshots): empty, then every change pulled (:meth:`sync`)."""
+        started = time.perf_counter()
+        plan = _index_plan(options)
+        means = IdentityMeans(store, record.name, _empty_index(plan, record.embedding_dim)) if record.policy.aggregation is Aggregation.MEAN else None
+        none = np.zeros(0, np.int64)
+        gallery = cls(store, record, _empty_index(plan, record.embedding_dim), snapshot_file=path, means=means, owners=TemplateOwners(none, none), **options)  # type: ignore[arg-type]
+        gallery.sync()
+        gallery._version = 0  # the restored calibration's age counts from the load (store's load_calibration)
+        LOG.info("gallery %r: %d templates pulled from the shared store in %.3f s", record.name, gallery._index.ntotal, time.perf_counter() - started)
+        return gallery
+
+    @classmethod
     def empty(cls, store: TemplateStore, record: GalleryRecord, *, index_dir: str | os.PathLike, **options: object) -> IndexedGallery:
         """A gallery just created in the store (no templates), with an empty exact index;
         ``options`` as :meth:`load`'s."""
         plan = _index_plan(options)
-        index = plan.build(record.embedding_dim, np.zeros(0, np.int64), np.zeros((0, record.embedding_dim), np.float32))
+        index = _empty_index(plan, record.embedding_dim)
         return cls(store, record, index, snapshot_file=snapshot_path(index_dir, record.key), **options)  # type: ignore[arg-type]
 
     # -- reads -------------------------------------------------------------------------------
@@ -299,6 +328,7 @@ class IndexedGallery:
                 new = np.fromiter((r.identity_key in created for r, _ in stored), dtype=bool, count=len(stored))
                 existing = {item.identity_id for (r, item), is_new in zip(stored, new) if not is_new}
                 self._apply(seq, add=(ids, x, keys), identities=existing, created=new)
+                self._held_own(seq)
         return results
 
     def delete_identity(self, identity_id: str) -> int:
@@ -310,6 +340,7 @@ class IndexedGallery:
             self._check_live()
             ids, seq = self._store.delete_identity(self.name, identity_id)
             self._apply(seq, remove=ids, identities={identity_id})
+            self._held_own(seq)
             self.scorer.forget(identity_id)
         return len(ids)
 
@@ -321,6 +352,7 @@ class IndexedGallery:
             owner = self._store.template_owners([template_id]).get(template_id)
             identity_deleted, seq = self._store.delete_template(self.name, template_id)
             self._apply(seq, remove=np.array([template_id], dtype=np.int64), identities={owner.identity_id} if owner else set())
+            self._held_own(seq)
         return identity_deleted
 
     def delete(self, *, only_if_empty: bool = False) -> tuple[int, int] | None:
@@ -373,6 +405,9 @@ class IndexedGallery:
                 self._means.refresh(identities, removed=remove, created=fresh)
         except Exception:
             LOG.exception("gallery %r: applying change %d to the index failed; reloading it from the store", self.name, seq)
+            if self._shared:  # the next sync pulls everything into an empty index
+                self._reset_followed()
+                raise
             record = self._store.get_gallery(self.name)
             template_ids, identity_keys = self._store.template_identity_keys(self.name)
             self._owners.reset(template_ids, identity_keys)
@@ -384,6 +419,84 @@ class IndexedGallery:
         self._applied_seq = seq
         self._version += (0 if remove is None else len(remove)) + (0 if add is None else len(add[0]))
         self._schedule_rebuilds()
+
+    # -- following other servers (shared store) ----------------------------------------------
+
+    def sync(self) -> None:
+        """Bring the gallery up to date with what other servers wrote (a shared store, the
+        ``milvus`` backend; nothing otherwise): its deletion, a new policy, and every change of
+        another writer that its head in the store shows and the index does not hold yet
+        (milvus_store.py ``pull_changes``), applied under the write lock. Costs one small read
+        (``gallery_state``) when nothing changed. The manager calls it before every call on the
+        gallery, so a search sees every change acknowledged anywhere before it (Strong reads).
+
+        Raises GalleryNotFound when the gallery was deleted (or re-created) elsewhere;
+        BackendUnavailable when the store cannot be reached."""
+        if not self._shared:
+            return
+        self._check_live()
+        try:
+            state = self._store.gallery_state(self.name, self.key)  # type: ignore[attr-defined]
+        except GalleryNotFound:
+            with self._lock.write():
+                self._deleted = True
+            raise
+        if state.policy != self.scorer.policy:
+            self._adopt_policy(state.policy, state.threshold)
+        if self._behind(state.heads):
+            with self._lock.write():
+                self._check_live()
+                if self._behind(state.heads):  # not pulled by a concurrent call meanwhile
+                    self._pull(state.heads)
+
+    def _behind(self, heads: dict[int, Head]) -> bool:
+        return any(head.seq > self._held.get(writer, NO_HEAD).seq for writer, head in heads.items())
+
+    def _pull(self, heads: dict[int, Head]) -> None:
+        """Apply the other writers' changes up to ``heads`` (write lock held); idempotent: templates
+        the index holds already, and removals of templates it does not hold, are skipped."""
+        pulled = self._store.pull_changes(self.name, self.key, self._held, heads)  # type: ignore[attr-defined]
+        new = self._owners.identity_keys(pulled.template_ids) == NO_OWNER
+        removed_keys = self._owners.identity_keys(pulled.removed)
+        held = removed_keys != NO_OWNER
+        gone, gone_keys = pulled.removed[held], removed_keys[held]
+        ids, keys, x = pulled.template_ids[new], pulled.identity_keys[new], pulled.x[new]
+        if len(ids) or len(gone):
+            known = self._owners.holds_identities(keys)  # their means are recomputed from the store; new ones come from these rows
+            new_ids = [identity for identity, is_new in zip(pulled.identity_ids, new, strict=True) if is_new]
+            identities = {identity for identity, in_index in zip(new_ids, known, strict=True) if in_index}
+            identities |= {identity for identity, _ in self._store.identity_names(gone_keys).values()}
+            self._apply(self._applied_seq, add=(ids, x, keys) if len(ids) else None, remove=gone if len(gone) else None, identities=identities, created=~known if len(ids) else None)
+        self._held = dict(pulled.heads)
+
+    def _held_own(self, seq: int) -> None:
+        """After this server's own change ``seq`` of a shared store: the index holds it (a gap,
+        from an own change that failed after it was written, is left for the next pull)."""
+        if not self._shared:
+            return
+        writer, head = self._store.writer, self._store.own_head(self.key)  # type: ignore[attr-defined]
+        if head.seq == seq and self._held.get(writer, NO_HEAD).seq == seq - 1:
+            self._held[writer] = head
+
+    def _adopt_policy(self, policy: DecisionPolicy, threshold: float) -> None:
+        """Decide with a policy another server stored (:meth:`set_policy` without the write)."""
+        with self._lock.write():
+            self._check_live()
+            self.threshold = threshold
+            if policy.aggregation is not self.scorer.policy.aggregation:
+                self._means = self._build_means(policy)
+                self._layout += 1
+                self._schedule_rebuilds()
+            self.scorer.set_policy(policy)
+
+    def _reset_followed(self) -> None:
+        """Empty the index of a shared store's gallery (write lock held): the next sync pulls all."""
+        self._index = RebuildableIndex(_empty_index(self._plan, self.embedding_dim))
+        self._owners.reset(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        if self._means is not None:
+            self._means = IdentityMeans(self._store, self.name, _empty_index(self._plan, self.embedding_dim))
+        self._held = {}
+        self._layout += 1
 
     def _check_live(self) -> None:
         """Raise NotFound if the gallery was deleted while the caller waited for the lock,
@@ -464,9 +577,12 @@ class IndexedGallery:
         Copies the index (and the means index) under the read lock (``VectorIndex.copy``), then
         serializes, writes and fsyncs the copies with no lock held (snapshot.py
         ``write_snapshot``), then drops the store's change-log entries they hold. Returns None
-        when nothing changed or the gallery has been deleted. Raises OSError when a file cannot
-        be written (the change log is then kept, and the next call retries).
+        when nothing changed, the gallery has been deleted, or its store is shared (the index is
+        pulled from the store at start-up instead). Raises OSError when a file cannot be written
+        (the change log is then kept, and the next call retries).
         """
+        if self._shared:
+            return None
         with self._snapshot_lock:
             with self._lock.read():
                 if self._deleted or (self._applied_seq, self._layout) == self._snapshot_state:

@@ -196,8 +196,10 @@ class GalleryManager:
         The durable store; the manager closes it in :meth:`close`.
     pipeline : FaceAnalyzer
         The loaded face pipeline; its ``model_id`` is the server's model.
-    index_dir : path
-        Where index snapshots live (``gallery-<key>.fgidx``).
+    index_dir : path or None
+        Where index snapshots live (``gallery-<key>.fgidx``); None for a shared store (the
+        ``milvus`` backend, ``store.shared``), whose indexes are pulled from it at start-up and
+        kept up to date before every call (IndexedGallery.sync), with nothing on local disk.
     index_factory : str
         faiss factory string of exact indexes (index.py).
     approximate_above : int or None
@@ -219,7 +221,7 @@ class GalleryManager:
         store: TemplateStore,
         pipeline: FaceAnalyzer,
         *,
-        index_dir: str | Path,
+        index_dir: str | Path | None,
         index_factory: str = DEFAULT_FACTORY,
         approximate_above: int | None = APPROXIMATE_ABOVE,
         nprobe: int = NPROBE,
@@ -227,7 +229,11 @@ class GalleryManager:
     ) -> None:
         self.store = store
         self.pipeline = pipeline
-        self.index_dir = Path(index_dir)
+        #: a store other servers write too (milvus_store.py): no snapshots, galleries followed
+        self.shared = bool(getattr(store, "shared", False))
+        if (index_dir is None) != self.shared:
+            raise ValueError("index_dir is None exactly for a shared store")
+        self.index_dir = Path(index_dir) if index_dir is not None else Path()  # never written for a shared store
         #: IndexedGallery's index keywords, the same for every gallery.
         self.index_options: dict[str, object] = {"factory": index_factory, "approximate_above": approximate_above, "nprobe": nprobe}
         flip = pipeline.model_id == pipeline.manifest.embedding_id(True)
@@ -237,20 +243,25 @@ class GalleryManager:
         self._lock = threading.Lock()  # guards _galleries; held across a creation's store insert and registration
         self._galleries: dict[str, IndexedGallery] = {}
         self._closed = threading.Event()
-        self.index_dir.mkdir(parents=True, exist_ok=True)
+        if not self.shared:
+            self.index_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         for record in store.list_galleries():
             record = self._migrate_legacy_model_id(record)
             self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, **self.index_options, **self._decisions())
-        remove_stale_snapshots(self.index_dir, [g.key for g in self._galleries.values()])
+        if not self.shared:
+            remove_stale_snapshots(self.index_dir, [g.key for g in self._galleries.values()])
         return_memory_to_os()  # what the snapshots' reading and replays freed (snapshot.py _compacted)
         if DEFAULT_GALLERY not in self._galleries:
-            self.create_gallery(DEFAULT_GALLERY)
+            try:
+                self.create_gallery(DEFAULT_GALLERY)
+            except AlreadyExists:  # another server of the shared store created it meanwhile
+                self._gallery(DEFAULT_GALLERY)
         LOG.info("loaded %d galleries in %.2f s", len(self._galleries), time.perf_counter() - started)
         self._warm_up_thread = threading.Thread(target=self._warm_up, name="calibrate-galleries", daemon=True)
         self._warm_up_thread.start()
         self._snapshotter: threading.Thread | None = None
-        if snapshot_interval_s is not None:
+        if snapshot_interval_s is not None and not self.shared:
             self._snapshotter = threading.Thread(target=self._snapshot_loop, args=(snapshot_interval_s,), name="index-snapshots", daemon=True)
             self._snapshotter.start()
 
@@ -263,6 +274,21 @@ class GalleryManager:
         store = SqliteTemplateStore(data_dir / STORE_FILE, integrity_check=integrity_check)
         try:
             return cls(store, pipeline, index_dir=data_dir / INDEX_DIR, **options)  # type: ignore[arg-type]
+        except BaseException:
+            store.close()
+            raise
+
+    @classmethod
+    def open_milvus(cls, uri: str, pipeline: FaceAnalyzer, *, token: str = "", prefix: str = "facegallery", **options: object) -> GalleryManager:
+        """A manager over the galleries kept in the Milvus at ``uri`` (the ``milvus`` backend:
+        milvus_store.py), shared with every other server pointed at it; nothing is kept on local
+        disk. ``options`` as the constructor's. Raises BackendUnavailable when Milvus cannot be
+        reached."""
+        from facegallery.server.gallery.milvus_store import MilvusTemplateStore  # the [milvus] extra
+
+        store = MilvusTemplateStore(uri, token=token, prefix=prefix)
+        try:
+            return cls(store, pipeline, index_dir=None, **options)  # type: ignore[arg-type]
         except BaseException:
             store.close()
             raise
@@ -855,8 +881,11 @@ class GalleryManager:
         check_gallery_name(gallery)
         if not model_id:
             raise InvalidInput("model_id is required: the model the embeddings were computed with")
-        with self._lock:
-            exists = gallery in self._galleries
+        try:
+            self._gallery(gallery)
+            exists = True
+        except GalleryNotFound:
+            exists = False
         created = False
         if not exists:
             check_model(gallery, self.pipeline.model_id, model_id, "the embeddings come from")  # a new gallery gets the server's model
@@ -973,13 +1002,38 @@ class GalleryManager:
             raise GalleryClosed("the server is shutting down; retry on another server or after its restart")
 
     def _gallery(self, name: str) -> IndexedGallery:
+        """The loaded gallery ``name``; of a shared store, first brought up to date with what
+        other servers wrote (:meth:`_followed`). Raises GalleryNotFound, GalleryClosed."""
         check_gallery_name(name)
         self._check_open()
         with self._lock:
             state = self._galleries.get(name)
+        if self.shared:
+            return self._followed(name, state)
         if state is None:
             raise GalleryNotFound(f"gallery {name!r} does not exist")
         return state
+
+    def _followed(self, name: str, gallery: IndexedGallery | None) -> IndexedGallery:
+        """``gallery`` synced with the shared store (IndexedGallery.sync); when another server
+        created it, deleted it or deleted and re-created it, the registry follows: the new
+        gallery is loaded, a deleted one dropped (GalleryNotFound)."""
+        if gallery is not None:
+            try:
+                gallery.sync()
+                return gallery
+            except GalleryNotFound:
+                with self._lock:
+                    if self._galleries.get(name) is gallery:
+                        del self._galleries[name]
+        record = self.store.get_gallery(name)  # GalleryNotFound: deleted everywhere
+        loaded = IndexedGallery.load(self.store, record, index_dir=self.index_dir, **self.index_options, **self._decisions())
+        with self._lock:
+            current = self._galleries.setdefault(name, loaded)
+        if current is not loaded:  # another call loaded it first
+            loaded.close(0)
+            current.sync()
+        return current
 
     def _check_server_model(self, gallery: IndexedGallery) -> None:
         """ModelMismatchError unless the server's pipeline computes the gallery's embeddings."""

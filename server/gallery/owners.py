@@ -94,6 +94,11 @@ class TemplateOwners:
         at = np.minimum(np.searchsorted(self._ids[: self._size], ids), self._size - 1)
         return np.where(self._ids[at] == ids, self._keys[at], NO_OWNER)
 
+    def holds_identities(self, identity_keys: np.ndarray) -> np.ndarray:
+        """Whether some held template belongs to each identity key ``(n,) int64``: ``(n,) bool``
+        (one pass over the held templates)."""
+        return np.isin(np.asarray(identity_keys, dtype=np.int64), self._keys[: self._size][self._keys[: self._size] != NO_OWNER])
+
     def _append(self, ids: np.ndarray, keys: np.ndarray) -> None:
         end = self._size + len(ids)
         if end > len(self._ids):

@@ -76,6 +76,8 @@ __all__ = [
     "TemplateOwner",
     "StoredCalibration",
     "Change",
+    "Head",
+    "NO_HEAD",
     "IdempotentRequest",
     "RememberedEnroll",
     "EnrollReplayed",
@@ -316,7 +318,8 @@ class EnrollReplayed(Exception):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExportedTemplate:
-    """One template with its identity's data, as streamed by export. ``embedding`` (D,) float32."""
+    """One template with its identity's data, as streamed by export. ``embedding`` (D,) float32;
+    ``face`` the enrolled face (None for imported embeddings; kept by ``facegallery migrate``)."""
 
     identity_id: str
     display_name: str
@@ -325,6 +328,7 @@ class ExportedTemplate:
     embedding: np.ndarray
     source_sha256: str
     created: float
+    face: Face | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,12 +361,28 @@ class Change:
     template_id: int
 
 
+class Head(NamedTuple):
+    """For a store other servers write too (milvus_store.py): a writer's newest change of a
+    gallery, its ``seq``, and how many templates the writer had written (its id counter) after
+    it, so that the template ids of its changes after another head lie in
+    ``writer << 32 | [other.written, written)`` (read by key, milvus_store.py ``pull_changes``)."""
+
+    seq: int
+    written: int
+
+
+NO_HEAD = Head(0, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Interface
 
 
 class TemplateStore(Protocol):
-    """What the gallery and the index need from a durable store (SQLite now, distributed later).
+    """What the gallery and the index need from a durable store: :class:`SqliteTemplateStore`
+    (one server's data directory) or milvus_store.py's ``MilvusTemplateStore`` (shared by many
+    servers; it adds ``shared = True``, ``writer``, ``gallery_state``, ``pull_changes`` and
+    ``own_head``, which IndexedGallery uses to follow the other servers' writes).
 
     Every write method is durable when it returns and returns the change ``seq`` it wrote (the
     gallery's ``last_seq`` after the write). Unknown galleries, identities and templates raise
@@ -754,7 +774,7 @@ class SqliteTemplateStore:
                 if skip_duplicates:
                     stored.add((identity_key, blob))
                 template_id += 1
-                template_rows.append((template_id, identity_key, key, blob, item.source_sha256, _dump_face(item.face), created))
+                template_rows.append((template_id, identity_key, key, blob, item.source_sha256, dump_face(item.face), created))
                 results.append(AddedTemplate(template_id, identity_created, identity_key))
             for identity_id, _, metadata, *_ in (*created_identities.values(), *updated_identities.values()):
                 if metadata:
@@ -1046,13 +1066,14 @@ class SqliteTemplateStore:
             conn.execute("BEGIN")
             key, dim = conn.execute("SELECT gallery_key, embedding_dim FROM galleries WHERE name = ?", (gallery,)).fetchone() or _missing(gallery)
             cursor = conn.execute(
-                "SELECT i.identity_id, i.display_name, i.metadata, t.template_id, t.embedding, t.source_sha256, t.created "
+                "SELECT i.identity_id, i.display_name, i.metadata, t.template_id, t.embedding, t.source_sha256, t.created, t.face "
                 "FROM templates t JOIN identities i ON i.identity_key = t.identity_key WHERE t.gallery_key = ? ORDER BY t.template_id",
                 (key,),
             )
             while rows := cursor.fetchmany(_FETCH_ROWS):
-                for identity_id, display_name, metadata, template_id, blob, sha, created in rows:
-                    yield ExportedTemplate(identity_id, display_name, json.loads(metadata), template_id, _embedding(blob, dim), sha, created)
+                for identity_id, display_name, metadata, template_id, blob, sha, created, face in rows:
+                    embedding = _embedding(blob, dim)
+                    yield ExportedTemplate(identity_id, display_name, json.loads(metadata), template_id, embedding, sha, created, load_face(face, embedding))
         finally:
             conn.close()
 
@@ -1203,24 +1224,29 @@ def _remembered_enroll(conn: sqlite3.Connection, gallery_key: int, dim: int, req
     return RememberedEnroll(request_id, fingerprint, record, bool(identity_created), None if duplicate is None else json.loads(duplicate), created)
 
 
-def _dump_face(face: Face | None) -> str | None:
+def dump_face(face: Face | None) -> str | None:
+    """An enrolled face's box, landmarks and score as JSON (None for none; :func:`load_face`)."""
     if face is None:
         return None
     return json.dumps({"box": np.asarray(face.box, float).tolist(), "landmarks": np.asarray(face.landmarks, float).tolist(), "score": float(face.score)})
 
 
+def load_face(face_json: str | None, embedding: np.ndarray) -> Face | None:
+    """The enrolled face :func:`dump_face` stored (None for none), with its ``(D,) float32`` embedding."""
+    if face_json is None:
+        return None
+    data = json.loads(face_json)
+    return Face(
+        box=np.asarray(data["box"], np.float32),
+        landmarks=np.asarray(data["landmarks"], np.float32).reshape(-1, 2),
+        score=float(data["score"]),
+        embedding=embedding,
+    )
+
+
 def _template_record(identity_id: str, dim: int, template_id: int, blob: bytes, sha: str, face_json: str | None, created: float) -> TemplateRecord:
     embedding = _embedding(blob, dim)
-    face = None
-    if face_json is not None:
-        data = json.loads(face_json)
-        face = Face(
-            box=np.asarray(data["box"], np.float32),
-            landmarks=np.asarray(data["landmarks"], np.float32).reshape(-1, 2),
-            score=float(data["score"]),
-            embedding=embedding,
-        )
-    return TemplateRecord(template_id, identity_id, embedding, sha, face, created)
+    return TemplateRecord(template_id, identity_id, embedding, sha, load_face(face_json, embedding), created)
 
 
 def _identity_record(row: tuple) -> IdentityRecord:

@@ -1,0 +1,226 @@
+"""The milvus backend's sharing: several GalleryManagers (one per server process in production)
+on one Milvus Lite serve the same galleries, each write acknowledged by one visible to the others'
+next call (milvus_store.py's per-writer change heads, IndexedGallery.sync); and a Milvus that goes
+away fails calls with BackendUnavailable (UNAVAILABLE) until it is back.
+
+The engine's own behaviour on this backend is covered by tests/test_gallery.py, whose ``manager``
+fixture runs every test on both backends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from fakes import FakePipeline, person_embedding
+
+from facegallery.server.contract.errors import AlreadyExists, BackendUnavailable, GalleryNotFound, NotFound
+from facegallery.server.gallery.decision import Aggregation, DecisionPolicy
+from facegallery.server.gallery.manager import DEFAULT_GALLERY, GalleryManager
+
+pytest.importorskip("pymilvus")
+
+
+@pytest.fixture
+def pair(milvus_uri, milvus_prefix):
+    """Two managers ("servers") on the same collections."""
+    a = GalleryManager.open_milvus(milvus_uri, FakePipeline(), prefix=milvus_prefix)
+    b = GalleryManager.open_milvus(milvus_uri, FakePipeline(), prefix=milvus_prefix)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _nearest(manager, embedding, gallery=DEFAULT_GALLERY):
+    return manager.identify_embedding(gallery, embedding, threshold=0.3)
+
+
+def test_a_write_acknowledged_by_one_server_is_seen_by_the_other_at_once(pair):
+    a, b = pair
+    assert a.store.writer != b.store.writer
+    ann, bob = person_embedding(200, 10), person_embedding(10, 200)
+    enrolled = a.enroll(DEFAULT_GALLERY, "ann", embedding=ann, display_name="Ann")
+    found = _nearest(b, ann)
+    best = found.matches[0]
+    assert (found.identity_id, best.display_name, best.template_id) == ("ann", "Ann", enrolled.template_id)
+    assert found.distance == pytest.approx(0.0, abs=1e-6)
+    b.enroll(DEFAULT_GALLERY, "bob", embedding=bob)
+    assert _nearest(a, bob).identity_id == "bob"
+    second = b.enroll(DEFAULT_GALLERY, "ann", embedding=person_embedding(200, 10, 40))
+    assert not second.identity_created  # the identity A created is the one B adds to
+    assert a.get_identity(DEFAULT_GALLERY, "ann").template_count == 2
+    # deletes: a template, then a whole identity, each gone from the other's index
+    assert a.delete_template(DEFAULT_GALLERY, second.template_id) is False
+    assert b.index_template_ids(DEFAULT_GALLERY).tolist() == sorted([enrolled.template_id, b.get_identity(DEFAULT_GALLERY, "bob").templates[0].template_id])
+    assert b.delete_identity(DEFAULT_GALLERY, "ann") == 1
+    assert _nearest(a, ann).identity_id != "ann"
+    for m in (a, b):
+        assert m.index_template_ids(DEFAULT_GALLERY).tolist() == m.store.template_ids(DEFAULT_GALLERY).tolist()
+
+
+def test_galleries_and_policies_created_elsewhere_are_followed(pair):
+    a, b = pair
+    a.create_gallery("staff", threshold=0.5)
+    with pytest.raises(AlreadyExists):
+        b.create_gallery("staff")
+    a.enroll("staff", "cat", embedding=person_embedding(120, 120))
+    assert _nearest(b, person_embedding(120, 120), "staff").identity_id == "cat"
+    assert b.decision_status("staff").threshold == 0.5
+    a.update_gallery("staff", policy=DecisionPolicy.fixed(0.4, aggregation=Aggregation.MEAN))
+    status = b.decision_status("staff")
+    assert (status.policy.threshold, status.policy.aggregation, status.threshold) == (0.4, Aggregation.MEAN, 0.4)
+    assert _nearest(b, person_embedding(120, 120), "staff").identity_id == "cat"  # now searched among mean templates
+    a.delete_gallery("staff")
+    with pytest.raises(GalleryNotFound):
+        b.identify_embedding("staff", person_embedding(120, 120))
+    b.create_gallery("staff")  # re-created under a new key: A follows it, empty
+    assert a.get_gallery("staff").template_count == 0
+    assert _nearest(a, person_embedding(120, 120), "staff").identity_id is None
+
+
+def test_concurrent_writers_and_a_new_server_agree_with_the_store(pair, milvus_uri, milvus_prefix):
+    a, b = pair
+    errors: list[BaseException] = []
+
+    def enroll(manager, offset):
+        try:
+            for i in range(12):
+                manager.enroll(DEFAULT_GALLERY, f"p{offset + i}", embedding=person_embedding(offset + i, 7 * i + 3))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enroll, args=(m, off)) for m, off in ((a, 0), (b, 100))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    stored = a.store.template_ids(DEFAULT_GALLERY).tolist()
+    assert len(stored) == 24
+    for m in (a, b):
+        assert m.index_template_ids(DEFAULT_GALLERY).tolist() == stored
+    a.delete_identity(DEFAULT_GALLERY, "p3")
+    c = GalleryManager.open_milvus(milvus_uri, FakePipeline(), prefix=milvus_prefix)  # a third server starting now
+    try:
+        assert c.index_template_ids(DEFAULT_GALLERY).tolist() == a.store.template_ids(DEFAULT_GALLERY).tolist()
+        assert len(c.index_template_ids(DEFAULT_GALLERY)) == 23
+        assert _nearest(c, person_embedding(104, 31)).identity_id == "p104"
+    finally:
+        c.close()
+
+
+def test_milvus_down_fails_calls_as_unavailable_until_it_is_back(tmp_path):
+    from milvus_server import MilvusLite
+
+    milvus = MilvusLite(tmp_path / "milvus").start()
+    try:
+        manager = GalleryManager.open_milvus(milvus.uri, FakePipeline())
+        manager.store.milvus.timeout_s = 3.0
+        try:
+            manager.enroll(DEFAULT_GALLERY, "ann", embedding=person_embedding(200, 10))
+            milvus.stop()
+            with pytest.raises(BackendUnavailable):
+                manager.identify_embedding(DEFAULT_GALLERY, person_embedding(200, 10))
+            with pytest.raises(BackendUnavailable):
+                manager.store.ping()
+            milvus.start()
+            _wait_until_answering(manager.store)
+            assert _nearest(manager, person_embedding(200, 10)).identity_id == "ann"  # the same manager, no restart
+            manager.enroll(DEFAULT_GALLERY, "bob", embedding=person_embedding(10, 200))
+            assert manager.get_gallery(DEFAULT_GALLERY).template_count == 2
+        finally:
+            manager.close()
+    finally:
+        milvus.stop()
+
+
+def _wait_until_answering(store, timeout_s: float = 60.0) -> None:
+    """Poll ``store.ping()`` as the server's health check does, until Milvus answers again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            store.ping()
+            return
+        except BackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_unknown_gallery_on_a_shared_store(pair):
+    a, _ = pair
+    with pytest.raises(NotFound):
+        a.identify_embedding("nope", np.zeros(128, np.float32))
+
+
+def test_migrate_an_embedded_data_dir_into_milvus_and_back(tmp_path, milvus_uri, milvus_prefix):
+    from facegallery.server.gallery.keys import Role, create_key, verify_key
+    from facegallery.server.gallery.manager import STORE_FILE
+    from facegallery.server.gallery.migrate import migrate_store
+    from facegallery.server.gallery.milvus_store import MilvusTemplateStore
+    from facegallery.server.gallery.store import SqliteTemplateStore
+    from fakes import photo
+
+    embedded = GalleryManager.open(tmp_path / "a", FakePipeline())
+    embedded.create_gallery("staff", policy=DecisionPolicy.fixed(0.45, aggregation=Aggregation.MEAN))
+    embedded.enroll("staff", "ann", image=photo((200, 10, 0)), display_name="Ann", metadata={"team": "red"})
+    embedded.enroll("staff", "ann", embedding=person_embedding(200, 10, 60))
+    embedded.enroll(DEFAULT_GALLERY, "bob", embedding=person_embedding(10, 200))
+    _, key = create_key(embedded.store, "ops", Role.ADMIN, now=time.time())
+    embedded.close()
+
+    source = SqliteTemplateStore(tmp_path / "a" / STORE_FILE)
+    target = MilvusTemplateStore(milvus_uri, prefix=milvus_prefix)
+    try:
+        first = migrate_store(source, target)
+        assert [(g.name, g.copied, g.skipped, g.created) for g in first] == [(DEFAULT_GALLERY, 1, 0, True), ("staff", 2, 0, True)]
+        again = migrate_store(source, target)  # resumable: what is there is skipped
+        assert [(g.name, g.copied, g.skipped, g.created) for g in again] == [(DEFAULT_GALLERY, 0, 1, False), ("staff", 0, 2, False)]
+        assert verify_key(target, key).name == "ops"
+    finally:
+        source.close()
+        target.close()
+
+    served = GalleryManager.open_milvus(milvus_uri, FakePipeline(), prefix=milvus_prefix)
+    try:
+        staff = served.get_gallery("staff")
+        assert (staff.policy, staff.identity_count, staff.template_count) == (DecisionPolicy.fixed(0.45, aggregation=Aggregation.MEAN), 1, 2)
+        ann = served.get_identity("staff", "ann")
+        assert (ann.display_name, ann.metadata) == ("Ann", {"team": "red"})
+        faces = [t.face for t in ann.templates]
+        assert sum(f is not None for f in faces) == 1  # the photo's face box came along, the embedding has none
+        np.testing.assert_array_equal(next(f for f in faces if f is not None).box, [0, 0, 31, 31])
+        assert _nearest(served, person_embedding(10, 200)).identity_id == "bob"
+    finally:
+        served.close()
+
+    back = SqliteTemplateStore(tmp_path / "b" / STORE_FILE)
+    milvus = MilvusTemplateStore(milvus_uri, prefix=milvus_prefix)
+    try:
+        assert [(g.name, g.copied) for g in migrate_store(milvus, back)] == [(DEFAULT_GALLERY, 1), ("staff", 2)]
+        exported = sorted((t.identity_id, t.embedding.tobytes()) for t in back.export_templates("staff"))
+        assert exported == sorted([("ann", person_embedding(200, 10).tobytes()), ("ann", person_embedding(200, 10, 60).tobytes())])
+    finally:
+        back.close()
+        milvus.close()
+
+
+def test_the_migrate_command_copies_and_resumes(tmp_path, milvus_uri, milvus_prefix):
+    from click.testing import CliRunner
+
+    from facegallery.client.cli import main
+
+    embedded = GalleryManager.open(tmp_path, FakePipeline())
+    embedded.enroll(DEFAULT_GALLERY, "ann", embedding=person_embedding(200, 10))
+    embedded.close()
+    to = "milvus://" + milvus_uri.removeprefix("http://")
+    args = ["migrate", "--from", str(tmp_path), "--to", to, "--milvus-prefix", milvus_prefix]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "default: 1 templates copied, 0 already there" in first.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "default: 0 templates copied, 1 already there" in again.output
+    both = CliRunner().invoke(main, ["migrate", "--from", str(tmp_path), "--to", str(tmp_path / "b")])
+    assert both.exit_code == 2 and "one of --from and --to must be milvus://" in both.output
