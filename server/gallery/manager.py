@@ -246,7 +246,7 @@ class GalleryManager:
         if not self.shared:
             self.index_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        for record in store.list_galleries():
+        for record in store.list_galleries(counts=not self.shared):  # a shared store's galleries load from their changes
             record = self._migrate_legacy_model_id(record)
             self._galleries[record.name] = IndexedGallery.load(store, record, index_dir=self.index_dir, **self.index_options, **self._decisions())
         if not self.shared:

@@ -187,13 +187,14 @@ class MilvusTemplateStore:
         """The gallery ``name`` with its identity and template counts. Raises NotFound."""
         return self._record(self._gallery_row(name))
 
-    def list_galleries(self) -> list[GalleryRecord]:
-        """Every gallery, in creation order."""
+    def list_galleries(self, *, counts: bool = True) -> list[GalleryRecord]:
+        """Every gallery, in creation order; without ``counts`` its identity and template counts
+        are 0 (two ``count(*)`` queries per gallery saved: Milvus Lite scans for them)."""
         rows = self.milvus.query(self.milvus.name("galleries"), "pk > 0", ["pk", "doc"])
         first: dict[str, dict] = {}
         for row in sorted(rows, key=lambda r: (r["doc"]["created"], r["pk"])):
             first.setdefault(row["doc"]["name"], row)
-        return [self._record(row) for row in first.values()]
+        return [self._record(row, counts=counts) for row in first.values()]
 
     def gallery_state(self, name: str, key: int) -> GalleryState:
         """The gallery's settings and writers' heads (two small reads: the row of the gallery with
@@ -249,13 +250,14 @@ class MilvusTemplateStore:
         """The newest stored calibration of a gallery, or None. Its ``seq`` is this writer's newest
         change minus the change in template count since it was stored (another server's seq
         numbers are not comparable). Raises NotFound."""
-        record = self.get_gallery(gallery)
-        rows = self.milvus.get(self.milvus.name("calibrations"), [record.key], ["doc"])
+        row = self._gallery_row(gallery)
+        key = int(row["pk"])
+        rows = self.milvus.get(self.milvus.name("calibrations"), [key], ["doc"])
         if not rows:
             return None
         doc = rows[0]["doc"]
-        age = abs(record.template_count - int(doc["templates"]))
-        return StoredCalibration(doc["policy"], record.last_seq - age, int(doc["templates"]), doc["calibration"])
+        age = abs(self.milvus.count(self.milvus.templates(row["doc"]["embedding_dim"]), f"gallery_key == {key}") - int(doc["templates"]))
+        return StoredCalibration(doc["policy"], self._seq_of(key) - age, int(doc["templates"]), doc["calibration"])
 
     # -- writes ------------------------------------------------------------------------------
 
