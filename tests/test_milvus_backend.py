@@ -224,3 +224,29 @@ def test_the_migrate_command_copies_and_resumes(tmp_path, milvus_uri, milvus_pre
     assert again.exit_code == 0 and "default: 0 templates copied, 1 already there" in again.output
     both = CliRunner().invoke(main, ["migrate", "--from", str(tmp_path), "--to", str(tmp_path / "b")])
     assert both.exit_code == 2 and "one of --from and --to must be milvus://" in both.output
+
+
+def test_an_identity_deleted_on_one_server_while_another_enrolls_it_keeps_its_new_template(pair):
+    a, b = pair
+    a.enroll(DEFAULT_GALLERY, "ann", embedding=person_embedding(200, 10), metadata={"team": "red"})
+    # B has read ann's row when A deletes ann, and B's template is written after: the interleaving
+    # that milvus_store.py's _keep_identities mends, forced here by deleting just before B's insert
+    real_insert = b.store.milvus.insert
+    deleted = []
+
+    def delete_then_insert(collection, rows):
+        if "_templates_" in collection and not deleted:
+            deleted.append(a.delete_identity(DEFAULT_GALLERY, "ann"))
+        return real_insert(collection, rows)
+
+    b.store.milvus.insert = delete_then_insert
+    try:
+        added = b.enroll(DEFAULT_GALLERY, "ann", embedding=person_embedding(200, 10, 50))
+    finally:
+        b.store.milvus.insert = real_insert
+    assert deleted == [1] and not added.identity_created
+    ann = a.get_identity(DEFAULT_GALLERY, "ann")  # the identity is back, holding B's template only
+    assert [t.template_id for t in ann.templates] == [added.template_id] and ann.metadata == {"team": "red"}
+    for m in (a, b):
+        assert m.index_template_ids(DEFAULT_GALLERY).tolist() == [added.template_id]
+        assert _nearest(m, person_embedding(200, 10, 50)).identity_id == "ann"

@@ -304,6 +304,11 @@ class RankedIdentities(NamedTuple):
         keep = self.identity_keys != identity_key
         return RankedIdentities(self.identity_keys[keep], self.template_ids[keep], self.distances[keep])
 
+    def without_keys(self, identity_keys: np.ndarray) -> RankedIdentities:
+        """The same ranking with the identities ``(n,) int64`` left out."""
+        keep = ~np.isin(self.identity_keys, identity_keys)
+        return RankedIdentities(self.identity_keys[keep], self.template_ids[keep], self.distances[keep])
+
     def head(self, n: int) -> RankedIdentities:
         """The first ``n`` identities."""
         return RankedIdentities(self.identity_keys[:n], self.template_ids[:n], self.distances[:n])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
 import threading
 import time
@@ -75,6 +76,8 @@ from facegallery.server.gallery.store import (
 from facegallery.server.gallery.validation import check_metadata
 
 __all__ = ["MilvusTemplateStore", "GalleryState", "PulledChanges"]
+
+LOG = logging.getLogger(__name__)
 
 #: Removed template ids per ``removals`` row (the ARRAY field's capacity).
 _REMOVAL_ROW_IDS = 4096
@@ -298,6 +301,7 @@ class MilvusTemplateStore:
                 raise EmbeddingShapeError(f"embedding must have {dim} values, got {vector.size} (item {n})")
         now = time.time()
         wanted = {item.identity_id: key63(key, item.identity_id) for item in items}
+        wanted_ids = {identity_key: identity_id for identity_id, identity_key in wanted.items()}
         known = {r["identity_id"]: r for r in self.milvus.get(self.milvus.name("identities"), list(set(wanted.values())), _IDENTITY_FIELDS)}
         stored: set[tuple[int, bytes]] = set()
         if skip_duplicates and known:
@@ -344,11 +348,11 @@ class MilvusTemplateStore:
             for template_id, n in zip(ids.tolist(), keep, strict=True)
         ]
         if changed:
-            self.milvus.upsert(self.milvus.name("identities"), [
-                {k: v for k, v in {**e, "metadata": json.dumps(e["metadata"], sort_keys=True)}.items() if k != "new"} for e in changed.values()
-            ])
+            self.milvus.upsert(self.milvus.name("identities"), [{**_identity_row(e), "gallery_key": key} for e in changed.values()])
         if rows:
             self.milvus.insert(self.milvus.templates(dim), rows)
+            added_to = {int(r["identity_key"]) for r in rows} - {k for k, e in changed.items() if e.get("new")}
+            self._keep_identities(key, {k: _identity_row(changed.get(k) or known[wanted_ids[k]]) for k in added_to})
             self._commit_head(key, seq)
         if request is not None and results[0] is not None:
             added = results[0]
@@ -379,14 +383,14 @@ class MilvusTemplateStore:
         """Delete one template; an identity left without templates is deleted too. Returns
         ``(identity_deleted, seq)``. Raises NotFound for a template not in ``gallery``."""
         record = self.get_gallery(gallery)
-        rows = [r for r in self.milvus.get(self.milvus.templates(record.embedding_dim), [int(template_id)], ["gallery_key", "identity_key"]) if int(r["gallery_key"]) == record.key]
+        rows = [r for r in self.milvus.get(self.milvus.templates(record.embedding_dim), [int(template_id)], ["gallery_key", "identity_key", "identity_id"]) if int(r["gallery_key"]) == record.key]
         if not rows:
             raise TemplateNotFound(f"template {template_id} does not exist in gallery {gallery!r}")
         identity_key = int(rows[0]["identity_key"])
         seq = self._remove(record.key, record.embedding_dim, [int(template_id)])
         left = self.milvus.count(self.milvus.templates(record.embedding_dim), f"gallery_key == {record.key} and identity_key == {identity_key}")
         if left == 0:
-            self.milvus.delete(self.milvus.name("identities"), f"pk == {identity_key}")
+            self._delete_identity_row(record.key, record.embedding_dim, identity_key, str(rows[0]["identity_id"]))
         return left == 0, seq
 
     def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]:
@@ -396,8 +400,31 @@ class MilvusTemplateStore:
         identity_key = self._existing_identity(record.key, gallery, identity_id)
         ids = sorted(int(r["pk"]) for r in self._template_rows(record.embedding_dim, [identity_key], ["pk"]))
         seq = self._remove(record.key, record.embedding_dim, ids) if ids else self._seq_of(record.key)
-        self.milvus.delete(self.milvus.name("identities"), f"pk == {identity_key}")
+        self._delete_identity_row(record.key, record.embedding_dim, identity_key, identity_id)
         return np.array(ids, dtype=np.int64), seq
+
+    def _delete_identity_row(self, key: int, dim: int, identity_key: int, identity_id: str) -> None:
+        """Delete an identity's row once its templates are deleted; should another server have
+        enrolled a template of it meanwhile, the identity is kept (re-created without metadata),
+        never a template without its identity. With :meth:`_keep_identities` on the enrolling
+        side, one of the two sees the other in every order of the four writes."""
+        self.milvus.delete(self.milvus.name("identities"), f"pk == {identity_key}")
+        if self._template_rows(dim, [identity_key], ["pk"]):
+            LOG.warning("identity %r was enrolled again while it was deleted: kept with its new templates", identity_id)
+            now = time.time()
+            self.milvus.upsert(self.milvus.name("identities"), [
+                {"pk": identity_key, "gallery_key": key, "identity_id": identity_id, "display_name": "", "metadata": "{}", "created": now, "updated": now}
+            ])
+
+    def _keep_identities(self, key: int, rows: dict[int, dict[str, Any]]) -> None:
+        """After adding templates to existing identities: re-create any whose row another
+        server deleted meanwhile (:meth:`_delete_identity_row`), from ``rows`` (identity key ->
+        its row as read before the write)."""
+        present = {int(r["pk"]) for r in self.milvus.get(self.milvus.name("identities"), list(rows), ["pk"])}
+        lost = [row for identity_key, row in rows.items() if identity_key not in present]
+        if lost:
+            LOG.warning("identities %s were deleted while templates were added to them: kept with the new templates", sorted(r["identity_id"] for r in lost))
+            self.milvus.upsert(self.milvus.name("identities"), [{**r, "gallery_key": key} for r in lost])  # rows from _identity_row
 
     # -- identities --------------------------------------------------------------------------
 
@@ -680,6 +707,15 @@ class MilvusTemplateStore:
     def has_api_keys(self) -> bool:
         """True once any key was created (revoked ones count, as store.py's)."""
         return bool(self.milvus.query(self.milvus.name("api_keys"), "pk > 0", ["pk"], limit=1))
+
+
+def _identity_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An identities row to upsert (its ``_IDENTITY_FIELDS``, metadata as JSON text) from one as
+    read or as built by ``add_templates`` (metadata a dict)."""
+    out = {k: row[k] for k in _IDENTITY_FIELDS}
+    if isinstance(out["metadata"], dict):
+        out["metadata"] = json.dumps(out["metadata"], sort_keys=True)
+    return out
 
 
 def _within(row: dict[str, Any], bounds: dict[int, tuple[int, int]]) -> bool:

@@ -182,7 +182,11 @@ class OpenSetScorer:
         candidates = top_k if kind is ScoreKind.DISTANCE else max(top_k, RERANK_CANDIDATES)
         wanted = top_k if kind is ScoreKind.DISTANCE else max(k + 1, candidates)
         ranked = [r.without(out_keys.get(out)) for r, out in zip(search_identities(index, self._owners, x, wanted + extra), exclude, strict=True)]
-        names = self._store.identity_names(np.concatenate([r.identity_keys[:candidates] for r in ranked]))
+        keys = np.concatenate([r.identity_keys[:candidates] for r in ranked])
+        names = self._store.identity_names(keys)
+        if len(names) < len(np.unique(keys)):  # deleted by another server of a shared store since this index synced
+            gone = np.setdiff1d(keys, np.fromiter(names, np.int64, len(names)))
+            ranked = [r.without_keys(gone) for r in ranked]
         if kind is ScoreKind.DISTANCE:
             return [_scored(r.head(top_k), r.distances[:top_k], names) for r in ranked]
         neighbours = self.neighbours(index, sorted({names[key][0] for r in ranked for key in r.identity_keys[:candidates].tolist()}), version=version)
@@ -255,7 +259,7 @@ class OpenSetScorer:
         for identity, hits in zip(owners, ranked, strict=True):
             best = merged[identity]
             for key, distance in zip(hits.identity_keys.tolist(), hits.distances.tolist(), strict=True):
-                other = names[key][0]
+                other = names[key][0] if key in names else identity  # not in names: deleted by another server meanwhile
                 if other != identity and distance < best.get(other, math.inf):
                     best[other] = distance
         entries = {}
