@@ -8,7 +8,8 @@ balanced round robin), ``--gallery NAME``, ``--json``,
 ``--timeout SECONDS``, ``--tls-ca``/``--tls-cert``/``--tls-key`` (env ``FACEGALLERY_TLS_CA``,
 ``FACEGALLERY_CLIENT_CERT``, ``FACEGALLERY_CLIENT_KEY``), ``--tls-server-name NAME`` (env
 ``FACEGALLERY_TLS_SERVER_NAME``) and ``--api-key KEY`` (env ``FACEGALLERY_API_KEY``). ``keys create|list|revoke --data-dir DIR`` manage
-the API keys in a data directory's store directly (a server may be running on it). The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
+the API keys in a data directory's store directly (a server may be running on it), ``--backend milvus --milvus-uri URI``
+those of the milvus backend in its Milvus. The server and offline commands (``serve``, ``doctor``, ``export``, ``embed``,
 ``eval``, ``train``, ``calibrate``) live in other packages and are imported only when invoked,
 so a missing optional dependency (e.g. torch for ``train``) breaks only its own command.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from tqdm import tqdm
 
 from facegallery.client._client import DEFAULT_ADDRESS, DEFAULT_GALLERY, DEFAULT_IMPORT_BATCH, DEFAULT_TIMEOUT, GalleryClient, _channel_target
@@ -806,13 +808,28 @@ def import_embeddings(session: _Session, file: Path, batch_size: int) -> None:
 # API keys, on a data directory's store
 
 
+#: The settings of ``serve`` that name the milvus backend's store (its defaults: app.py).
+_MILVUS_URI_DEFAULT = "http://127.0.0.1:19530"
+_MILVUS_PREFIX_DEFAULT = "facegallery"
+
+
 def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--data-dir DIR (the store directly) or --server HOST:PORT (with an admin --api-key); the
-    wrapped command gets ``keys``: a :class:`_StoreKeys` or :class:`_ServerKeys`."""
+    """--data-dir DIR (the embedded store directly), --backend milvus --milvus-uri URI (the milvus
+    backend's store directly) or --server HOST:PORT (with an admin --api-key); the wrapped command
+    gets ``keys``: a :class:`_StoreKeys` or :class:`_ServerKeys`."""
 
     @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="Data directory whose store holds the keys (a server may be running on it)  "
                   "[default, without --server: the server's default data dir]")
+    @click.option("--backend", type=click.Choice(["embedded", "milvus"], case_sensitive=False), envvar="FACEGALLERY_BACKEND", default="embedded",
+                  show_default=True, help="The servers' backend (as serve's): milvus manages the keys in the Milvus at --milvus-uri, "
+                  "which every server of it shares [env FACEGALLERY_BACKEND].")
+    @click.option("--milvus-uri", envvar="FACEGALLERY_MILVUS_URI", default=_MILVUS_URI_DEFAULT, show_default=True, metavar="URI",
+                  help="With --backend milvus: the Milvus (http://HOST:PORT) [env FACEGALLERY_MILVUS_URI].")
+    @click.option("--milvus-token", envvar="FACEGALLERY_MILVUS_TOKEN", default="", metavar="TOKEN",
+                  help="With --backend milvus: user:password or API key of the Milvus [env FACEGALLERY_MILVUS_TOKEN].")
+    @click.option("--milvus-prefix", envvar="FACEGALLERY_MILVUS_PREFIX", default=_MILVUS_PREFIX_DEFAULT, show_default=True,
+                  help="With --backend milvus: the collection-name prefix (as serve's) [env FACEGALLERY_MILVUS_PREFIX].")
     @click.option("--server", envvar="FACEGALLERY_SERVER", default=None, metavar=_SERVER_METAVAR, callback=_check_server,
                   help="Manage the keys through a running server instead (needs an admin --api-key); several servers as "
                   "IP:PORT,IP:PORT [env FACEGALLERY_SERVER].")
@@ -827,6 +844,10 @@ def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(
         data_dir: Path | None,
+        backend: str,
+        milvus_uri: str,
+        milvus_token: str,
+        milvus_prefix: str,
         server: str | None,
         api_key: str | None,
         tls_ca: Path | None,
@@ -839,8 +860,20 @@ def _keys_target(func: Callable[..., Any]) -> Callable[..., Any]:
 
         if (tls_cert is None) != (tls_key is None):
             raise click.UsageError("--tls-cert and --tls-key go together")
+        ctx = click.get_current_context()
+        given = {name for name in ("data_dir", "backend", "server") if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+        milvus = backend.lower() == "milvus"
+        if milvus and data_dir is not None:
+            raise click.UsageError("--data-dir is the embedded backend's store: with --backend milvus the keys are in Milvus (--milvus-uri)")
+        if milvus and {"backend", "server"} <= given:
+            raise click.UsageError("give --backend milvus (the keys in Milvus directly) or --server (through a running server), not both")
+        # the store directly: --data-dir, --backend milvus (unless only the environment says so and --server is given), or no --server
+        direct = data_dir is not None or server is None or (milvus and ("backend" in given or "server" not in given))
         try:
-            if data_dir is not None or server is None:
+            if direct and milvus:
+                with _milvus_keys(milvus_uri, token=milvus_token, prefix=milvus_prefix) as keys:
+                    return func(keys=keys, **kwargs)
+            if direct:
                 with _store_keys(data_dir) as keys:
                     return func(keys=keys, **kwargs)
             client = _open_client(
@@ -920,6 +953,21 @@ def _store_keys(data_dir: Path | None) -> Iterator[_StoreKeys]:
         store.close()
 
 
+@contextlib.contextmanager
+def _milvus_keys(uri: str, *, token: str, prefix: str) -> Iterator[_StoreKeys]:
+    """The milvus backend's store at ``uri`` (its collections created when missing, so the first
+    key can precede the first server). Raises BackendUnavailable when Milvus cannot be reached."""
+    try:
+        from facegallery.server.gallery.milvus_store import MilvusTemplateStore  # the [milvus] extra
+    except ImportError as exc:
+        raise click.ClickException(f"--backend milvus needs pymilvus: pip install 'facegallery[milvus]' ({exc})") from exc
+    store = MilvusTemplateStore(uri, token=token, prefix=prefix)
+    try:
+        yield _StoreKeys(store)
+    finally:
+        store.close()
+
+
 def _utc(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -935,8 +983,10 @@ def keys_group() -> None:
     gallery.
 
     Each command works on a data directory's store directly (--data-dir, the default; a server may
-    be running on it, and the first admin key is made this way) or through a running server
-    (--server HOST:PORT with an admin --api-key for every gallery).
+    be running on it, and the first admin key is made this way), on the milvus backend's store
+    directly (--backend milvus --milvus-uri URI [--milvus-prefix P] [--milvus-token T]; every server
+    of it sees the keys), or through a running server (--server HOST:PORT with an admin --api-key
+    for every gallery).
     """
 
 

@@ -16,10 +16,20 @@ API keys: once the store holds a key, every GalleryService call needs one (auth.
 reflection stay open); a non-loopback host needs TLS and keys, or ``insecure``.
 
 Interceptors, outermost first: request id and access log, metrics (with ``metrics_port``),
-readiness, API keys, errors to statuses (interceptors.py).
+readiness, API keys (auth.py; a key store that fails, such as a Milvus that does not answer,
+gives its error's status), errors to statuses (interceptors.py).
 
 Data directory layout (``ServerConfig.data_dir``): ``gallery.sqlite3`` (the store) and
 ``index/`` (index snapshots), see ``facegallery.server.gallery.manager``.
+
+Backends (``ServerConfig.backend``): ``"embedded"`` (the default) keeps the galleries in
+``data_dir`` as above; ``"milvus"`` keeps them in the Milvus at ``milvus_uri``
+(``facegallery.server.gallery.milvus_store``), shared by every server pointed at it, with nothing
+on local disk (no store check, no snapshots). A Milvus that cannot be reached at start raises
+:class:`~facegallery.server.contract.errors.BackendUnavailable` (naming the uri) before the model
+is loaded; at run time a daemon thread pings it every :data:`BACKEND_PING_INTERVAL_S` seconds and
+health is NOT_SERVING while it does not answer, SERVING again once it does (calls meanwhile fail
+with UNAVAILABLE, reason ``BACKEND_UNAVAILABLE``).
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from facegallery.server.contract.errors import ModelError
+from facegallery.server.contract.errors import BackendUnavailable, ModelError
 from facegallery.server.contract.manifest import ModelManifest
 from facegallery.server.contract.paths import user_data_dir
 from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, BatchingEmbedder
@@ -65,6 +75,10 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_GRACE_S",
     "DEFAULT_SNAPSHOT_INTERVAL_S",
+    "BACKENDS",
+    "DEFAULT_MILVUS_URI",
+    "DEFAULT_MILVUS_PREFIX",
+    "BACKEND_PING_INTERVAL_S",
     "SERVICE_NAME",
     "default_data_dir",
     "ServerConfig",
@@ -91,6 +105,14 @@ DEFAULT_GRACE_S = 10.0
 DEFAULT_SNAPSHOT_INTERVAL_S = 300.0
 #: faiss OpenMP threads per search: requests already run in parallel on the gRPC threads.
 DEFAULT_SEARCH_THREADS = 1
+#: ``ServerConfig.backend`` values: SQLite in the data directory, or a shared Milvus (docs/milvus.md).
+BACKENDS = ("embedded", "milvus")
+#: The Milvus of the milvus backend when none is given (a local Milvus standalone or ``milvus-lite server``).
+DEFAULT_MILVUS_URI = "http://127.0.0.1:19530"
+#: Collection-name prefix of the milvus backend (milvus_client.py's ``DEFAULT_PREFIX``; not imported: pymilvus is an extra).
+DEFAULT_MILVUS_PREFIX = "facegallery"
+#: Seconds between pings of the milvus backend's store by the health monitor.
+BACKEND_PING_INTERVAL_S = 1.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GalleryService"].full_name
 
 
@@ -106,7 +128,14 @@ class ServerConfig:
     Attributes
     ----------
     data_dir : Path
-        Store and index snapshots.
+        Store and index snapshots (the embedded backend; unused by the milvus backend).
+    backend : str
+        ``"embedded"`` (SQLite store in ``data_dir``) or ``"milvus"`` (the galleries in the Milvus
+        at ``milvus_uri``, shared with every server pointed at it; see the module docstring).
+    milvus_uri, milvus_token, milvus_prefix : str
+        With the milvus backend: the Milvus (``http://host:19530``), its ``user:password`` or API
+        key (``""``: none; secret, never logged or shown by ``repr``), and the prefix of the
+        collection names (several deployments can share one Milvus).
     host, port : str, int
         Where to listen; port 0 picks a free port (tests).
     model_dir : Path or None
@@ -166,6 +195,10 @@ class ServerConfig:
     """
 
     data_dir: Path = dataclasses.field(default_factory=default_data_dir)
+    backend: str = "embedded"
+    milvus_uri: str = DEFAULT_MILVUS_URI
+    milvus_token: str = dataclasses.field(default="", repr=False)
+    milvus_prefix: str = DEFAULT_MILVUS_PREFIX
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     model_dir: Path | None = None
@@ -199,7 +232,8 @@ class GalleryServer:
     """A started server; unpacks as ``server, port, manager = create_server(config)``.
 
     Attributes: ``server`` (grpc.Server), ``port`` (int, the bound port), ``manager``
-    (GalleryManager), ``health`` (grpc_health HealthServicer).
+    (GalleryManager), ``health`` (grpc_health HealthServicer), ``backend_health`` (the milvus
+    backend's health monitor, stopped by :meth:`stop`; None for the embedded backend).
     """
 
     def __init__(
@@ -210,6 +244,7 @@ class GalleryServer:
         health_servicer: health.HealthServicer,
         embedder: BatchingEmbedder | None,
         metrics: ServerMetrics | None = None,
+        backend_health: _BackendHealth | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -217,6 +252,8 @@ class GalleryServer:
         self.health = health_servicer
         self._embedder = embedder
         self._metrics = metrics
+        #: the milvus backend's health monitor (None for the embedded store)
+        self.backend_health = backend_health
         self._stopped = False
 
     def __iter__(self):
@@ -229,6 +266,8 @@ class GalleryServer:
             return
         self._stopped = True
         started = time.perf_counter()
+        if self.backend_health is not None:
+            self.backend_health.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
         LOG.info("in-flight calls drained in %.2f s", time.perf_counter() - started)
@@ -267,13 +306,21 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         The model directory is missing or corrupt.
     StoreCorruptError
         The store fails its integrity check (``config.integrity_check``).
+    BackendUnavailable
+        With the milvus backend: the Milvus at ``config.milvus_uri`` cannot be reached (raised
+        before binding).
     """
     if config.integrity_check not in ("quick", "full"):
         raise ValueError(f"integrity_check must be 'quick' or 'full', not {config.integrity_check!r}")
+    if config.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {config.backend!r}")
     credentials = _server_credentials(config)  # before anything else: a refused address fails fast
+    milvus = config.backend == "milvus"
     store_path = Path(config.data_dir) / STORE_FILE
     has_keys = False
-    if store_path.is_file():  # before binding and loading the model: a damaged store fails fast
+    if milvus:  # before binding and loading the model: an unreachable Milvus fails fast
+        has_keys = _milvus_has_keys(config)
+    elif store_path.is_file():  # before binding and loading the model: a damaged store fails fast
         checked = SqliteTemplateStore(store_path, integrity_check=config.integrity_check)
         try:
             has_keys = checked.has_api_keys()
@@ -284,7 +331,7 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    store_failed = _StoreFailure(store_path, health_servicer)
+    store_failed = _StoreFailure(_milvus_location(config) if milvus else store_path, health_servicer)
     metrics = start_metrics(config.metrics_port, addr=config.host) if config.metrics_port else None  # before the model load it times
     prefix = f"/{SERVICE_NAME}/"
     auth = AuthInterceptor(prefix, on_failure=None if metrics is None else metrics.auth_failed)  # its store is set below, before `ready`
@@ -330,15 +377,21 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         set_search_threads(config.search_threads)
         if pipeline is None:
             pipeline, embedder = _load_pipeline(config)
-        manager = GalleryManager.open(
-            config.data_dir,
-            pipeline,
-            integrity_check="off",  # checked above
-            index_factory=config.index_factory,
-            snapshot_interval_s=config.snapshot_interval_s,
-            approximate_above=config.approximate_above or None,
-            nprobe=config.nprobe,
-        )
+        index_options: dict[str, object] = {
+            "index_factory": config.index_factory,
+            "approximate_above": config.approximate_above or None,
+            "nprobe": config.nprobe,
+        }
+        if milvus:
+            manager = GalleryManager.open_milvus(config.milvus_uri, pipeline, token=config.milvus_token, prefix=config.milvus_prefix, **index_options)
+        else:
+            manager = GalleryManager.open(
+                config.data_dir,
+                pipeline,
+                integrity_check="off",  # checked above
+                snapshot_interval_s=config.snapshot_interval_s,
+                **index_options,
+            )
     except BaseException:
         server.stop(None)
         if embedder is not None:
@@ -354,8 +407,10 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
     if not store_failed.failed:
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.pipeline.model_id[:12], config.data_dir, config.host, port)
-    return GalleryServer(server, port, manager, health_servicer, embedder, metrics)
+    backend_health = _BackendHealth(manager.store, health_servicer, lambda: store_failed.failed).start() if milvus else None
+    location = _milvus_location(config) if milvus else config.data_dir
+    LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.pipeline.model_id[:12], location, config.host, port)
+    return GalleryServer(server, port, manager, health_servicer, embedder, metrics, backend_health)
 
 
 class InsecureAddressError(RuntimeError):
@@ -414,9 +469,42 @@ def _check_keys(config: ServerConfig, has_keys: bool) -> None:
     if not config.insecure:
         raise InsecureAddressError(
             f"refusing to serve on the non-loopback address {config.host} without API keys: create one with "
-            f"`facegallery keys create --data-dir {config.data_dir} --name admin --role admin`, listen on localhost, or pass --insecure"
+            f"`facegallery keys create {_keys_target(config)} --name admin --role admin`, listen on localhost, or pass --insecure"
         )
     LOG.warning("serving without API keys on a non-loopback address (%s): anyone who reaches it can read and change every gallery", config.host)
+
+
+def _keys_target(config: ServerConfig) -> str:
+    """The ``facegallery keys`` options naming the store of ``config`` (never the Milvus token)."""
+    if config.backend != "milvus":
+        return f"--data-dir {config.data_dir}"
+    prefix = "" if config.milvus_prefix == DEFAULT_MILVUS_PREFIX else f" --milvus-prefix {config.milvus_prefix}"
+    token = " --milvus-token ..." if config.milvus_token else ""
+    return f"--backend milvus --milvus-uri {config.milvus_uri}{prefix}{token}"
+
+
+def _milvus_location(config: ServerConfig) -> str:
+    return f"Milvus at {config.milvus_uri} (collections {config.milvus_prefix}_*)"
+
+
+def _open_milvus_store(config: ServerConfig):
+    """The milvus backend's store of ``config``; raises BackendUnavailable, or RuntimeError when
+    pymilvus (the ``milvus`` extra) is not installed."""
+    try:
+        from facegallery.server.gallery.milvus_store import MilvusTemplateStore
+    except ImportError as exc:
+        raise RuntimeError(f"the milvus backend needs pymilvus: pip install 'facegallery[milvus]' ({exc})") from exc
+    return MilvusTemplateStore(config.milvus_uri, token=config.milvus_token, prefix=config.milvus_prefix)
+
+
+def _milvus_has_keys(config: ServerConfig) -> bool:
+    """Whether the Milvus of ``config`` holds API keys (its collections are created when missing);
+    raises BackendUnavailable when it cannot be reached."""
+    store = _open_milvus_store(config)
+    try:
+        return store.has_api_keys()
+    finally:
+        store.close()
 
 
 def _transport(config: ServerConfig) -> str:
@@ -425,10 +513,68 @@ def _transport(config: ServerConfig) -> str:
     return "TLS, client certificates required" if config.tls_client_ca is not None else "TLS"
 
 
+class _BackendHealth:
+    """The milvus backend's health monitor: a daemon thread that pings the store every
+    ``interval_s`` seconds and sets health NOT_SERVING (``""`` and the service) while the ping
+    fails, SERVING again once it answers (unless ``failed_for_good()``: a damaged store). Each
+    change is logged once; nothing it meets stops it, or the server."""
+
+    def __init__(
+        self, store, health_servicer: health.HealthServicer, failed_for_good=lambda: False, interval_s: float = BACKEND_PING_INTERVAL_S
+    ) -> None:
+        self._store = store
+        self._health = health_servicer
+        self._failed_for_good = failed_for_good
+        self.interval_s = interval_s
+        #: whether the last ping was answered (the server starts SERVING: its start-up just read the store)
+        self.answering = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backend-health", daemon=True)
+
+    def start(self) -> _BackendHealth:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread (waits up to ``timeout_s`` for a ping under way); idempotent."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:  # never let the monitor die: log, and try again next time
+                LOG.exception("the backend health check failed unexpectedly")
+
+    def check(self) -> bool:
+        """Ping the store once and update health; True when it answered."""
+        try:
+            self._store.ping()
+        except BackendUnavailable as exc:
+            answering, why = False, str(exc)
+        except Exception as exc:  # an unexpected failure of the ping is still a store that does not answer
+            answering, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            answering, why = True, ""
+        if answering == self.answering or self._stop.is_set():  # set() on changes only: it notifies every watcher
+            return answering
+        self.answering = answering
+        serving = answering and not self._failed_for_good()
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if answering:
+            LOG.warning("the gallery store answers again%s", ": health is SERVING" if serving else "")
+        else:
+            LOG.error("the gallery store does not answer (%s): health is NOT_SERVING; calls fail with UNAVAILABLE until it is back", why)
+        return answering
+
+
 class _StoreFailure:
     """``on_store_damage`` of the error interceptor: health NOT_SERVING for good, logged once."""
 
-    def __init__(self, path: Path, health_servicer: health.HealthServicer) -> None:
+    def __init__(self, path: Path | str, health_servicer: health.HealthServicer) -> None:
         self._path = path
         self._health = health_servicer
         self._lock = threading.Lock()

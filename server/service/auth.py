@@ -38,7 +38,7 @@ from typing import Any
 
 import grpc
 
-from facegallery.server.contract.errors import GalleryNotFound
+from facegallery.server.contract.errors import FaceGalleryError, GalleryNotFound
 from facegallery.server.gallery.keys import ApiKeyRecord, KeyStore, Role, verify_key
 from facegallery.server.gallery.manager import DEFAULT_GALLERY
 from facegallery.server.service.interceptors import rewrap_handler
@@ -234,7 +234,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     context.abort_with_status(rich_status(exc, full, request))
 
         def prepare(request: Any, context: grpc.ServicerContext) -> Any:
-            record = self._authorise(method, context)
+            try:
+                record = self._authorise(method, context)
+            except FaceGalleryError as exc:  # the key store failed (BackendUnavailable: Milvus not answering): its status, not UNKNOWN
+                context.abort_with_status(rich_status(exc, full, request))
             if not request_streaming:  # a stream's items name their galleries: the servicer checks each (check_gallery)
                 check(record, request, context)
             return request

@@ -14,6 +14,7 @@ flags, so every ``--help`` default is the value in effect without that flag, the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import typing
@@ -25,14 +26,14 @@ import click
 from click.core import ParameterSource
 from pydantic.fields import FieldInfo
 
-from facegallery.server.contract.errors import StoreCorruptError
+from facegallery.server.contract.errors import BackendUnavailable, StoreCorruptError
 from facegallery.server.face.detect import DetectionConfig
 from facegallery.server.face.pipeline import PipelineConfig
 from facegallery.server.gallery.doctor import Status, diagnose, worst
 from facegallery.server.service.app import InsecureAddressError, ServerConfig, default_data_dir, is_loopback_host
 from facegallery.server.service.app import serve as run_server
 from facegallery.server.service.logs import configure_logging
-from facegallery.server.service.settings import CONFIG_ENV, ServeSettings, SettingsError, flag_name
+from facegallery.server.service.settings import CONFIG_ENV, SECRET_KEYS, ServeSettings, SettingsError, flag_name
 
 __all__ = ["make_doctor_command", "make_serve_command", "server_config"]
 
@@ -52,8 +53,8 @@ def server_config(settings: ServeSettings, default_model: Callable[[], Path]) ->
     ------
     SettingsError
         tls_cert without tls_key (or the other way round), tls_client_ca without them, plaintext
-        on a non-loopback host without insecure, or a model_dir that is not a directory; naming
-        the keys and where their values came from.
+        on a non-loopback host without insecure, a model_dir that is not a directory, or backend
+        milvus without pymilvus installed; naming the keys and where their values came from.
     """
 
     def named(key: str) -> str:
@@ -69,6 +70,8 @@ def server_config(settings: ServeSettings, default_model: Callable[[], Path]) ->
             f"refusing to serve without TLS on the non-loopback address {settings.host} (host, from {settings.source_of('host')}): give tls_cert and "
             "tls_key (--tls-cert, --tls-key), listen on localhost, or set insecure (--insecure)"
         )
+    if settings.backend == "milvus" and importlib.util.find_spec("pymilvus") is None:
+        raise SettingsError(f"{named('backend')} = milvus needs pymilvus: pip install 'facegallery[milvus]'")
     if settings.model_dir is None or settings.source_of("model_dir").kind == "env":
         model_dir = default_model()
     elif settings.model_dir.is_dir():
@@ -85,6 +88,10 @@ def server_config(settings: ServeSettings, default_model: Callable[[], Path]) ->
     )
     return ServerConfig(
         data_dir=settings.data_dir,
+        backend=settings.backend,
+        milvus_uri=settings.milvus_uri,
+        milvus_token=settings.milvus_token,
+        milvus_prefix=settings.milvus_prefix,
         host=settings.host,
         port=settings.port,
         model_dir=model_dir,
@@ -113,7 +120,7 @@ def server_config(settings: ServeSettings, default_model: Callable[[], Path]) ->
 
 def _option(key: str, field: FieldInfo) -> click.Option:
     """The flag of a settings field: its type and range, its docstring as help; no default of
-    its own (the command's default map holds the settings in effect)."""
+    its own (the command's default map holds the settings in effect; a secret's is not shown)."""
     annotation = field.annotation
     args = typing.get_args(annotation)
     if type(None) in args:  # X | None
@@ -134,7 +141,7 @@ def _option(key: str, field: FieldInfo) -> click.Option:
         kind = click.Path(path_type=Path)
     else:
         kind = click.STRING
-    return click.Option([flag, key], type=kind, show_default=True, help=field.description)
+    return click.Option([flag, key], type=kind, show_default=key not in SECRET_KEYS, help=field.description)
 
 
 class _BadSettings(click.ClickException):
@@ -178,6 +185,8 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
 
         Enrolled templates are stored in DATA_DIR/gallery.sqlite3 (an acknowledged enrollment
         survives a crash); the search indexes are rebuilt or reloaded from DATA_DIR/index at start.
+        With --backend milvus they are kept in the Milvus at --milvus-uri instead, shared by every
+        server pointed at it (docs/milvus.md).
 
         Every setting is a flag, an environment variable FACEGALLERY_<KEY> (e.g.
         FACEGALLERY_MAX_WORKERS) or a key of the --config TOML file, in that order of precedence;
@@ -195,6 +204,8 @@ def make_serve_command(default_model: Callable[[], Path]) -> click.Command:
             run_server(server)
         except (StoreCorruptError, InsecureAddressError) as exc:
             raise click.ClickException(str(exc)) from exc
+        except BackendUnavailable as exc:
+            raise click.ClickException(f"{exc} (backend milvus, milvus_uri from {settings.source_of('milvus_uri')}); is Milvus running there?") from exc
 
     config_option = click.Option(
         ["--config", "config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar=CONFIG_ENV,

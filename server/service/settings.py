@@ -33,6 +33,8 @@ from facegallery.server.service.app import (
     DEFAULT_GRACE_S,
     DEFAULT_HOST,
     DEFAULT_MAX_WORKERS,
+    DEFAULT_MILVUS_PREFIX,
+    DEFAULT_MILVUS_URI,
     DEFAULT_PORT,
     DEFAULT_SEARCH_THREADS,
     DEFAULT_SNAPSHOT_INTERVAL_S,
@@ -41,11 +43,13 @@ from facegallery.server.service.app import (
 )
 from facegallery.server.service.logs import DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, LogFormat, LogLevel
 
-__all__ = ["CONFIG_ENV", "ENV_PREFIX", "ServeSettings", "SettingsError", "Source", "env_name", "flag_name"]
+__all__ = ["CONFIG_ENV", "ENV_PREFIX", "SECRET_KEYS", "ServeSettings", "SettingsError", "Source", "env_name", "flag_name"]
 
 ENV_PREFIX = "FACEGALLERY_"
 #: Environment variable naming the TOML file when ``--config`` is not given.
 CONFIG_ENV = "FACEGALLERY_CONFIG"
+#: Keys whose values are secrets: never shown (``serve --help`` defaults, error messages, repr).
+SECRET_KEYS = frozenset({"milvus_token"})
 
 
 def env_name(key: str) -> str:
@@ -83,7 +87,16 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", use_attribute_docstrings=True, frozen=True)
 
     data_dir: Path = Field(default_factory=default_data_dir)
-    """Store and index directory (gallery.sqlite3 and index/); default: the user data directory."""
+    """Store and index directory (gallery.sqlite3 and index/) of the embedded backend; default: the user data directory."""
+    backend: Literal["embedded", "milvus"] = ServerConfig.backend
+    """Where the galleries are kept: embedded (SQLite in data_dir, one server) or milvus (a Milvus at milvus_uri, shared by
+    every server pointed at it; nothing on local disk; docs/milvus.md)."""
+    milvus_uri: str = Field(DEFAULT_MILVUS_URI, min_length=1)
+    """With backend milvus: the Milvus to use (http://HOST:PORT, https:// for TLS)."""
+    milvus_token: str = Field(ServerConfig.milvus_token, repr=False)
+    """With backend milvus: user:password or API key of the Milvus (empty: none); never shown or logged."""
+    milvus_prefix: str = Field(DEFAULT_MILVUS_PREFIX, min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """With backend milvus: prefix of the collection names (letters, digits, _), so that several deployments can share one Milvus."""
     host: str = DEFAULT_HOST
     """Address to listen on. Without tls_cert/tls_key only a loopback address (localhost, 127.0.0.1, ::1) is allowed, unless insecure."""
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
@@ -161,6 +174,11 @@ class ServeSettings(BaseSettings):
     def _upper_case_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _lower_case_backend(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
     @classmethod
     def load(cls, config_file: Path | None = None, flags: Mapping[str, Any] | None = None) -> ServeSettings:
         """The settings from ``flags`` (key -> value, given on the command line), the
@@ -213,4 +231,5 @@ def _describe(error: Mapping[str, Any], sources: Mapping[str, Source], config_fi
     if error["type"] == "extra_forbidden":  # only the file has keys of its own choosing
         return f"unknown key {key!r} in config file {config_file} (the keys are the flags of `facegallery serve --help`, with underscores)"
     source = sources.get(str(error["loc"][0]) if error["loc"] else "", Source("default", "default"))
-    return f"invalid {key} = {error['input']!r} ({source}): {error['msg']}"
+    value = "(hidden)" if key in SECRET_KEYS else repr(error["input"])
+    return f"invalid {key} = {value} ({source}): {error['msg']}"
