@@ -12,13 +12,15 @@ created, from the rows it wrote).
 
 Each mean is stored under its identity's smallest template id, so index hits resolve to their
 identity through the store's template owners like template hits do, and the index is the only
-state (no per-identity Python objects: at 1M identities those cost ~0.7 KB each). Not
-synchronised: the owning IndexedGallery holds its write lock around every change.
+state (no per-identity Python objects: at 1M identities those cost ~0.7 KB each). On a store
+other servers write too (milvus_store.py), the store may hold templates the gallery's index does
+not (yet): ``held`` restricts every mean to the templates the index holds, and the gallery builds
+its means from its own index (:meth:`IdentityMeans.from_templates`). Not synchronised: the owning IndexedGallery holds its write lock around every change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from facegallery.server.contract.errors import IdentityNotFound, NotFound
@@ -37,12 +39,32 @@ class IdentityMeans:
     index : RebuildableIndex
         ``(identities, D)`` float32 means under each identity's smallest template id; exact or
         approximate as the gallery's :class:`IndexPlan` says for the number of identities.
+
+    ``held``: template ids ``(n,) int64`` -> ``(n,) bool``, which of them the gallery's index
+    holds (None: all the store has).
     """
 
-    def __init__(self, store: TemplateStore, gallery: str, index: VectorIndex) -> None:
+    def __init__(self, store: TemplateStore, gallery: str, index: VectorIndex, *, held: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self._store = store
         self._gallery = gallery
+        self._held = held
         self.index = RebuildableIndex(index)
+
+    @classmethod
+    def from_templates(
+        cls, store: TemplateStore, gallery: str, template_ids: np.ndarray, x: np.ndarray, identity_keys: np.ndarray, plan: IndexPlan,
+        held: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> IdentityMeans:
+        """The means of the templates given (ids ``(n,) int64``, ``(n, D) float32``, their identity
+        keys ``(n,) int64``): a gallery's own index, rather than the store."""
+        return cls(store, gallery, plan.build(x.shape[1], *_group_means(template_ids, x, identity_keys)), held=held)
+
+    def _embeddings(self, template_ids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The held ones of an identity's templates."""
+        if self._held is None:
+            return template_ids, x
+        keep = self._held(template_ids)
+        return template_ids[keep], x[keep]
 
     @classmethod
     def build(cls, store: TemplateStore, gallery: str, dim: int, plan: IndexPlan) -> IdentityMeans:
@@ -70,9 +92,11 @@ class IdentityMeans:
         """The mean of one identity, ``(1, D) float32``, from the store. Raises IdentityNotFound
         when it has no template."""
         try:
-            _, x = self._store.identity_embeddings(self._gallery, identity_id)
+            _, x = self._embeddings(*self._store.identity_embeddings(self._gallery, identity_id))
         except NotFound:
             raise IdentityNotFound(f"identity {identity_id!r} does not exist in gallery {self._gallery!r}") from None
+        if not len(x):
+            raise IdentityNotFound(f"identity {identity_id!r} has no template in gallery {self._gallery!r}'s index")
         return x.mean(axis=0, dtype=np.float64).astype(np.float32)[None]
 
     def refresh(
@@ -89,8 +113,11 @@ class IdentityMeans:
         stale = [np.zeros(0, np.int64) if removed is None else np.asarray(removed, dtype=np.int64).reshape(-1)]
         keys, rows = [], []
         # one query per 500 identities, not one each: replaying 100k identities at 1M took 25.7 s, now 18.7 s
-        for template_ids, x in self._store.identities_embeddings(self._gallery, identity_ids).values():  # deleted ones are left out
-            stale.append(template_ids)  # its previous mean sits under one of them (or a removed one)
+        for stored, embeddings in self._store.identities_embeddings(self._gallery, identity_ids).values():  # deleted ones are left out
+            stale.append(stored)  # its previous mean sits under one of them (or a removed one)
+            template_ids, x = self._embeddings(stored, embeddings)
+            if not len(template_ids):
+                continue
             keys.append(int(template_ids.min()))
             rows.append(x.mean(axis=0, dtype=np.float64).astype(np.float32))
         self.index.remove(np.concatenate(stale))  # one call: an exact index compacts itself per call
@@ -103,6 +130,8 @@ class IdentityMeans:
 def _group_means(template_ids: np.ndarray, x: np.ndarray, identity_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per identity key: its smallest template id ``(k,) int64`` and the mean of its rows
     ``(k, D) float32`` (accumulated in float64, as :meth:`IdentityMeans.build`)."""
+    if not len(template_ids):
+        return np.zeros(0, np.int64), np.zeros((0, x.shape[1]), np.float32)
     order = np.argsort(identity_keys, kind="stable")
     keys = identity_keys[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])

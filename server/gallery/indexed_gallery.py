@@ -199,9 +199,8 @@ class IndexedGallery:
         """A gallery of a shared store (no snapshots): empty, then every change pulled (:meth:`sync`)."""
         started = time.perf_counter()
         plan = _index_plan(options)
-        means = IdentityMeans(store, record.name, _empty_index(plan, record.embedding_dim)) if record.policy.aggregation is Aggregation.MEAN else None
-        none = np.zeros(0, np.int64)
-        gallery = cls(store, record, _empty_index(plan, record.embedding_dim), snapshot_file=path, means=means, owners=TemplateOwners(none, none), **options)  # type: ignore[arg-type]
+        none = np.zeros(0, np.int64)  # the means, if any, are built from the empty index (_build_means)
+        gallery = cls(store, record, _empty_index(plan, record.embedding_dim), snapshot_file=path, owners=TemplateOwners(none, none), **options)  # type: ignore[arg-type]
         gallery.sync()
         gallery._version = 0  # the restored calibration's age counts from the load (store's load_calibration)
         LOG.info("gallery %r: %d templates pulled from the shared store in %.3f s", record.name, gallery._index.ntotal, time.perf_counter() - started)
@@ -220,6 +219,9 @@ class IndexedGallery:
     def _build_means(self, policy: DecisionPolicy) -> IdentityMeans | None:
         if policy.aggregation is not Aggregation.MEAN:
             return None
+        if self._shared:  # from the templates this index holds, never from rows another server's change does not cover yet
+            ids, x = self._index.items()
+            return IdentityMeans.from_templates(self._store, self.name, ids, x, self._owners.identity_keys(ids), self._plan, held=self._holds_templates)
         return IdentityMeans.build(self._store, self.name, self.embedding_dim, self._plan)
 
     @property
@@ -367,6 +369,8 @@ class IndexedGallery:
             self._check_live()
             if only_if_empty and self._index.ntotal > 0:
                 return None
+            if only_if_empty and self._shared and self._store.get_gallery(self.name).template_count > 0:  # enrolled on another server
+                return None
             counts = self._store.delete_gallery(self.name)
             self._deleted = True
         with self._snapshot_lock:
@@ -449,6 +453,10 @@ class IndexedGallery:
                 if self._behind(state.heads):  # not pulled by a concurrent call meanwhile
                     self._pull(state.heads)
 
+    def _holds_templates(self, template_ids: np.ndarray) -> np.ndarray:
+        """Which template ids ``(n,) int64`` the index holds, ``(n,) bool``."""
+        return self._owners.identity_keys(template_ids) != NO_OWNER
+
     def _behind(self, heads: dict[int, Head]) -> bool:
         return any(head.seq > self._held.get(writer, NO_HEAD).seq for writer, head in heads.items())
 
@@ -493,8 +501,7 @@ class IndexedGallery:
         """Empty the index of a shared store's gallery (write lock held): the next sync pulls all."""
         self._index = RebuildableIndex(_empty_index(self._plan, self.embedding_dim))
         self._owners.reset(np.zeros(0, np.int64), np.zeros(0, np.int64))
-        if self._means is not None:
-            self._means = IdentityMeans(self._store, self.name, _empty_index(self._plan, self.embedding_dim))
+        self._means = self._build_means(self.scorer.policy)
         self._held = {}
         self._layout += 1
 

@@ -51,10 +51,11 @@ DEFAULT_PREFIX = "facegallery"
 CALL_TIMEOUT_S = 15.0
 #: Rows per query page (Milvus caps offset + limit of one query at 16384).
 QUERY_LIMIT = 16384
-#: Milvus error codes that mean "not reachable now", not a bad request: 1 (unexpected: a
-#: connection that failed), 2 (server not ready), 503 / 2200 (service unavailable / not ready in
-#: Milvus 2.x status codes).
-_UNAVAILABLE_CODES = {1, 2, 503, 2200}
+#: Milvus status codes that mean "not serving now": 503 (service unavailable) and 2200 (not ready).
+#: pymilvus's own failures to connect or to answer in time carry a gRPC status code, or its generic
+#: codes 1 / 2 with a message saying so (:func:`_is_unavailable`); a bad request is never retryable.
+_UNAVAILABLE_CODES = {503, 2200}
+_UNAVAILABLE_WORDS = ("connect", "deadline", "unavailable", "timeout", "timed out", "not ready")
 #: Milvus error code of a call on a collection that is not loaded (after a Milvus restart).
 _NOT_LOADED = 101
 _DUMMY = [0.0, 0.0]
@@ -135,7 +136,7 @@ class MilvusCollections:
                 for name in sorted(self._known):
                     self.call(lambda name=name: self.client.load_collection(name), reload=False)  # type: ignore[misc]
                 return self.call(fn, reload=False)
-            if exc.code in _UNAVAILABLE_CODES or "connect" in str(exc.message).lower() or "deadline" in str(exc.message).lower():
+            if _is_unavailable(exc):
                 raise BackendUnavailable(f"Milvus at {self.uri} is unavailable: {exc.message}") from exc
             raise
 
@@ -195,6 +196,14 @@ class MilvusCollections:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _is_unavailable(exc: MilvusException) -> bool:
+    """Whether ``exc`` says Milvus cannot be reached or did not answer in time (BackendUnavailable)."""
+    code = exc.code
+    if getattr(code, "name", None) in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):  # a grpc.StatusCode, from pymilvus's retries
+        return True
+    return code in _UNAVAILABLE_CODES or any(word in str(exc.message).lower() for word in _UNAVAILABLE_WORDS)
 
 
 def _with_dummy(row: dict[str, Any]) -> dict[str, Any]:

@@ -32,12 +32,14 @@ Thread-safe (pymilvus clients are). Every call may raise BackendUnavailable (UNA
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
 import secrets
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -88,8 +90,16 @@ _IN_CHUNK = 1000
 #: answers by scanning the gallery's rows (bench/milvus_backend.py).
 _PULL_BY_KEY_IDS = 16384
 _PULL_BY_KEY_CHANGES = 1024
+#: Bytes of the identities' metadata field (milvus_client.py: VARCHAR(65535)); the prefix of its packed form.
+_METADATA_FIELD_BYTES = 65535
+_PACKED = "b64:"
 _TEMPLATE_FIELDS = ["pk", "identity_key", "identity_id", "embedding", "source_sha256", "face", "created"]
 _IDENTITY_FIELDS = ["pk", "identity_id", "display_name", "metadata", "created", "updated"]
+
+
+class _Gallery(NamedTuple):
+    key: int
+    embedding_dim: int
 
 
 class GalleryState(NamedTuple):
@@ -154,6 +164,11 @@ class MilvusTemplateStore:
         if not rows:
             raise GalleryNotFound(f"gallery {name!r} does not exist")
         return min(rows, key=lambda r: (r["doc"]["created"], r["pk"]))
+
+    def _gallery_info(self, name: str) -> _Gallery:
+        """Gallery ``name``'s key and dimension (one read; no counts). Raises NotFound."""
+        row = self._gallery_row(name)
+        return _Gallery(int(row["pk"]), int(row["doc"]["embedding_dim"]))
 
     def _record(self, row: dict[str, Any], *, counts: bool = True) -> GalleryRecord:
         doc, key = row["doc"], int(row["pk"])
@@ -325,7 +340,7 @@ class MilvusTemplateStore:
                     entry = changed.get(identity_key)
                     if entry is None:
                         assert existing is not None
-                        entry = changed[identity_key] = {**existing, "gallery_key": key, "metadata": json.loads(existing["metadata"]), "updated": now}
+                        entry = changed[identity_key] = {**existing, "gallery_key": key, "metadata": _load_metadata(existing["metadata"]), "updated": now}
                     entry["display_name"] = item.display_name or entry["display_name"]
                     entry["metadata"].update(item.metadata)
             if skip_duplicates:
@@ -350,7 +365,7 @@ class MilvusTemplateStore:
         if changed:
             self.milvus.upsert(self.milvus.name("identities"), [{**_identity_row(e), "gallery_key": key} for e in changed.values()])
         if rows:
-            self.milvus.insert(self.milvus.templates(dim), rows)
+            self.milvus.upsert(self.milvus.templates(dim), rows)  # upsert: a retried call cannot duplicate a key
             added_to = {int(r["identity_key"]) for r in rows} - {k for k, e in changed.items() if e.get("new")}
             self._keep_identities(key, {k: _identity_row(changed.get(k) or known[wanted_ids[k]]) for k in added_to})
             self._commit_head(key, seq)
@@ -373,7 +388,7 @@ class MilvusTemplateStore:
             {"pk": key63(key, self.writer, seq, part), "gallery_key": key, "writer": self.writer, "seq": seq, "template_ids": template_ids[start : start + _REMOVAL_ROW_IDS]}
             for part, start in enumerate(range(0, len(template_ids), _REMOVAL_ROW_IDS))
         ]
-        self.milvus.insert(self.milvus.name("removals"), rows)
+        self.milvus.upsert(self.milvus.name("removals"), rows)
         for start in range(0, len(template_ids), _IN_CHUNK):
             self.milvus.delete(self.milvus.templates(dim), f"pk in {template_ids[start : start + _IN_CHUNK]}")
         self._commit_head(key, seq)
@@ -382,7 +397,7 @@ class MilvusTemplateStore:
     def delete_template(self, gallery: str, template_id: int) -> tuple[bool, int]:
         """Delete one template; an identity left without templates is deleted too. Returns
         ``(identity_deleted, seq)``. Raises NotFound for a template not in ``gallery``."""
-        record = self.get_gallery(gallery)
+        record = self._gallery_info(gallery)
         rows = [r for r in self.milvus.get(self.milvus.templates(record.embedding_dim), [int(template_id)], ["gallery_key", "identity_key", "identity_id"]) if int(r["gallery_key"]) == record.key]
         if not rows:
             raise TemplateNotFound(f"template {template_id} does not exist in gallery {gallery!r}")
@@ -396,7 +411,7 @@ class MilvusTemplateStore:
     def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]:
         """Delete an identity and all its templates; returns the template ids ``(n,) int64`` and
         the change ``seq``. Raises NotFound."""
-        record = self.get_gallery(gallery)
+        record = self._gallery_info(gallery)
         identity_key = self._existing_identity(record.key, gallery, identity_id)
         ids = sorted(int(r["pk"]) for r in self._template_rows(record.embedding_dim, [identity_key], ["pk"]))
         seq = self._remove(record.key, record.embedding_dim, ids) if ids else self._seq_of(record.key)
@@ -445,13 +460,13 @@ class MilvusTemplateStore:
         for r in self._template_rows(dim, [int(r["pk"]) for r in rows], ["identity_key"]):
             counts[int(r["identity_key"])] = counts.get(int(r["identity_key"]), 0) + 1
         return [
-            IdentityRecord(int(r["pk"]), r["identity_id"], r["display_name"], json.loads(r["metadata"]), counts.get(int(r["pk"]), 0), r["created"], r["updated"])
+            IdentityRecord(int(r["pk"]), r["identity_id"], r["display_name"], _load_metadata(r["metadata"]), counts.get(int(r["pk"]), 0), r["created"], r["updated"])
             for r in rows
         ]
 
     def get_identity(self, gallery: str, identity_id: str) -> IdentityRecord:
         """One identity with all its templates (by template id). Raises NotFound."""
-        record = self.get_gallery(gallery)
+        record = self._gallery_info(gallery)
         identity_key = self._existing_identity(record.key, gallery, identity_id)
         (row,) = self.milvus.get(self.milvus.name("identities"), [identity_key], _IDENTITY_FIELDS)
         templates = sorted(self._template_rows(record.embedding_dim, [identity_key], _TEMPLATE_FIELDS), key=lambda r: r["pk"])
@@ -463,21 +478,21 @@ class MilvusTemplateStore:
 
         Milvus returns rows unordered: each page reads the keys of every later identity (8 bytes
         each) and fetches the page's rows."""
-        record = self.get_gallery(gallery)
+        record = self._gallery_info(gallery)
         keys = sorted(int(r["pk"]) for r in self.milvus.query(self.milvus.name("identities"), f"gallery_key == {record.key} and pk > {int(after_key)}", ["pk"]))
         rows = sorted(self.milvus.get(self.milvus.name("identities"), keys[: int(limit)], _IDENTITY_FIELDS), key=lambda r: r["pk"])
         return self._identity_records(record.embedding_dim, rows)
 
     def update_identity(self, gallery: str, identity_id: str, *, display_name: str | None = None, metadata: dict[str, str] | None = None) -> IdentityRecord:
         """Replace the display name and/or the whole metadata map (None leaves it). Raises NotFound."""
-        record = self.get_gallery(gallery)
+        record = self._gallery_info(gallery)
         identity_key = self._existing_identity(record.key, gallery, identity_id)
         (row,) = self.milvus.get(self.milvus.name("identities"), [identity_key], _IDENTITY_FIELDS)
         row = {**row, "gallery_key": record.key, "updated": time.time()}
         if display_name is not None:
             row["display_name"] = display_name
         if metadata is not None:
-            row["metadata"] = json.dumps({str(k): str(v) for k, v in metadata.items()}, sort_keys=True)
+            row["metadata"] = _dump_metadata({str(k): str(v) for k, v in metadata.items()})
         self.milvus.upsert(self.milvus.name("identities"), [row])
         return self._identity_records(record.embedding_dim, [row])[0]
 
@@ -496,7 +511,7 @@ class MilvusTemplateStore:
         """Up to ``limit`` identities with the embedding of each one's first template,
         deterministic (identities ordered by a multiplicative hash of their key, as store.py's).
         Returns ``(identity_ids, x (n, D) float32)``. Raises NotFound."""
-        record = self.get_gallery(gallery)
+        record = self._gallery_info(gallery)
         keys = [int(r["pk"]) for r in self.milvus.query(self.milvus.name("identities"), f"gallery_key == {record.key}", ["pk"])]
         chosen = sorted(keys, key=lambda k: ((k * 2654435761) % 4294967296, k))[: int(limit)]
         first: dict[int, tuple[int, list[float]]] = {}
@@ -650,7 +665,7 @@ class MilvusTemplateStore:
             if identity is None:
                 continue
             embedding = np.asarray(r["embedding"], np.float32)
-            yield ExportedTemplate(identity["identity_id"], identity["display_name"], json.loads(identity["metadata"]), int(r["pk"]),
+            yield ExportedTemplate(identity["identity_id"], identity["display_name"], _load_metadata(identity["metadata"]), int(r["pk"]),
                                    embedding, r["source_sha256"], r["created"], load_face(r["face"] or None, embedding))
 
     # -- enroll request ids ------------------------------------------------------------------
@@ -709,12 +724,29 @@ class MilvusTemplateStore:
         return bool(self.milvus.query(self.milvus.name("api_keys"), "pk > 0", ["pk"], limit=1))
 
 
+def _dump_metadata(metadata: dict[str, str]) -> str:
+    """An identity's metadata as the text of its VARCHAR(65535) field: JSON (UTF-8 kept as is),
+    or, when escaping makes it longer (control characters take 6 bytes each, so the 16 KiB that
+    validation.py allows can grow past the field), ``b64:`` + base64 of its zlib-compressed JSON."""
+    text = json.dumps(metadata, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    if len(text.encode()) <= _METADATA_FIELD_BYTES:
+        return text
+    return _PACKED + base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+def _load_metadata(text: str) -> dict[str, str]:
+    """The metadata :func:`_dump_metadata` wrote."""
+    if text.startswith(_PACKED):
+        text = zlib.decompress(base64.b64decode(text[len(_PACKED) :])).decode()
+    return json.loads(text)
+
+
 def _identity_row(row: dict[str, Any]) -> dict[str, Any]:
     """An identities row to upsert (its ``_IDENTITY_FIELDS``, metadata as JSON text) from one as
     read or as built by ``add_templates`` (metadata a dict)."""
     out = {k: row[k] for k in _IDENTITY_FIELDS}
     if isinstance(out["metadata"], dict):
-        out["metadata"] = json.dumps(out["metadata"], sort_keys=True)
+        out["metadata"] = _dump_metadata(out["metadata"])
     return out
 
 
