@@ -277,3 +277,37 @@ def test_metadata_that_escapes_past_the_field_is_kept(pair):
     metadata = {f"k{i}": "\x01" * 4000 for i in range(4)}  # 16 KB as validation.py allows; 96 KB as escaped JSON
     a.enroll(DEFAULT_GALLERY, "ann", embedding=person_embedding(200, 10), metadata=metadata)
     assert b.get_identity(DEFAULT_GALLERY, "ann").metadata == metadata
+
+
+def test_a_change_that_fails_part_way_is_undone_or_completed_before_the_next(pair):
+    a, b = pair
+    real_commit = a.store._commit_head
+
+    def unreachable(key, seq):
+        raise BackendUnavailable("Milvus went away (test)")
+
+    bob = a.enroll(DEFAULT_GALLERY, "bob", embedding=person_embedding(10, 200)).template_id
+    # an addition whose rows are written but whose head is not: undone by the writer's next change
+    a.store._commit_head = unreachable
+    with pytest.raises(BackendUnavailable):
+        a.enroll(DEFAULT_GALLERY, "ann", embedding=person_embedding(200, 10))
+    a.store._commit_head = real_commit
+    assert len(a.store.template_ids(DEFAULT_GALLERY)) == 2  # the rows are there, covered by no head
+    assert _nearest(b, person_embedding(200, 10)).identity_id is None
+    a.enroll(DEFAULT_GALLERY, "cat", embedding=person_embedding(120, 120))  # repairs first
+    for m in (a, b):
+        assert _nearest(m, person_embedding(200, 10)).identity_id is None
+        assert m.index_template_ids(DEFAULT_GALLERY).tolist() == m.store.template_ids(DEFAULT_GALLERY).tolist()
+    with pytest.raises(NotFound):
+        b.get_identity(DEFAULT_GALLERY, "ann")
+    # a removal whose templates are deleted but whose head is not: completed at the next ping
+    a.store._commit_head = unreachable
+    with pytest.raises(BackendUnavailable):
+        a.delete_identity(DEFAULT_GALLERY, "bob")
+    a.store._commit_head = real_commit
+    assert bob in b.index_template_ids(DEFAULT_GALLERY).tolist()  # no head covers the removal yet: B's index still holds it
+    a.store.ping()
+    for m in (a, b):
+        assert _nearest(m, person_embedding(10, 200)).identity_id is None
+        assert m.index_template_ids(DEFAULT_GALLERY).tolist() == m.store.template_ids(DEFAULT_GALLERY).tolist()
+    assert [i.identity_id for i in b.list_identities(DEFAULT_GALLERY).identities] == ["cat"]

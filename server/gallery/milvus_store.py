@@ -33,6 +33,7 @@ Thread-safe (pymilvus clients are). Every call may raise BackendUnavailable (UNA
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -97,6 +98,21 @@ _TEMPLATE_FIELDS = ["pk", "identity_key", "identity_id", "embedding", "source_sh
 _IDENTITY_FIELDS = ["pk", "identity_id", "display_name", "metadata", "created", "updated"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Repair:
+    """A change that failed part-way (:meth:`MilvusTemplateStore._changing`): its ``seq``, the
+    gallery's dimension, the template ids it added (undone) or removed (removed again, with its
+    ``removal_rows`` written again), the request id row it wrote (dropped), and the identities
+    (key -> id) to delete if left without templates."""
+
+    seq: int
+    dim: int
+    template_ids: list[int]
+    removal_rows: list[dict[str, Any]]
+    request_pk: int | None
+    identities: dict[int, str]
+
+
 class _Gallery(NamedTuple):
     key: int
     embedding_dim: int
@@ -145,6 +161,8 @@ class MilvusTemplateStore:
         self._templates_written = 0
         self._seq: dict[int, int] = {}  # gallery key -> this writer's newest change
         self._own_heads: dict[int, Head] = {}  # gallery key -> this writer's head as committed
+        self._repair_lock = threading.Lock()  # _pending, and a repair under way
+        self._pending: dict[int, _Repair] = {}  # gallery key -> its change that failed part-way
 
     @property
     def location(self) -> str:
@@ -154,8 +172,13 @@ class MilvusTemplateStore:
         self.milvus.close()
 
     def ping(self) -> None:
-        """Raise BackendUnavailable unless Milvus answers now (health checks)."""
+        """Raise BackendUnavailable unless Milvus answers now (health checks); once it does,
+        repair the changes that failed part-way meanwhile (:meth:`_changing`)."""
         self.milvus.ping()
+        with self._repair_lock:
+            pending = list(self._pending)
+        for key in pending:
+            self._run_repairs(key)
 
     # -- galleries ---------------------------------------------------------------------------
 
@@ -353,6 +376,8 @@ class MilvusTemplateStore:
         ids = self._template_ids(len(keep))
         slots = iter(ids.tolist())
         results = [None if r is None else r._replace(template_id=next(slots)) for r in results]
+        if keep:
+            self._run_repairs(key)
         seq = self._next_seq(key) if keep else self._seq_of(key)
         rows = [
             {
@@ -362,37 +387,89 @@ class MilvusTemplateStore:
             }
             for template_id, n in zip(ids.tolist(), keep, strict=True)
         ]
-        if changed:
-            self.milvus.upsert(self.milvus.name("identities"), [{**_identity_row(e), "gallery_key": key} for e in changed.values()])
-        if rows:
+        if not rows:  # every item was a duplicate
+            return results, seq
+        created = {k: e["identity_id"] for k, e in changed.items() if e.get("new")}
+        request_pk = key63(key, request.request_id) if request is not None else None
+        with self._changing(key, _Repair(seq, dim, ids.tolist(), [], request_pk, created)):
+            if changed:
+                self.milvus.upsert(self.milvus.name("identities"), [{**_identity_row(e), "gallery_key": key} for e in changed.values()])
             self.milvus.upsert(self.milvus.templates(dim), rows)  # upsert: a retried call cannot duplicate a key
-            added_to = {int(r["identity_key"]) for r in rows} - {k for k, e in changed.items() if e.get("new")}
+            if request is not None:
+                added = results[0]
+                assert added is not None
+                self.milvus.delete(self.milvus.name("requests"), f'gallery_key == {key} and doc["created"] < {now - REQUEST_ID_RETENTION_S}')
+                doc = {"request_id": request.request_id, "fingerprint": request.fingerprint, "template_id": added.template_id,
+                       "identity_created": added.identity_created, "duplicate": request.duplicate, "created": now}
+                self.milvus.upsert(self.milvus.name("requests"), [{"pk": request_pk, "gallery_key": key, "doc": doc}])
+            added_to = {int(r["identity_key"]) for r in rows} - set(created)
             self._keep_identities(key, {k: _identity_row(changed.get(k) or known[wanted_ids[k]]) for k in added_to})
             self._commit_head(key, seq)
-        if request is not None and results[0] is not None:
-            added = results[0]
-            self.milvus.delete(self.milvus.name("requests"), f'gallery_key == {key} and doc["created"] < {now - REQUEST_ID_RETENTION_S}')
-            doc = {"request_id": request.request_id, "fingerprint": request.fingerprint, "template_id": added.template_id,
-                   "identity_created": added.identity_created, "duplicate": request.duplicate, "created": now}
-            self.milvus.upsert(self.milvus.name("requests"), [{"pk": key63(key, request.request_id), "gallery_key": key, "doc": doc}])
         return results, seq
+
+    # -- changes that fail part-way ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _changing(self, key: int, repair: _Repair) -> Iterator[None]:
+        """Around the writes of change ``repair.seq`` of gallery ``key``: should one fail (Milvus
+        unreachable), the change is kept to be repaired (:meth:`_run_repairs`) before this writer's
+        next change of the gallery, or at the next successful :meth:`ping`: an addition is undone,
+        a removal completed, then the head committed, so that no server indexes half a change and
+        the head never skips one."""
+        try:
+            yield
+        except BaseException:
+            with self._repair_lock:
+                self._pending[key] = repair
+            raise
+
+    def _run_repairs(self, key: int) -> None:
+        """Repair gallery ``key``'s change that failed part-way, if any (:meth:`_changing`);
+        raises BackendUnavailable while Milvus is still unreachable (no new change is written
+        before it is repaired)."""
+        with self._repair_lock:
+            repair = self._pending.get(key)
+            if repair is None:
+                return
+            if repair.removal_rows:
+                self.milvus.upsert(self.milvus.name("removals"), repair.removal_rows)
+            for start in range(0, len(repair.template_ids), _IN_CHUNK):
+                self.milvus.delete(self.milvus.templates(repair.dim), f"pk in {repair.template_ids[start : start + _IN_CHUNK]}")
+            if repair.request_pk is not None:
+                self.milvus.delete(self.milvus.name("requests"), f"pk == {repair.request_pk}")
+            self._drop_empty_identities(key, repair.dim, repair.identities)
+            self._commit_head(key, repair.seq)
+            del self._pending[key]
+        LOG.warning("gallery key %d: change %d, which failed part-way, was %s", key, repair.seq, "completed" if repair.removal_rows else "undone")
 
     def _seq_of(self, key: int) -> int:
         with self._lock:
             return self._seq.get(key, 0)
 
-    def _remove(self, key: int, dim: int, template_ids: list[int]) -> int:
-        """One removal change: its ``removals`` rows, the templates' deletion, the head."""
+    def _remove(self, key: int, dim: int, template_ids: list[int], identities: dict[int, str]) -> tuple[int, set[int]]:
+        """One removal change: its ``removals`` rows, the templates' deletion, the rows of
+        ``identities`` (key -> id) left without templates, the head. Returns the change's seq
+        and the identity keys deleted."""
+        self._run_repairs(key)
         seq = self._next_seq(key)
         rows = [
             {"pk": key63(key, self.writer, seq, part), "gallery_key": key, "writer": self.writer, "seq": seq, "template_ids": template_ids[start : start + _REMOVAL_ROW_IDS]}
             for part, start in enumerate(range(0, len(template_ids), _REMOVAL_ROW_IDS))
         ]
-        self.milvus.upsert(self.milvus.name("removals"), rows)
-        for start in range(0, len(template_ids), _IN_CHUNK):
-            self.milvus.delete(self.milvus.templates(dim), f"pk in {template_ids[start : start + _IN_CHUNK]}")
-        self._commit_head(key, seq)
-        return seq
+        with self._changing(key, _Repair(seq, dim, template_ids, rows, None, identities)):
+            self.milvus.upsert(self.milvus.name("removals"), rows)
+            for start in range(0, len(template_ids), _IN_CHUNK):
+                self.milvus.delete(self.milvus.templates(dim), f"pk in {template_ids[start : start + _IN_CHUNK]}")
+            emptied = self._drop_empty_identities(key, dim, identities)
+            self._commit_head(key, seq)
+        return seq, emptied
+
+    def _drop_empty_identities(self, key: int, dim: int, identities: dict[int, str]) -> set[int]:
+        """Delete the rows of ``identities`` (key -> id) that have no template left; returns their keys."""
+        emptied = {k for k, identity_id in identities.items() if not self._template_rows(dim, [k], ["pk"])}
+        for identity_key in emptied:
+            self._delete_identity_row(key, dim, identity_key, identities[identity_key])
+        return emptied
 
     def delete_template(self, gallery: str, template_id: int) -> tuple[bool, int]:
         """Delete one template; an identity left without templates is deleted too. Returns
@@ -402,11 +479,8 @@ class MilvusTemplateStore:
         if not rows:
             raise TemplateNotFound(f"template {template_id} does not exist in gallery {gallery!r}")
         identity_key = int(rows[0]["identity_key"])
-        seq = self._remove(record.key, record.embedding_dim, [int(template_id)])
-        left = self.milvus.count(self.milvus.templates(record.embedding_dim), f"gallery_key == {record.key} and identity_key == {identity_key}")
-        if left == 0:
-            self._delete_identity_row(record.key, record.embedding_dim, identity_key, str(rows[0]["identity_id"]))
-        return left == 0, seq
+        seq, emptied = self._remove(record.key, record.embedding_dim, [int(template_id)], {identity_key: str(rows[0]["identity_id"])})
+        return identity_key in emptied, seq
 
     def delete_identity(self, gallery: str, identity_id: str) -> tuple[np.ndarray, int]:
         """Delete an identity and all its templates; returns the template ids ``(n,) int64`` and
@@ -414,8 +488,11 @@ class MilvusTemplateStore:
         record = self._gallery_info(gallery)
         identity_key = self._existing_identity(record.key, gallery, identity_id)
         ids = sorted(int(r["pk"]) for r in self._template_rows(record.embedding_dim, [identity_key], ["pk"]))
-        seq = self._remove(record.key, record.embedding_dim, ids) if ids else self._seq_of(record.key)
-        self._delete_identity_row(record.key, record.embedding_dim, identity_key, identity_id)
+        if ids:
+            seq, _ = self._remove(record.key, record.embedding_dim, ids, {identity_key: identity_id})
+        else:  # an identity without templates (a change that failed part-way): only its row
+            seq = self._seq_of(record.key)
+            self._delete_identity_row(record.key, record.embedding_dim, identity_key, identity_id)
         return np.array(ids, dtype=np.int64), seq
 
     def _delete_identity_row(self, key: int, dim: int, identity_key: int, identity_id: str) -> None:
