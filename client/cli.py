@@ -957,11 +957,12 @@ def _store_keys(data_dir: Path | None) -> Iterator[_StoreKeys]:
 def _milvus_keys(uri: str, *, token: str, prefix: str) -> Iterator[_StoreKeys]:
     """The milvus backend's store at ``uri`` (its collections created when missing, so the first
     key can precede the first server). Raises BackendUnavailable when Milvus cannot be reached."""
+    from facegallery.server.gallery.manager import open_milvus_store
+
     try:
-        from facegallery.server.gallery.milvus_store import MilvusTemplateStore  # the [milvus] extra
-    except ImportError as exc:
-        raise click.ClickException(f"--backend milvus needs pymilvus: pip install 'facegallery[milvus]' ({exc})") from exc
-    store = MilvusTemplateStore(uri, token=token, prefix=prefix)
+        store = open_milvus_store(uri, token=token, prefix=prefix)
+    except RuntimeError as exc:  # no pymilvus: what to install
+        raise click.ClickException(str(exc)) from exc
     try:
         yield _StoreKeys(store)
     finally:

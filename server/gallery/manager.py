@@ -115,6 +115,8 @@ __all__ = [
     "DEFAULT_TOP_K",
     "DEFAULT_PAGE_SIZE",
     "STORE_FILE",
+    "DEFAULT_MILVUS_PREFIX",
+    "open_milvus_store",
     "STATUS_WAIT_S",
     "INDEX_DIR",
     "FaceAnalyzer",
@@ -138,6 +140,8 @@ STATUS_WAIT_S = 2.0
 CLOSE_TIMEOUT_S = 30.0
 #: Imported templates per store transaction.
 _IMPORT_BATCH = 256
+#: Collection-name prefix of the milvus backend (milvus_client.py; several deployments can share a Milvus).
+DEFAULT_MILVUS_PREFIX = "facegallery"
 #: Data directory layout: the store, and the directory of index snapshots (snapshot.py).
 STORE_FILE = "gallery.sqlite3"
 INDEX_DIR = "index"
@@ -279,14 +283,12 @@ class GalleryManager:
             raise
 
     @classmethod
-    def open_milvus(cls, uri: str, pipeline: FaceAnalyzer, *, token: str = "", prefix: str = "facegallery", **options: object) -> GalleryManager:
+    def open_milvus(cls, uri: str, pipeline: FaceAnalyzer, *, token: str = "", prefix: str = DEFAULT_MILVUS_PREFIX, **options: object) -> GalleryManager:
         """A manager over the galleries kept in the Milvus at ``uri`` (the ``milvus`` backend:
-        milvus_store.py), shared with every other server pointed at it; nothing is kept on local
-        disk. ``options`` as the constructor's. Raises BackendUnavailable when Milvus cannot be
-        reached."""
-        from facegallery.server.gallery.milvus_store import MilvusTemplateStore  # the [milvus] extra
-
-        store = MilvusTemplateStore(uri, token=token, prefix=prefix)
+        :func:`open_milvus_store`), shared with every other server pointed at it; nothing is kept
+        on local disk. ``options`` as the constructor's. Raises BackendUnavailable when Milvus
+        cannot be reached, RuntimeError without the ``milvus`` extra."""
+        store = open_milvus_store(uri, token=token, prefix=prefix)
         try:
             return cls(store, pipeline, index_dir=None, **options)  # type: ignore[arg-type]
         except BaseException:
@@ -1045,6 +1047,20 @@ class GalleryManager:
             check_model(gallery.name, gallery.model_id, model_id, "the embedding comes from")
         else:
             check_model(gallery.name, gallery.model_id, self.pipeline.model_id, "the embedding (no model_id given: this server's) comes from")
+
+
+def open_milvus_store(uri: str, *, token: str = "", prefix: str = DEFAULT_MILVUS_PREFIX) -> TemplateStore:
+    """The milvus backend's store (milvus_store.py ``MilvusTemplateStore``) of the Milvus at
+    ``uri`` (``http://HOST:PORT``), authenticated with ``token`` (``user:password`` or an API key,
+    ``""`` for none), its collections named ``<prefix>_*`` and created when missing.
+
+    Raises BackendUnavailable when Milvus cannot be reached; RuntimeError, saying what to
+    install, without pymilvus (the ``milvus`` extra, imported only here)."""
+    try:
+        from facegallery.server.gallery.milvus_store import MilvusTemplateStore
+    except ImportError as exc:
+        raise RuntimeError(f"the milvus backend needs pymilvus: pip install 'facegallery[milvus]' ({exc})") from exc
+    return MilvusTemplateStore(uri, token=token, prefix=prefix)
 
 
 def _enroll_fingerprint(

@@ -1,6 +1,7 @@
 """The Milvus collections of the ``milvus`` backend, and calls to them that fail as engine errors.
 
-One set of collections per deployment (``prefix``, default ``facegallery``), shared by every
+One set of collections per deployment (``prefix``, default ``facegallery``: manager.py's
+``DEFAULT_MILVUS_PREFIX``), shared by every
 gallery and every facegallery server pointed at the Milvus (docs/milvus.md gives the scheme):
 
 ==========================  ============================================================================
@@ -37,7 +38,7 @@ from pymilvus.exceptions import MilvusException
 
 from facegallery.server.contract.errors import BackendUnavailable
 
-__all__ = ["MilvusCollections", "key63", "DEFAULT_PREFIX", "CALL_TIMEOUT_S", "QUERY_LIMIT"]
+__all__ = ["MilvusCollections", "key63", "CALL_TIMEOUT_S", "QUERY_LIMIT"]
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +47,6 @@ T = TypeVar("T")
 # the server logs and reports it once: the library's own log would repeat it per retry.
 logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
-DEFAULT_PREFIX = "facegallery"
 #: Seconds one Milvus call may take before it fails as BackendUnavailable.
 CALL_TIMEOUT_S = 15.0
 #: Rows per query page (Milvus caps offset + limit of one query at 16384).
@@ -79,10 +79,13 @@ class MilvusCollections:
     token : str
         ``user:password`` or an API key; ``""`` for none.
     prefix : str
-        Collection-name prefix (several deployments can share one Milvus).
+        Collection-name prefix (several deployments can share one Milvus; manager.py's
+        ``DEFAULT_MILVUS_PREFIX`` for servers).
+    timeout_s : float
+        Seconds one call may take (:data:`CALL_TIMEOUT_S`) before it fails as BackendUnavailable.
     """
 
-    def __init__(self, uri: str, *, token: str = "", prefix: str = DEFAULT_PREFIX, timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def __init__(self, uri: str, *, token: str = "", prefix: str, timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.uri = uri
         self.prefix = prefix
         self.timeout_s = timeout_s
@@ -195,6 +198,7 @@ class MilvusCollections:
         self.call(lambda: self.client.get_server_version(timeout=min(self.timeout_s, 3.0)))
 
     def close(self) -> None:
+        """Close the connection (later calls fail)."""
         self.client.close()
 
 

@@ -56,7 +56,7 @@ from facegallery.server.contract.errors import (
 )
 from facegallery.server.gallery.decision import DecisionPolicy
 from facegallery.server.gallery.keys import ApiKeyRecord, Role, StoredKey
-from facegallery.server.gallery.milvus_client import DEFAULT_PREFIX, MilvusCollections, key63
+from facegallery.server.gallery.milvus_client import MilvusCollections, key63
 from facegallery.server.gallery.store import (
     REQUEST_ID_RETENTION_S,
     AddedTemplate,
@@ -154,7 +154,7 @@ class MilvusTemplateStore:
 
     shared = True  # other processes write the same galleries: indexes follow them (pull_changes)
 
-    def __init__(self, uri: str, *, token: str = "", prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, uri: str, *, token: str = "", prefix: str) -> None:
         self.milvus = MilvusCollections(uri, token=token, prefix=prefix)
         self.writer = secrets.randbits(31) | 1
         self._lock = threading.Lock()  # the counters below
@@ -164,11 +164,8 @@ class MilvusTemplateStore:
         self._repair_lock = threading.Lock()  # _pending, and a repair under way
         self._pending: dict[int, _Repair] = {}  # gallery key -> its change that failed part-way
 
-    @property
-    def location(self) -> str:
-        return f"{self.milvus.uri} (collections {self.milvus.prefix}_*)"
-
     def close(self) -> None:
+        """Close the connection to Milvus (its data stays there)."""
         self.milvus.close()
 
     def ping(self) -> None:

@@ -55,7 +55,7 @@ from facegallery.server.contract.paths import user_data_dir
 from facegallery.server.face.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_DELAY_MS, BatchingEmbedder
 from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE
 from facegallery.server.gallery.index import DEFAULT_FACTORY, set_search_threads
-from facegallery.server.gallery.manager import STORE_FILE, FaceAnalyzer, GalleryManager
+from facegallery.server.gallery.manager import DEFAULT_MILVUS_PREFIX, STORE_FILE, FaceAnalyzer, GalleryManager, open_milvus_store
 from facegallery.server.gallery.store import SqliteTemplateStore
 from facegallery.server.service.auth import AuthInterceptor
 from facegallery.server.service.interceptors import AccessLogInterceptor, ErrorInterceptor, ReadinessInterceptor
@@ -109,8 +109,6 @@ DEFAULT_SEARCH_THREADS = 1
 BACKENDS = ("embedded", "milvus")
 #: The Milvus of the milvus backend when none is given (a local Milvus standalone or ``milvus-lite server``).
 DEFAULT_MILVUS_URI = "http://127.0.0.1:19530"
-#: Collection-name prefix of the milvus backend (milvus_client.py's ``DEFAULT_PREFIX``; not imported: pymilvus is an extra).
-DEFAULT_MILVUS_PREFIX = "facegallery"
 #: Seconds between pings of the milvus backend's store by the health monitor.
 BACKEND_PING_INTERVAL_S = 1.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GalleryService"].full_name
@@ -487,20 +485,10 @@ def _milvus_location(config: ServerConfig) -> str:
     return f"Milvus at {config.milvus_uri} (collections {config.milvus_prefix}_*)"
 
 
-def _open_milvus_store(config: ServerConfig):
-    """The milvus backend's store of ``config``; raises BackendUnavailable, or RuntimeError when
-    pymilvus (the ``milvus`` extra) is not installed."""
-    try:
-        from facegallery.server.gallery.milvus_store import MilvusTemplateStore
-    except ImportError as exc:
-        raise RuntimeError(f"the milvus backend needs pymilvus: pip install 'facegallery[milvus]' ({exc})") from exc
-    return MilvusTemplateStore(config.milvus_uri, token=config.milvus_token, prefix=config.milvus_prefix)
-
-
 def _milvus_has_keys(config: ServerConfig) -> bool:
     """Whether the Milvus of ``config`` holds API keys (its collections are created when missing);
     raises BackendUnavailable when it cannot be reached."""
-    store = _open_milvus_store(config)
+    store = open_milvus_store(config.milvus_uri, token=config.milvus_token, prefix=config.milvus_prefix)
     try:
         return store.has_api_keys()
     finally:

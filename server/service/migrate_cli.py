@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from facegallery.server.contract.errors import FaceGalleryError
-from facegallery.server.gallery.manager import STORE_FILE
+from facegallery.server.gallery.manager import DEFAULT_MILVUS_PREFIX, STORE_FILE, open_milvus_store
 from facegallery.server.gallery.migrate import migrate_store
 from facegallery.server.gallery.store import SqliteTemplateStore, TemplateStore
 
@@ -29,16 +29,14 @@ def _open(location: str, *, token: str, prefix: str) -> TemplateStore:
     uri = milvus_uri(location)
     if uri is None:
         return SqliteTemplateStore(Path(location).expanduser() / STORE_FILE)
-    from facegallery.server.gallery.milvus_store import MilvusTemplateStore  # the [milvus] extra
-
-    return MilvusTemplateStore(uri, token=token, prefix=prefix)
+    return open_milvus_store(uri, token=token, prefix=prefix)
 
 
 @click.command("migrate")
 @click.option("--from", "source", required=True, help="A data directory, or milvus://HOST:PORT (milvus+https:// for TLS).")
 @click.option("--to", "target", required=True, help="milvus://HOST:PORT, or a data directory (created when missing).")
 @click.option("--milvus-token", default="", envvar="FACEGALLERY_MILVUS_TOKEN", show_envvar=True, help="user:password or API key of the Milvus side.")
-@click.option("--milvus-prefix", default="facegallery", show_default=True, help="Collection-name prefix of the Milvus side (as serve's).")
+@click.option("--milvus-prefix", default=DEFAULT_MILVUS_PREFIX, show_default=True, help="Collection-name prefix of the Milvus side (as serve's).")
 def migrate(source: str, target: str, milvus_token: str, milvus_prefix: str) -> None:
     """Copy every gallery (identities, templates with their faces, policies) and API key from one
     store into another: an embedded data directory into Milvus, or Milvus into a data directory.
@@ -64,5 +62,7 @@ def migrate(source: str, target: str, milvus_token: str, milvus_prefix: str) -> 
             src.close()
     except FaceGalleryError as exc:
         raise click.ClickException(f"{exc} (run the same command again to resume)") from exc
+    except RuntimeError as exc:  # no pymilvus: what to install
+        raise click.ClickException(str(exc)) from exc
     for r in results:
         click.echo(f"{r.name}: {r.copied} templates copied, {r.skipped} already there{' (gallery created)' if r.created else ''}")
