@@ -463,7 +463,7 @@ class IndexedGallery:
     def _pull(self, heads: dict[int, Head]) -> None:
         """Apply the other writers' changes up to ``heads`` (write lock held); idempotent: templates
         the index holds already, and removals of templates it does not hold, are skipped."""
-        pulled = self._store.pull_changes(self.name, self.key, self._held, heads)  # type: ignore[attr-defined]
+        pulled = self._store.pull_changes(self.key, self.embedding_dim, self._held, heads)  # type: ignore[attr-defined]
         new = self._owners.identity_keys(pulled.template_ids) == NO_OWNER
         removed_keys = self._owners.identity_keys(pulled.removed)
         held = removed_keys != NO_OWNER

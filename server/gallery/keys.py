@@ -89,6 +89,11 @@ class ApiKeyRecord:
         """May this key see ``gallery``?"""
         return not self.galleries or gallery in self.galleries
 
+    @classmethod
+    def from_json(cls, doc: dict) -> ApiKeyRecord:
+        """The record :meth:`to_json` wrote (extra keys, such as a store's salt and hash, ignored)."""
+        return cls(name=doc["name"], key_id=doc["key_id"], role=Role[doc["role"].upper()], galleries=tuple(doc["galleries"]), created=doc["created"], revoked=doc["revoked"])
+
     def to_json(self) -> dict:
         return {
             "name": self.name,

@@ -55,7 +55,7 @@ from facegallery.server.contract.errors import (
     TemplateNotFound,
 )
 from facegallery.server.gallery.decision import DecisionPolicy
-from facegallery.server.gallery.keys import ApiKeyRecord, Role, StoredKey
+from facegallery.server.gallery.keys import ApiKeyRecord, StoredKey
 from facegallery.server.gallery.milvus_client import MilvusCollections, key63
 from facegallery.server.gallery.store import (
     REQUEST_ID_RETENTION_S,
@@ -667,14 +667,15 @@ class MilvusTemplateStore:
         if rows:
             yield _stack([(int(r["pk"]), r["embedding"]) for r in rows], dim)
 
-    def pull_changes(self, gallery: str, key: int, held: dict[int, Head], heads: dict[int, Head]) -> PulledChanges:
+    def pull_changes(self, key: int, dim: int, held: dict[int, Head], heads: dict[int, Head]) -> PulledChanges:
         """The changes of every writer ``w`` with ``held[w].seq < seq <= heads[w].seq`` (``held``:
         what the caller's index holds, ``{}`` for nothing; ``heads``: from :meth:`gallery_state`)
-        of the gallery with key ``key``: the templates they added that still exist, and the ids
-        they removed. Templates are read before removals (a template deleted between the two
-        reads is then also among the removed). A writer's few new changes are read by key (their
-        template ids and removal rows); many, or the first pull, by a filter. Raises NotFound."""
-        dim = int(self._gallery_row(gallery)["doc"]["embedding_dim"])
+        of the gallery with key ``key`` and embeddings of ``dim`` (as :meth:`gallery_state` just
+        found it: no read of the gallery again): the templates they added that still exist, and
+        the ids they removed. Templates are read before removals (a template deleted between the
+        two reads is then also among the removed). A writer's few new changes are read by key
+        (their template ids and removal rows); many, or the first pull, by a filter. A gallery
+        deleted meanwhile yields no rows (the next ``gallery_state`` says it is gone)."""
         lanes = [(w, held.get(w, NO_HEAD), h) for w, h in heads.items() if h.seq > held.get(w, NO_HEAD).seq]
         fields = ["pk", "gallery_key", "identity_key", "identity_id", "embedding", "writer", "seq"]
         added: list[dict[str, Any]] = []
@@ -776,11 +777,11 @@ class MilvusTemplateStore:
         """The rows (with salt and hash) whose lookup id is ``key_id``, revoked ones too."""
         if not key_id.replace("-", "").replace("_", "").isalnum():
             return []  # not an id keys.py makes (token_urlsafe characters)
-        return [StoredKey(_key_record(r["doc"]), bytes.fromhex(r["doc"]["salt"]), bytes.fromhex(r["doc"]["hash"])) for r in self._key_rows(f'key_id == "{key_id}"')]
+        return [StoredKey(ApiKeyRecord.from_json(r["doc"]), bytes.fromhex(r["doc"]["salt"]), bytes.fromhex(r["doc"]["hash"])) for r in self._key_rows(f'key_id == "{key_id}"')]
 
     def list_api_keys(self) -> list[ApiKeyRecord]:
         """Every key (no secrets), by name."""
-        return sorted((_key_record(r["doc"]) for r in self._key_rows("pk > 0")), key=lambda k: k.name)
+        return sorted((ApiKeyRecord.from_json(r["doc"]) for r in self._key_rows("pk > 0")), key=lambda k: k.name)
 
     def revoke_api_key(self, name: str, when: float) -> ApiKeyRecord:
         """Mark the key ``name`` revoked at ``when`` (an already revoked key keeps its time). Raises KeyNotFound."""
@@ -791,7 +792,7 @@ class MilvusTemplateStore:
         if row["doc"]["revoked"] is None:
             row = {**row, "doc": {**row["doc"], "revoked": when}}
             self.milvus.upsert(self.milvus.name("api_keys"), [row])
-        return _key_record(row["doc"])
+        return ApiKeyRecord.from_json(row["doc"])
 
     def has_api_keys(self) -> bool:
         """True once any key was created (revoked ones count, as store.py's)."""
@@ -837,10 +838,6 @@ def _within(row: dict[str, Any], bounds: dict[int, tuple[int, int]]) -> bool:
     """Whether a row's (writer, seq) falls in its writer's ``(held, head]`` of ``bounds``."""
     low, high = bounds.get(int(row["writer"]), (0, 0))
     return low < int(row["seq"]) <= high
-
-
-def _key_record(doc: dict[str, Any]) -> ApiKeyRecord:
-    return ApiKeyRecord(name=doc["name"], key_id=doc["key_id"], role=Role[doc["role"].upper()], galleries=tuple(doc["galleries"]), created=doc["created"], revoked=doc["revoked"])
 
 
 def _stack(rows: Sequence[tuple[int, list[float]]], dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,7 +60,7 @@ from facegallery.server.contract.errors import (
 )
 from facegallery.server.contract.face import Face
 from facegallery.server.gallery.decision import DecisionPolicy
-from facegallery.server.gallery.keys import ApiKeyRecord, Role, StoredKey
+from facegallery.server.gallery.keys import ApiKeyRecord, StoredKey
 from facegallery.server.gallery.validation import check_metadata
 
 __all__ = [
@@ -1122,7 +1122,7 @@ class SqliteTemplateStore:
 
 def _key_record(row: tuple) -> ApiKeyRecord:
     name, key_id, role, galleries, created, revoked = row
-    return ApiKeyRecord(name=name, key_id=key_id, role=Role[role.upper()], galleries=tuple(json.loads(galleries)), created=created, revoked=revoked)
+    return ApiKeyRecord.from_json({"name": name, "key_id": key_id, "role": role, "galleries": json.loads(galleries), "created": created, "revoked": revoked})
 
 
 def _damage_message(path: Path, during: str, report: list[str]) -> str:
