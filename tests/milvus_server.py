@@ -14,16 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from server_process import free_port
+
 __all__ = ["MilvusLite"]
 
 #: Seconds Milvus Lite gets to accept connections after it is started.
 START_TIMEOUT_S = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MilvusLite:
@@ -31,7 +27,7 @@ class MilvusLite:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self._log = data_dir.parent / f"milvus-lite-{self.port}.log"

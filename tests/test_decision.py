@@ -274,7 +274,9 @@ def test_a_status_report_does_not_wait_for_the_recalibration_after_a_bulk_import
         manager.close()
 
 
-def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_path, monkeypatch, caplog):
+def _calibrated_400(tmp_path, monkeypatch) -> tuple[GalleryManager, FakePipeline]:
+    """A gallery "g" of 400 strangers, calibrated, whose status calls wait for a recalibration
+    at most their ``wait_s`` (STATUS_FULL_WAIT_SIZE lowered to 500)."""
     from facegallery.server.gallery import open_set
 
     monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)
@@ -283,6 +285,11 @@ def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_p
     manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))
     manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
     manager.decision_status("g")
+    return manager, pipeline
+
+
+def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_path, monkeypatch, caplog):
+    manager, pipeline = _calibrated_400(tmp_path, monkeypatch)
     entered, release = _hold_recalibrations(monkeypatch)  # once let go, its first read finds the gallery closed
     saved = []
     monkeypatch.setattr(manager.store, "save_calibration", lambda *args: saved.append(args))
@@ -305,14 +312,7 @@ def test_close_waits_for_a_background_recalibration_and_then_refuses_calls(tmp_p
 
 
 def test_close_waits_for_a_recalibration_at_most_its_timeout(tmp_path, monkeypatch):
-    from facegallery.server.gallery import open_set
-
-    monkeypatch.setattr(open_set, "STATUS_FULL_WAIT_SIZE", 500)
-    pipeline = FakePipeline()
-    manager = GalleryManager.open(tmp_path, pipeline)
-    manager.create_gallery("g", policy=DecisionPolicy.targeting(0.01, normalization=Normalization.NONE))
-    manager.import_embeddings("g", pipeline.model_id, _strangers(400, 0))
-    manager.decision_status("g")
+    manager, pipeline = _calibrated_400(tmp_path, monkeypatch)
     entered, release = _hold_recalibrations(monkeypatch)
     manager.import_embeddings("g", pipeline.model_id, _strangers(400, 1, offset=400))
     assert manager.decision_status("g", wait_s=0).recalibrating and entered.wait(10)
