@@ -311,3 +311,17 @@ def test_a_change_that_fails_part_way_is_undone_or_completed_before_the_next(pai
         assert _nearest(m, person_embedding(10, 200)).identity_id is None
         assert m.index_template_ids(DEFAULT_GALLERY).tolist() == m.store.template_ids(DEFAULT_GALLERY).tolist()
     assert [i.identity_id for i in b.list_identities(DEFAULT_GALLERY).identities] == ["cat"]
+
+
+def test_a_milvus_that_accepts_but_never_answers_fails_as_unavailable_instead_of_hanging():
+    import socket
+
+    from facegallery.server.gallery.milvus_client import CALL_TIMEOUT_S, MilvusCollections
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections are accepted by the kernel, never answered
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable, match="cannot be reached"):
+            MilvusCollections(f"http://127.0.0.1:{silent.getsockname()[1]}", prefix="t", timeout_s=2.0)
+        assert time.monotonic() - started < CALL_TIMEOUT_S  # bounded by the 2 s given, not the default

@@ -92,7 +92,8 @@ class ServeSettings(BaseSettings):
     """Where the galleries are kept: embedded (SQLite in data_dir, one server) or milvus (a Milvus at milvus_uri, shared by
     every server pointed at it; nothing on local disk; docs/milvus.md)."""
     milvus_uri: str = Field(DEFAULT_MILVUS_URI, min_length=1)
-    """With backend milvus: the Milvus to use (http://HOST:PORT, https:// for TLS)."""
+    """With backend milvus: the Milvus to use (http://HOST:PORT, https:// for TLS). A call to it that takes over 15 s fails
+    with UNAVAILABLE (BACKEND_UNAVAILABLE); health is NOT_SERVING while it does not answer its ping (every second)."""
     milvus_token: str = Field(ServerConfig.milvus_token, repr=False)
     """With backend milvus: user:password or API key of the Milvus (empty: none); never shown or logged."""
     milvus_prefix: str = Field(DEFAULT_MILVUS_PREFIX, min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
