@@ -520,6 +520,7 @@ class _BackendHealth:
         self._thread = threading.Thread(target=self._run, name="backend-health", daemon=True)
 
     def start(self) -> _BackendHealth:
+        """Start pinging (every ``interval_s`` seconds, the first after one interval); returns self."""
         self._thread.start()
         return self
 
