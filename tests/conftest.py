@@ -35,8 +35,10 @@ def milvus_prefix(milvus_uri) -> str:
     prefix per test would cost Milvus Lite ~0.6 s per collection created)."""
     from pymilvus import MilvusClient
 
+    from facegallery.server.gallery.milvus_client import GRPC_OPTIONS
+
     prefix = "tests"
-    client = MilvusClient(uri=milvus_uri)
+    client = MilvusClient(uri=milvus_uri, grpc_options=GRPC_OPTIONS)
     try:
         for name in client.list_collections():
             if name.startswith(prefix + "_"):

@@ -325,3 +325,27 @@ def test_a_milvus_that_accepts_but_never_answers_fails_as_unavailable_instead_of
         with pytest.raises(BackendUnavailable, match="cannot be reached"):
             MilvusCollections(f"http://127.0.0.1:{silent.getsockname()[1]}", prefix="t", timeout_s=2.0)
         assert time.monotonic() - started < CALL_TIMEOUT_S  # bounded by the 2 s given, not the default
+
+
+@pytest.mark.parametrize("ours", [False, True], ids=["pings-without-calls", "GRPC_OPTIONS"])
+def test_an_idle_connection_is_not_closed_by_milvus_lite_for_too_many_pings(milvus_uri, capfd, ours):
+    """Milvus Lite's gRPC server, at the library's defaults, closes a connection that sends
+    keepalive pings with no call open (GOAWAY ``too_many_pings``, logged by gRPC); pymilvus's
+    defaults ping every 10 s, which failed a call after a pause. Here pings are sped up to 1 s and
+    not capped (gRPC caps them at 2 between data frames, which makes the GOAWAY come or not by
+    timing), so 5 s idle show it for pymilvus's defaults and not for GRPC_OPTIONS."""
+    from pymilvus import MilvusClient
+
+    from facegallery.server.gallery.milvus_client import GRPC_OPTIONS
+
+    options = {"grpc.keepalive_time_ms": 1000, "grpc.http2.max_pings_without_data": 0, "grpc.keepalive_permit_without_calls": True}
+    if ours:
+        options.update(GRPC_OPTIONS)
+    client = MilvusClient(uri=milvus_uri, grpc_options=options, dedicated=True)
+    try:
+        client.list_collections()
+        time.sleep(5)
+        client.list_collections()
+    finally:
+        client.close()
+    assert ("too_many_pings" in capfd.readouterr().err) is not ours

@@ -38,7 +38,7 @@ from pymilvus.exceptions import MilvusException
 
 from facegallery.server.contract.errors import BackendUnavailable
 
-__all__ = ["MilvusCollections", "key63", "CALL_TIMEOUT_S", "QUERY_LIMIT"]
+__all__ = ["MilvusCollections", "key63", "CALL_TIMEOUT_S", "GRPC_OPTIONS", "QUERY_LIMIT"]
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +49,13 @@ logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 #: Seconds one Milvus call may take before it fails as BackendUnavailable.
 CALL_TIMEOUT_S = 15.0
+#: gRPC channel options of every Milvus connection. pymilvus sends HTTP/2 keepalive pings every 10 s
+#: even on an idle connection; a gRPC server left at the library defaults (Milvus Lite is one) takes
+#: pings without calls as abuse and, after two, closes the connection (GOAWAY ``too_many_pings``),
+#: failing the next call or connection as UNAVAILABLE. Pinging only while calls are open keeps
+#: keepalive's dead-peer detection for calls; idle connections are checked by the server's health
+#: monitor (calls of its own). Defaults: gRPC's doc/keepalive.md.
+GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False}
 #: Rows per query page (Milvus caps offset + limit of one query at 16384).
 QUERY_LIMIT = 16384
 #: Milvus status codes that mean "not serving now": 503 (service unavailable) and 2200 (not ready).
@@ -90,7 +97,7 @@ class MilvusCollections:
         self.prefix = prefix
         self.timeout_s = timeout_s
         try:
-            self.client = MilvusClient(uri=uri, token=token, timeout=timeout_s)
+            self.client = MilvusClient(uri=uri, token=token, timeout=timeout_s, grpc_options=GRPC_OPTIONS)
         except MilvusException as exc:
             raise BackendUnavailable(f"Milvus at {uri} cannot be reached: {exc.message}") from exc
         self._known: set[str] = set()
