@@ -13,10 +13,15 @@ threshold policy, so no open-set calibration runs), it prints:
   snapshot, the milvus one pulling every template from Milvus (servers keep nothing on disk);
 * identify: p50 / p99 ms of ``identify_embedding`` (one probe), which on milvus includes the
   per-call freshness check (the gallery row and the writers' heads: two small reads);
+* memory: MB the process's resident set grew by while the manager started (its index: the
+  embeddings in memory, or on ``milvus-search``, ``--milvus-search milvus``, only the templates'
+  owners, 16 bytes each);
 * cross-server: for milvus, enroll on server A then identify the same embedding on server B at
   once: the fraction found (must be 1.0) and B's p50 ms for that first call, which pulls A's change;
 
-and the ratio milvus / embedded for each. ``--templates 20000`` takes about 3 minutes.
+and the ratio milvus / embedded for each. The ``milvus-search`` column is a server searching in
+Milvus (``search_in_store``) started on the gallery the milvus column imported (no import of its
+own). ``--templates 20000`` takes about 3 minutes.
 
     python bench/milvus_backend.py [--templates 20000] [--probes 200]
 """
@@ -24,6 +29,8 @@ and the ratio milvus / embedded for each. ``--templates 20000`` takes about 3 mi
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
 import tempfile
 import time
@@ -54,6 +61,12 @@ def _percentiles(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
+def _rss_mb() -> float:
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _measure(open_manager, x: np.ndarray, probes: np.ndarray) -> dict[str, float]:
     manager = open_manager()
     manager.create_gallery(GALLERY, policy=DecisionPolicy.fixed(0.6))
@@ -63,16 +76,23 @@ def _measure(open_manager, x: np.ndarray, probes: np.ndarray) -> dict[str, float
     manager.import_embeddings(GALLERY, manager.pipeline.model_id, batches)
     imported = time.perf_counter() - started
     manager.close()
+    return {"import templates/s": len(x) / imported} | _started(open_manager, probes)
+
+
+def _started(open_manager, probes: np.ndarray) -> dict[str, float]:
+    """Start-up, memory and identify figures of a new manager on the imported gallery."""
+    rss = _rss_mb()
     started = time.perf_counter()
     manager = open_manager()
     ready = time.perf_counter() - started
+    grown = _rss_mb() - rss
     times = []
     for probe in probes:
         t = time.perf_counter()
         manager.identify_embedding(GALLERY, probe)
         times.append(time.perf_counter() - t)
     p50, p99 = _percentiles(times)
-    out = {"import templates/s": len(x) / imported, "start-up s": ready, "identify p50 ms": p50, "identify p99 ms": p99}
+    out = {"start-up s": ready, "memory MB": grown, "identify p50 ms": p50, "identify p99 ms": p99}
     return out | {"_manager": manager}  # type: ignore[dict-item]
 
 
@@ -101,6 +121,8 @@ def main() -> None:
         try:
             result = _measure(lambda: GalleryManager.open_milvus(milvus.uri, FakePipeline()), x, probes)
             b = result.pop("_manager")
+            searched = _started(lambda: GalleryManager.open_milvus(milvus.uri, FakePipeline(), search_in_store=True), probes)
+            searched.pop("_manager").close()  # type: ignore[union-attr]
             a = GalleryManager.open_milvus(milvus.uri, FakePipeline())
             cross = _cross_server(a, b, _templates(min(args.probes, 50), 4))  # type: ignore[arg-type]
             a.close()
@@ -108,9 +130,12 @@ def main() -> None:
         finally:
             milvus.stop()
     print(f"{args.templates} templates, {args.probes} probes; Milvus Lite on this machine (not representative of a Milvus cluster)")
-    print(f"{'':36s} {'embedded':>10s} {'milvus':>10s} {'milvus/embedded':>16s}")
+    print(f"{'':36s} {'embedded':>10s} {'milvus':>10s} {'milvus/embedded':>16s} {'milvus-search':>14s} {'m-search/embedded':>18s}")
     for name, value in embedded.items():
-        print(f"{name:36s} {value:10.2f} {result[name]:10.2f} {result[name] / value:16.2f}")
+        row = f"{name:36s} {value:10.2f} {result[name]:10.2f} {result[name] / value:16.2f}"
+        if name in searched:
+            row += f" {searched[name]:14.2f} {searched[name] / value:18.2f}"
+        print(row)
     for name, value in cross.items():
         print(f"{name:36s} {'':10s} {value:10.2f}")
 

@@ -88,10 +88,15 @@ def test_index_plan_switches_with_hysteresis_and_retrains_as_the_gallery_grows()
     assert not IndexPlan(approximate_above=None).accepts("IVF512,Flat")
 
     class Sized:
+        rebuildable = True
+
         def __init__(self, factory, ntotal):
             self.factory, self.ntotal = factory, ntotal
 
     assert plan.rebuild_factory(Sized("IDMap2,Flat", 49_999)) is None
+    searched_by_milvus = Sized("milvus", 1_000_000)
+    searched_by_milvus.rebuildable = False  # milvus_index.py: Milvus's own index, never swapped
+    assert plan.rebuild_factory(searched_by_milvus) is None
     assert plan.rebuild_factory(Sized("IDMap2,Flat", 50_000)) == "IVF512,Flat"
     assert plan.rebuild_factory(Sized("IVF512,Flat", 30_000)) is None  # between half the threshold and it
     assert plan.rebuild_factory(Sized("IVF512,Flat", 24_000)) == "IDMap2,Flat"

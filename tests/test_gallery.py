@@ -51,10 +51,12 @@ class FlippedPipeline(FakePipeline):
         return self.manifest.embedding_id(True)
 
 
-@pytest.fixture(params=["embedded", "milvus"])
+@pytest.fixture(params=["embedded", "milvus", "milvus-search"])
 def manager(request, tmp_path):
-    if request.param == "milvus":
-        m = GalleryManager.open_milvus(request.getfixturevalue("milvus_uri"), FakePipeline(), prefix=request.getfixturevalue("milvus_prefix"))
+    if request.param.startswith("milvus"):
+        m = GalleryManager.open_milvus(
+            request.getfixturevalue("milvus_uri"), FakePipeline(), prefix=request.getfixturevalue("milvus_prefix"), search_in_store=request.param == "milvus-search"
+        )
     else:
         m = GalleryManager.open(tmp_path, FakePipeline())
     yield m

@@ -19,6 +19,8 @@ from fakes import FakePipeline, person_embedding
 from facegallery.server.contract.errors import AlreadyExists, BackendUnavailable, GalleryNotFound, NotFound
 from facegallery.server.gallery.decision import Aggregation, DecisionPolicy
 from facegallery.server.gallery.manager import DEFAULT_GALLERY, GalleryManager
+from facegallery.server.gallery.milvus_index import MilvusIndex
+from facegallery.server.gallery.store import NewTemplate
 
 pytest.importorskip("pymilvus")
 
@@ -349,3 +351,50 @@ def test_an_idle_connection_is_not_closed_by_milvus_lite_for_too_many_pings(milv
     finally:
         client.close()
     assert ("too_many_pings" in capfd.readouterr().err) is not ours
+
+
+def test_a_server_searching_in_milvus_answers_as_one_searching_in_memory(milvus_uri, milvus_prefix):
+    # search_in_store: Milvus's exact search, restricted to the templates the server holds, gives the
+    # ranking, distances, S-norm scores, calibration and duplicates of the faiss index in memory
+    memory = GalleryManager.open_milvus(milvus_uri, FakePipeline(), prefix=milvus_prefix)
+    searching = GalleryManager.open_milvus(milvus_uri, FakePipeline(), prefix=milvus_prefix, search_in_store=True)
+    try:
+        policy = DecisionPolicy.targeting(0.05, cohort_size=8, aggregation=Aggregation.NEAREST)
+        memory.create_gallery("g", policy=policy)
+        people = [(10 + i, 3 * i + 1) for i in range(60)]
+        items = [NewTemplate(f"p{i}", person_embedding(*c, 40 * t)) for i, c in enumerate(people) for t in range(2)]
+        items.append(NewTemplate("twin", person_embedding(*people[0], 20)))  # a duplicate of p0
+        memory.import_embeddings("g", memory.pipeline.model_id, items)
+        gallery = searching._gallery("g")
+        index = gallery._index.current
+        assert isinstance(index, MilvusIndex) and index.ntotal == 121
+        probes = [person_embedding(*c, 90) for c in people[:8]] + [person_embedding(500 + i, 7) for i in range(8)]
+        for probe in probes:
+            a, b = (m.identify_embedding("g", probe, top_k=5) for m in (memory, searching))
+            assert [(m.identity_id, m.template_id) for m in b.matches] == [(m.identity_id, m.template_id) for m in a.matches]
+            np.testing.assert_allclose([m.distance for m in b.matches], [m.distance for m in a.matches], atol=1e-5)
+            np.testing.assert_allclose([m.score for m in b.matches], [m.score for m in a.matches], atol=1e-4)
+            assert b.identity_id == a.identity_id
+        assert sum(memory.identify_embedding("g", p).identity_id is not None for p in probes[:8]) == 8
+        assert searching.decision_status("g").threshold == pytest.approx(memory.decision_status("g").threshold, abs=1e-4)
+        pairs = searching.find_duplicates("g")
+        assert [(d.identity_a, d.identity_b) for d in pairs] == [(d.identity_a, d.identity_b) for d in memory.find_duplicates("g")]
+        assert {pairs[0].identity_a, pairs[0].identity_b} == {"p0", "twin"}
+        # a template enrolled or deleted through the other server is searched, or not, at once
+        memory.delete_identity("g", "twin")
+        assert searching.identify_embedding("g", person_embedding(*people[0], 20), top_k=2).matches[1].identity_id != "twin"
+        added = memory.enroll("g", "late", embedding=person_embedding(900, 1))
+        assert searching.identify_embedding("g", person_embedding(900, 1)).matches[0].template_id == added.template_id
+        assert searching.index_template_ids("g").tolist() == memory.index_template_ids("g").tolist()
+        # a row of a change whose head was never written (its writer died inside it) is in Milvus, and left out
+        from facegallery.server.gallery.milvus_client import key63
+
+        key = gallery.key
+        orphan = {"pk": (1 << 32) | 9, "gallery_key": key, "identity_key": key63(key, "ghost"), "identity_id": "ghost", "writer": 1, "seq": 1,
+                  "embedding": person_embedding(700, 3).tolist(), "source_sha256": "", "face": "", "created": 0.0}
+        searching.store.milvus.upsert(searching.store.milvus.templates(128), [orphan])
+        assert searching.store.search_templates(key, 128, person_embedding(700, 3)[None], 1)[1][0, 0] == orphan["pk"]
+        assert searching.identify_embedding("g", person_embedding(700, 3)).matches[0].identity_id != "ghost"
+    finally:
+        memory.close()
+        searching.close()

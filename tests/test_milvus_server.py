@@ -52,11 +52,12 @@ HEALTH_TIMEOUT_S = 30.0
 
 
 @contextmanager
-def _milvus_serve(name: str, base: Path, model_dir: Path, uri: str, prefix: str) -> Iterator[ServerProcess]:
-    """``facegallery serve --backend milvus`` on 127.0.0.1 (a free port), SIGTERM at the end
-    (server_process.serve for the embedded backend). Its ``--data-dir`` must stay uncreated."""
+def _milvus_serve(name: str, base: Path, model_dir: Path, uri: str, prefix: str, *extra: str) -> Iterator[ServerProcess]:
+    """``facegallery serve --backend milvus`` on 127.0.0.1 (a free port) with ``extra``
+    arguments, SIGTERM at the end (server_process.serve for the embedded backend). Its
+    ``--data-dir`` must stay uncreated."""
     log_path = base / f"{name}.log"
-    command = facegallery_command() + ["serve", "--backend", "milvus", "--milvus-uri", uri, "--milvus-prefix", prefix]
+    command = facegallery_command() + ["serve", "--backend", "milvus", "--milvus-uri", uri, "--milvus-prefix", prefix, *extra]
     command += ["--host", HOST, "--port", "0", "--data-dir", str(base / f"{name}-data"), "--model-dir", str(model_dir)]
     command += ["--max-workers", "4", "--grace", "2"]
     with log_path.open("w") as log:
@@ -111,7 +112,9 @@ def _wait_health(client: GalleryClient, status: str, timeout_s: float = HEALTH_T
 @pytest.mark.slow  # two model-loading servers and 200 photos enrolled twice: ~150 s on 2 cores
 def test_two_servers_share_the_galleries_and_a_client_fails_over(tmp_path, model_dir, shared_dir, milvus_uri, milvus_prefix):
     photos = _lfw_photos(shared_dir, PHOTOS)
-    with _milvus_serve("a", tmp_path, model_dir, milvus_uri, milvus_prefix) as a, _milvus_serve("b", tmp_path, model_dir, milvus_uri, milvus_prefix) as b:
+    # B leaves searches to Milvus (--milvus-search milvus, milvus_index.py): every identify on B below is Milvus's
+    b_searches = ("--milvus-search", "milvus")
+    with _milvus_serve("a", tmp_path, model_dir, milvus_uri, milvus_prefix) as a, _milvus_serve("b", tmp_path, model_dir, milvus_uri, milvus_prefix, *b_searches) as b:
         with a.client(timeout=60) as on_a, b.client(timeout=60) as on_b:
             on_a.create_gallery("lfw", threshold=0.6)  # fixed: the decision is the nearest identity within 0.6
             enrolled: dict[str, int] = {}
@@ -179,7 +182,8 @@ def test_two_servers_share_the_galleries_and_a_client_fails_over(tmp_path, model
             assert counts.identity_count == counts.template_count
     assert a.process.returncode == -signal.SIGKILL
     assert not (tmp_path / "a-data").exists() and not (tmp_path / "b-data").exists()  # nothing on local disk
-    assert "Milvus at " + milvus_uri in (tmp_path / "b.log").read_text()
+    assert "Milvus at " + milvus_uri in (tmp_path / "a.log").read_text()
+    assert f"Milvus at {milvus_uri} (collections {milvus_prefix}_*), searched by Milvus" in (tmp_path / "b.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +284,9 @@ def test_backend_settings_from_flags_env_and_file_and_the_token_stays_hidden(ser
     assert result.exit_code == 0, result.output
     assert (server.backend, server.milvus_uri, server.milvus_token, server.milvus_prefix) == ("milvus", "http://milvus:19530", "root:s3cret-token", "site_a")
     assert "s3cret" not in repr(server)
-    _, server = serve_settings("--backend", "embedded", "--milvus-uri", "https://m:443", "--milvus-token", "x:y", "--milvus-prefix", "p2", env=env)
-    assert (server.backend, server.milvus_uri, server.milvus_token, server.milvus_prefix) == ("embedded", "https://m:443", "x:y", "p2")
+    assert server.milvus_search == "server"
+    _, server = serve_settings("--backend", "embedded", "--milvus-uri", "https://m:443", "--milvus-token", "x:y", "--milvus-prefix", "p2", "--milvus-search", "Milvus", env=env)
+    assert (server.backend, server.milvus_uri, server.milvus_token, server.milvus_prefix, server.milvus_search) == ("embedded", "https://m:443", "x:y", "p2", "milvus")
 
     help_text = serve_settings("--help", "--config", str(config), env=env)[0].output
     assert "--milvus-token" in help_text and "s3cret" not in help_text
@@ -291,6 +296,8 @@ def test_backend_settings_from_flags_env_and_file_and_the_token_stays_hidden(ser
     assert bad.exit_code == 2 and "milvus_prefix" in bad.output
     bad = serve_settings(env={"FACEGALLERY_BACKEND": "cassandra"})[0]
     assert bad.exit_code == 2 and "backend" in bad.output and "FACEGALLERY_BACKEND" in bad.output
+    bad = serve_settings("--milvus-search", "elsewhere")[0]
+    assert bad.exit_code == 2 and "--milvus-search" in bad.output and "elsewhere" in bad.output
 
 
 def test_an_unreachable_milvus_at_start_is_one_error_line_naming_it(monkeypatch, tmp_path):

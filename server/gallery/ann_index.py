@@ -250,7 +250,10 @@ class IndexPlan:
     def rebuild_factory(self, index: VectorIndex) -> str | None:
         """The factory ``index`` should be rebuilt with now, or None when it fits its size:
         exact past ``approximate_above``; IVF below ``EXACT_BELOW_FRACTION`` of it, or with half
-        the lists :func:`nlist_for` its size wants, or under a plan without approximation."""
+        the lists :func:`nlist_for` its size wants, or under a plan without approximation.
+        Never for an index that is not ``rebuildable``."""
+        if not index.rebuildable:
+            return None
         n = index.ntotal
         match = _IVF_FACTORY.fullmatch(index.factory)
         if match is None:

@@ -118,6 +118,9 @@ class VectorIndex(abc.ABC):
     d: int
     #: The faiss factory string the index was built from (recorded in snapshots).
     factory: str
+    #: Whether a background rebuild may replace the index by another kind (ann_index.py
+    #: ``IndexPlan.rebuild_factory``); not an index Milvus searches (milvus_index.py).
+    rebuildable: bool = True
 
     @property
     @abc.abstractmethod

@@ -53,6 +53,7 @@ from facegallery.server.gallery.decision import Aggregation, Calibration, Decisi
 from facegallery.server.gallery.identity_means import IdentityMeans
 from facegallery.server.gallery.ann_index import APPROXIMATE_ABOVE, NPROBE, IndexPlan, RebuildableIndex
 from facegallery.server.gallery.index import DEFAULT_FACTORY, VectorIndex
+from facegallery.server.gallery.milvus_index import MilvusIndex
 from facegallery.server.gallery.open_set import OpenSetScorer, ScoredHit
 from facegallery.server.gallery.owners import NO_OWNER, TemplateOwners
 from facegallery.server.gallery.rwlock import ReadWriteLock
@@ -110,7 +111,9 @@ class IndexedGallery:
     approximate (None: always exact); ``nprobe``, IVF lists scanned per query. ``means``: the
     gallery's mean templates when already loaded (:meth:`load`), else built from the store under
     a policy of mean templates. ``owners``: the identity of each template (owners.py), when
-    already read from the store, else read here.
+    already read from the store, else read here. ``search_in_store``: a shared store's galleries
+    are searched by the store (the milvus backend's Milvus: milvus_index.py), holding no
+    embeddings in memory, instead of a faiss index of them.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class IndexedGallery:
         owners: TemplateOwners | None = None,
         curve: FalseMatchCurve | None = None,
         fallback_threshold: float | None = None,
+        search_in_store: bool = False,
     ) -> None:
         self.key = record.key
         self.name = record.name
@@ -149,6 +153,9 @@ class IndexedGallery:
         self._means_file = means_snapshot_path(snapshot_file.parent, record.key)
         #: a store other servers write too (the milvus backend): calls first :meth:`sync`
         self._shared = bool(getattr(store, "shared", False))
+        if search_in_store and not self._shared:
+            raise ValueError("search_in_store needs a shared store (the milvus backend)")
+        self._search_in_store = search_in_store
         self._held: dict[int, Head] = {}  # shared store: writer -> newest of its changes the index holds
         # template id -> identity key of every template (owners.py; searches group hits by it)
         self._owners = owners if owners is not None else TemplateOwners(*store.template_identity_keys(record.name))
@@ -200,7 +207,9 @@ class IndexedGallery:
         started = time.perf_counter()
         plan = _index_plan(options)
         none = np.zeros(0, np.int64)  # the means, if any, are built from the empty index (_build_means)
-        gallery = cls(store, record, _empty_index(plan, record.embedding_dim), snapshot_file=path, owners=TemplateOwners(none, none), **options)  # type: ignore[arg-type]
+        owners = TemplateOwners(none, none)
+        index = MilvusIndex(store, record.key, record.embedding_dim, owners) if options.get("search_in_store") else _empty_index(plan, record.embedding_dim)  # type: ignore[arg-type]
+        gallery = cls(store, record, index, snapshot_file=path, owners=owners, **options)  # type: ignore[arg-type]
         gallery.sync()
         gallery._version = 0  # the restored calibration's age counts from the load (store's load_calibration)
         LOG.info("gallery %r: %d templates pulled from the shared store in %.3f s", record.name, gallery._index.ntotal, time.perf_counter() - started)
@@ -463,18 +472,25 @@ class IndexedGallery:
     def _pull(self, heads: dict[int, Head]) -> None:
         """Apply the other writers' changes up to ``heads`` (write lock held); idempotent: templates
         the index holds already, and removals of templates it does not hold, are skipped."""
-        pulled = self._store.pull_changes(self.key, self.embedding_dim, self._held, heads)  # type: ignore[attr-defined]
+        means = self._means is not None  # what the changes' identities are needed for
+        pulled = self._store.pull_changes(  # type: ignore[attr-defined]
+            self.key, self.embedding_dim, self._held, heads, vectors=means or not self._search_in_store, identity_ids=means
+        )
         new = self._owners.identity_keys(pulled.template_ids) == NO_OWNER
         removed_keys = self._owners.identity_keys(pulled.removed)
         held = removed_keys != NO_OWNER
         gone, gone_keys = pulled.removed[held], removed_keys[held]
         ids, keys, x = pulled.template_ids[new], pulled.identity_keys[new], pulled.x[new]
         if len(ids) or len(gone):
-            known = self._owners.holds_identities(keys)  # their means are recomputed from the store; new ones come from these rows
-            new_ids = [identity for identity, is_new in zip(pulled.identity_ids, new, strict=True) if is_new]
-            identities = {identity for identity, in_index in zip(new_ids, known, strict=True) if in_index}
-            identities |= {identity for identity, _ in self._store.identity_names(gone_keys).values()}
-            self._apply(self._applied_seq, add=(ids, x, keys) if len(ids) else None, remove=gone if len(gone) else None, identities=identities, created=~known if len(ids) else None)
+            identities: set[str] = set()  # whose means are recomputed from the store; new ones come from these rows
+            created = None
+            if means:
+                known = self._owners.holds_identities(keys)
+                new_ids = [identity for identity, is_new in zip(pulled.identity_ids, new, strict=True) if is_new]
+                identities = {identity for identity, in_index in zip(new_ids, known, strict=True) if in_index}
+                identities |= {identity for identity, _ in self._store.identity_names(gone_keys).values()}
+                created = ~known if len(ids) else None
+            self._apply(self._applied_seq, add=(ids, x, keys) if len(ids) else None, remove=gone if len(gone) else None, identities=identities, created=created)
         self._held = dict(pulled.heads)
 
     def _held_own(self, seq: int) -> None:
@@ -499,8 +515,9 @@ class IndexedGallery:
 
     def _reset_followed(self) -> None:
         """Empty the index of a shared store's gallery (write lock held): the next sync pulls all."""
-        self._index = RebuildableIndex(_empty_index(self._plan, self.embedding_dim))
         self._owners.reset(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        if not self._search_in_store:  # a MilvusIndex holds what the owners hold
+            self._index = RebuildableIndex(_empty_index(self._plan, self.embedding_dim))
         self._means = self._build_means(self.scorer.policy)
         self._held = {}
         self._layout += 1

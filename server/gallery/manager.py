@@ -214,6 +214,12 @@ class GalleryManager:
     snapshot_interval_s : float, optional
         Seconds between background snapshots of changed galleries; None disables them
         (:meth:`close` still writes one).
+    search_in_store : bool
+        With a shared store: galleries are searched by the store (Milvus, milvus_index.py) and
+        their embeddings are not held in memory (16 bytes per template are), for galleries
+        larger than this machine's memory; searches are then slower (docs/milvus.md). False
+        (default): each gallery is searched in a faiss index in memory. ValueError with an
+        unshared store.
 
     Migrates galleries that record the legacy model id (:meth:`_migrate_legacy_model_id`), loads
     every gallery's index (snapshot + replay, or rebuild), deletes stale snapshot files and
@@ -230,6 +236,7 @@ class GalleryManager:
         approximate_above: int | None = APPROXIMATE_ABOVE,
         nprobe: int = NPROBE,
         snapshot_interval_s: float | None = None,
+        search_in_store: bool = False,
     ) -> None:
         self.store = store
         self.pipeline = pipeline
@@ -239,7 +246,7 @@ class GalleryManager:
             raise ValueError("index_dir is None exactly for a shared store")
         self.index_dir = Path(index_dir) if index_dir is not None else Path()  # never written for a shared store
         #: IndexedGallery's index keywords, the same for every gallery.
-        self.index_options: dict[str, object] = {"factory": index_factory, "approximate_above": approximate_above, "nprobe": nprobe}
+        self.index_options: dict[str, object] = {"factory": index_factory, "approximate_above": approximate_above, "nprobe": nprobe, "search_in_store": search_in_store}
         flip = pipeline.model_id == pipeline.manifest.embedding_id(True)
         self.false_match = FalseMatchCurve.from_json(pipeline.manifest.false_match, flip_augment=flip)
         if pipeline.manifest.false_match and self.false_match is None:

@@ -33,12 +33,13 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from facegallery.server.contract.errors import BackendUnavailable
 
-__all__ = ["MilvusCollections", "key63", "CALL_TIMEOUT_S", "GRPC_OPTIONS", "QUERY_LIMIT"]
+__all__ = ["MilvusCollections", "key63", "CALL_TIMEOUT_S", "GRPC_OPTIONS", "QUERY_LIMIT", "SEARCH_LIMIT"]
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +59,8 @@ CALL_TIMEOUT_S = 15.0
 GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False}
 #: Rows per query page (Milvus caps offset + limit of one query at 16384).
 QUERY_LIMIT = 16384
+#: Most neighbours one Milvus search returns per query (Milvus's ``topk`` cap, 16384).
+SEARCH_LIMIT = 16384
 #: Milvus status codes that mean "not serving now": 503 (service unavailable) and 2200 (not ready).
 #: pymilvus's own failures to connect or to answer in time carry a gRPC status code, or its generic
 #: codes 1 / 2 with a message saying so (:func:`_is_unavailable`); a bad request is never retryable.
@@ -168,6 +171,17 @@ class MilvusCollections:
                 yield from rows
         finally:
             iterator.close()
+
+    def search(self, collection: str, x: np.ndarray, expr: str, limit: int) -> list[list[tuple[int, float]]]:
+        """The ``limit`` (<= :data:`SEARCH_LIMIT`) nearest rows of ``expr`` to each query of
+        ``x`` ``(n, D) float32`` by the ``embedding`` field, Strong consistency: per query, a list
+        of ``(pk, squared L2 distance)`` ascending (Milvus's L2 metric is the squared distance)."""
+        hits = self.call(
+            lambda: self.client.search(
+                collection, data=x.tolist(), anns_field="embedding", filter=expr, limit=limit, output_fields=["pk"], search_params={"metric_type": "L2"}, consistency_level="Strong"
+            )
+        )
+        return [[(int(hit["pk"]), float(hit["distance"])) for hit in row] for row in hits]
 
     def get(self, collection: str, keys: list[int], fields: list[str]) -> list[dict[str, Any]]:
         """Rows by primary key (missing ones left out)."""

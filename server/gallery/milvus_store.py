@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import secrets
@@ -56,7 +57,7 @@ from facegallery.server.contract.errors import (
 )
 from facegallery.server.gallery.decision import DecisionPolicy
 from facegallery.server.gallery.keys import ApiKeyRecord, StoredKey
-from facegallery.server.gallery.milvus_client import MilvusCollections, key63
+from facegallery.server.gallery.milvus_client import SEARCH_LIMIT, MilvusCollections, key63
 from facegallery.server.gallery.store import (
     REQUEST_ID_RETENTION_S,
     AddedTemplate,
@@ -91,6 +92,11 @@ _IN_CHUNK = 1000
 #: answers by scanning the gallery's rows (bench/milvus_backend.py).
 _PULL_BY_KEY_IDS = 16384
 _PULL_BY_KEY_CHANGES = 1024
+#: Rows per query-iterator page of a pull, and per batch turned into arrays.
+_PULL_BATCH = 16384
+#: Probes x neighbours of one Milvus search call (a batch of calibration probes is split to keep
+#: each reply a few MB).
+_SEARCH_HITS_PER_CALL = 65536
 #: Bytes of the identities' metadata field (milvus_client.py: VARCHAR(65535)); the prefix of its packed form.
 _METADATA_FIELD_BYTES = 65535
 _PACKED = "b64:"
@@ -667,7 +673,9 @@ class MilvusTemplateStore:
         if rows:
             yield _stack([(int(r["pk"]), r["embedding"]) for r in rows], dim)
 
-    def pull_changes(self, key: int, dim: int, held: dict[int, Head], heads: dict[int, Head]) -> PulledChanges:
+    def pull_changes(
+        self, key: int, dim: int, held: dict[int, Head], heads: dict[int, Head], *, vectors: bool = True, identity_ids: bool = True
+    ) -> PulledChanges:
         """The changes of every writer ``w`` with ``held[w].seq < seq <= heads[w].seq`` (``held``:
         what the caller's index holds, ``{}`` for nothing; ``heads``: from :meth:`gallery_state`)
         of the gallery with key ``key`` and embeddings of ``dim`` (as :meth:`gallery_state` just
@@ -675,37 +683,70 @@ class MilvusTemplateStore:
         the ids they removed. Templates are read before removals (a template deleted between the
         two reads is then also among the removed). A writer's few new changes are read by key
         (their template ids and removal rows); many, or the first pull, by a filter. A gallery
-        deleted meanwhile yields no rows (the next ``gallery_state`` says it is gone)."""
+        deleted meanwhile yields no rows (the next ``gallery_state`` says it is gone).
+
+        Rows become arrays as they arrive (:class:`_CoveredRows`), so a first pull holds about
+        the arrays asked for: without ``vectors`` the embeddings are not read (``x`` is
+        ``(n, 0)``: searches run in Milvus, :meth:`search_templates`), without ``identity_ids``
+        the identities' names are not (``[]``)."""
         lanes = [(w, held.get(w, NO_HEAD), h) for w, h in heads.items() if h.seq > held.get(w, NO_HEAD).seq]
-        fields = ["pk", "gallery_key", "identity_key", "identity_id", "embedding", "writer", "seq"]
-        added: list[dict[str, Any]] = []
+        bounds = {w: (a.seq, h.seq) for w, a, h in lanes}
+        fields = ["pk", "gallery_key", "identity_key", *(["identity_id"] if identity_ids else []), *(["embedding"] if vectors else []), "writer", "seq"]
+        added = _CoveredRows(key, bounds, dim, vectors=vectors, identity_ids=identity_ids)
         removals: list[dict[str, Any]] = []
         by_filter = []
         for w, a, h in lanes:
             if held and h.written - a.written <= _PULL_BY_KEY_IDS and h.seq - a.seq <= _PULL_BY_KEY_CHANGES:
                 ids = ((w << 32) | np.arange(a.written, h.written, dtype=np.int64)).tolist()
-                added.extend(_as_arrays(self.milvus.get(self.milvus.templates(dim), ids, fields)))
+                added.take(self.milvus.get(self.milvus.templates(dim), ids, fields))
             else:
                 by_filter.append(f"(writer == {w} and seq > {a.seq} and seq <= {h.seq})")
         if by_filter:
-            added.extend(_as_arrays(self.milvus.iterate(self.milvus.templates(dim), f"gallery_key == {key} and ({' or '.join(by_filter)})", fields, batch=16384)))
+            added.take(self.milvus.iterate(self.milvus.templates(dim), f"gallery_key == {key} and ({' or '.join(by_filter)})", fields, batch=_PULL_BATCH))
         for w, a, h in lanes:  # after the templates
             if held and h.seq - a.seq <= _PULL_BY_KEY_CHANGES:
                 removals.extend(self._removal_rows(key, w, range(a.seq + 1, h.seq + 1)))
         if by_filter:
             removals.extend(self.milvus.query(self.milvus.name("removals"), f"gallery_key == {key} and ({' or '.join(by_filter)})", ["writer", "seq", "template_ids"]))
-        bounds = {w: (a.seq, h.seq) for w, a, h in lanes}
-        covered = [r for r in added if int(r["gallery_key"]) == key and _within(r, bounds)]
-        covered.sort(key=lambda r: r["pk"])
         removed = {int(i) for r in removals if _within(r, bounds) for i in r["template_ids"]}
-        return PulledChanges(
-            np.array([int(r["pk"]) for r in covered], dtype=np.int64),
-            np.array([int(r["identity_key"]) for r in covered], dtype=np.int64),
-            [r["identity_id"] for r in covered],
-            np.stack([r["embedding"] for r in covered]) if covered else np.zeros((0, dim), np.float32),
-            np.array(sorted(removed), dtype=np.int64),
-            {**held, **{w: h for w, _, h in lanes}},
-        )
+        return PulledChanges(*added.arrays(), np.array(sorted(removed), dtype=np.int64), {**held, **{w: h for w, _, h in lanes}})
+
+    def search_templates(self, key: int, dim: int, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest templates in Milvus of each probe ``x`` ``(n, dim) float32`` among the
+        gallery with key ``key`` (its partition key; exact, the collection's FLAT index), at
+        Strong consistency, so every template acknowledged anywhere before the call is searched.
+
+        Returns ``D (n, k) float32`` plain L2 distances, ascending, and ``I (n, k) int64``
+        template ids, +inf and -1 past the hits found (at most milvus_client.py
+        :data:`SEARCH_LIMIT`). The rows returned may include templates of a change not yet
+        committed (its head not written): the caller keeps only those it holds.
+        Raises BackendUnavailable when Milvus cannot be reached."""
+        n, limit = len(x), min(int(k), SEARCH_LIMIT)
+        D, I = np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64)
+        if n == 0:
+            return D, I
+        collection, per_call = self.milvus.templates(dim), max(1, min(1024, _SEARCH_HITS_PER_CALL // limit))
+        found = [hits for start in range(0, n, per_call) for hits in self.milvus.search(collection, x[start : start + per_call], f"gallery_key == {key}", limit)]
+        for row, hits in enumerate(found):
+            if hits:
+                ids, squared = zip(*hits, strict=True)
+                I[row, : len(ids)] = ids
+                D[row, : len(ids)] = np.sqrt(np.maximum(squared, 0.0))
+        return D, I
+
+    def template_vectors(self, dim: int, template_ids: np.ndarray) -> np.ndarray:
+        """The embeddings ``(n, dim) float32`` of templates ``(n,) int64``, in that order (read
+        :data:`_PULL_BATCH` at a time). Raises TemplateNotFound for an id Milvus does not hold."""
+        ids = np.asarray(template_ids, dtype=np.int64)
+        x = np.zeros((len(ids), dim), np.float32)
+        for start in range(0, len(ids), _PULL_BATCH):
+            chunk = ids[start : start + _PULL_BATCH].tolist()
+            rows = {int(r["pk"]): r["embedding"] for r in self.milvus.get(self.milvus.templates(dim), chunk, ["pk", "embedding"])}
+            missing = [i for i in chunk if i not in rows]
+            if missing:
+                raise TemplateNotFound(f"templates {missing[:5]} do not exist")
+            x[start : start + len(chunk)] = [rows[i] for i in chunk]
+        return x
 
     def _removal_rows(self, key: int, writer: int, seqs: range) -> list[dict[str, Any]]:
         """The ``removals`` rows of a writer's changes ``seqs`` by key: part 0 of each, then the
@@ -825,13 +866,42 @@ def _identity_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _as_arrays(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """``rows`` with each embedding as a ``(D,) float32`` array as it arrives: pymilvus gives a
-    list of Python floats (~32 bytes a value), which a first pull of 1M templates would hold all
-    at once (~4 GB at D = 128) instead of 0.5 GB."""
-    for row in rows:
-        row["embedding"] = np.asarray(row["embedding"], dtype=np.float32)
-        yield row
+class _CoveredRows:
+    """Template rows pulled for the changes ``bounds`` covers (:func:`_within`) of the gallery
+    ``key``, kept as arrays batch by batch as they arrive: pymilvus gives each row as a dict, an
+    embedding as a list of Python floats (~32 bytes a value), which a first pull of 1M templates
+    would hold all at once (~4 GB at D = 128) instead of the 0.5 GB of the embeddings."""
+
+    def __init__(self, key: int, bounds: dict[int, tuple[int, int]], dim: int, *, vectors: bool, identity_ids: bool) -> None:
+        self._key, self._bounds, self._dim = key, bounds, dim
+        self._vectors, self._identity_ids = vectors, identity_ids
+        self._ids: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []
+        self._names: list[str] = []
+        self._x: list[np.ndarray] = []
+
+    def take(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Keep the covered ones of ``rows``."""
+        rows = iter(rows)
+        while batch := list(itertools.islice(rows, _PULL_BATCH)):
+            covered = [r for r in batch if int(r["gallery_key"]) == self._key and _within(r, self._bounds)]
+            del batch
+            self._ids.append(np.array([int(r["pk"]) for r in covered], dtype=np.int64))
+            self._keys.append(np.array([int(r["identity_key"]) for r in covered], dtype=np.int64))
+            if self._identity_ids:
+                self._names.extend(r["identity_id"] for r in covered)
+            if self._vectors:
+                self._x.append(np.array([r["embedding"] for r in covered], dtype=np.float32).reshape(len(covered), self._dim))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """``(template_ids, identity_keys, identity_ids, x)`` by ascending template id (``x``
+        ``(n, 0)`` without vectors, ``identity_ids`` empty without them)."""
+        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+        order = np.argsort(ids, kind="stable")
+        keys = np.concatenate(self._keys)[order] if self._keys else np.zeros(0, np.int64)
+        names = [self._names[i] for i in order] if self._identity_ids else []
+        x = np.concatenate(self._x)[order] if self._vectors and self._x else np.zeros((len(ids), self._dim if self._vectors else 0), np.float32)
+        return ids[order], keys, names, x
 
 
 def _within(row: dict[str, Any], bounds: dict[int, tuple[int, int]]) -> bool:

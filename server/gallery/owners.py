@@ -99,6 +99,10 @@ class TemplateOwners:
         at = np.minimum(np.searchsorted(self._ids[: self._size], ids), self._size - 1)
         return np.where(self._ids[at] == ids, self._keys[at], NO_OWNER)
 
+    def template_ids(self) -> np.ndarray:
+        """The template ids held, ascending ``(n,) int64`` (a copy)."""
+        return self._ids[: self._size][self._keys[: self._size] != NO_OWNER]
+
     def holds_identities(self, identity_keys: np.ndarray) -> np.ndarray:
         """Whether some held template belongs to each identity key ``(n,) int64``: ``(n,) bool``
         (one pass over the held templates)."""

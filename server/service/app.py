@@ -76,6 +76,7 @@ __all__ = [
     "DEFAULT_GRACE_S",
     "DEFAULT_SNAPSHOT_INTERVAL_S",
     "BACKENDS",
+    "MILVUS_SEARCHES",
     "DEFAULT_MILVUS_URI",
     "DEFAULT_MILVUS_PREFIX",
     "BACKEND_PING_INTERVAL_S",
@@ -107,6 +108,8 @@ DEFAULT_SNAPSHOT_INTERVAL_S = 300.0
 DEFAULT_SEARCH_THREADS = 1
 #: ``ServerConfig.backend`` values: SQLite in the data directory, or a shared Milvus (docs/milvus.md).
 BACKENDS = ("embedded", "milvus")
+#: ``ServerConfig.milvus_search`` values: a faiss index per gallery in memory, or Milvus's own search.
+MILVUS_SEARCHES = ("server", "milvus")
 #: The Milvus of the milvus backend when none is given (a local Milvus standalone or ``milvus-lite server``).
 DEFAULT_MILVUS_URI = "http://127.0.0.1:19530"
 #: Seconds between pings of the milvus backend's store by the health monitor.
@@ -134,6 +137,11 @@ class ServerConfig:
         With the milvus backend: the Milvus (``http://host:19530``), its ``user:password`` or API
         key (``""``: none; secret, never logged or shown by ``repr``), and the prefix of the
         collection names (several deployments can share one Milvus).
+    milvus_search : str
+        With the milvus backend, where searches run (:data:`MILVUS_SEARCHES`): ``"server"`` (each
+        gallery's embeddings in a faiss index in this server's memory, fastest) or ``"milvus"``
+        (Milvus searches them; the server holds 16 bytes per template, for galleries larger than
+        its memory; docs/milvus.md).
     host, port : str, int
         Where to listen; port 0 picks a free port (tests).
     model_dir : Path or None
@@ -197,6 +205,7 @@ class ServerConfig:
     milvus_uri: str = DEFAULT_MILVUS_URI
     milvus_token: str = dataclasses.field(default="", repr=False)
     milvus_prefix: str = DEFAULT_MILVUS_PREFIX
+    milvus_search: str = "server"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     model_dir: Path | None = None
@@ -312,6 +321,8 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         raise ValueError(f"integrity_check must be 'quick' or 'full', not {config.integrity_check!r}")
     if config.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {config.backend!r}")
+    if config.milvus_search not in MILVUS_SEARCHES:
+        raise ValueError(f"milvus_search must be one of {', '.join(MILVUS_SEARCHES)}, not {config.milvus_search!r}")
     credentials = _server_credentials(config)  # before anything else: a refused address fails fast
     milvus = config.backend == "milvus"
     store_path = Path(config.data_dir) / STORE_FILE
@@ -381,7 +392,9 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
             "nprobe": config.nprobe,
         }
         if milvus:
-            manager = GalleryManager.open_milvus(config.milvus_uri, pipeline, token=config.milvus_token, prefix=config.milvus_prefix, **index_options)
+            manager = GalleryManager.open_milvus(
+                config.milvus_uri, pipeline, token=config.milvus_token, prefix=config.milvus_prefix, search_in_store=config.milvus_search == "milvus", **index_options
+            )
         else:
             manager = GalleryManager.open(
                 config.data_dir,
@@ -406,7 +419,7 @@ def create_server(config: ServerConfig, *, pipeline: FaceAnalyzer | None = None)
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     backend_health = _BackendHealth(manager.store, health_servicer, lambda: store_failed.failed).start() if milvus else None
-    location = _milvus_location(config) if milvus else config.data_dir
+    location = _milvus_location(config) + (", searched by Milvus" if config.milvus_search == "milvus" else "") if milvus else config.data_dir
     LOG.info("serving model %s (%s) from %s on %s:%d", manager.model.name, manager.pipeline.model_id[:12], location, config.host, port)
     return GalleryServer(server, port, manager, health_servicer, embedder, metrics, backend_health)
 

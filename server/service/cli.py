@@ -92,6 +92,7 @@ def server_config(settings: ServeSettings, default_model: Callable[[], Path]) ->
         milvus_uri=settings.milvus_uri,
         milvus_token=settings.milvus_token,
         milvus_prefix=settings.milvus_prefix,
+        milvus_search=settings.milvus_search,
         host=settings.host,
         port=settings.port,
         model_dir=model_dir,

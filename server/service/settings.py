@@ -98,6 +98,9 @@ class ServeSettings(BaseSettings):
     """With backend milvus: user:password or API key of the Milvus (empty: none); never shown or logged."""
     milvus_prefix: str = Field(DEFAULT_MILVUS_PREFIX, min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     """With backend milvus: prefix of the collection names (letters, digits, _), so that several deployments can share one Milvus."""
+    milvus_search: Literal["server", "milvus"] = ServerConfig.milvus_search
+    """With backend milvus: where searches run: server (each gallery's embeddings in memory, fastest) or milvus (Milvus searches
+    them; the server keeps 16 bytes per template, for galleries larger than its memory; docs/milvus.md)."""
     host: str = DEFAULT_HOST
     """Address to listen on. Without tls_cert/tls_key only a loopback address (localhost, 127.0.0.1, ::1) is allowed, unless insecure."""
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
@@ -175,7 +178,7 @@ class ServeSettings(BaseSettings):
     def _upper_case_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("backend", mode="before")
+    @field_validator("backend", "milvus_search", mode="before")
     @classmethod
     def _lower_case_backend(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
