@@ -395,6 +395,15 @@ def test_a_server_searching_in_milvus_answers_as_one_searching_in_memory(milvus_
         searching.store.milvus.upsert(searching.store.milvus.templates(128), [orphan])
         assert searching.store.search_templates(key, 128, person_embedding(700, 3)[None], 1)[1][0, 0] == orphan["pk"]
         assert searching.identify_embedding("g", person_embedding(700, 3)).matches[0].identity_id != "ghost"
+        # past Milvus's topk cap (SEARCH_LIMIT) a search asks for the cap and pads; 6 probes at the cap take two calls
+        from facegallery.server.gallery.milvus_client import SEARCH_LIMIT
+
+        D, I = searching.store.search_templates(key, 128, np.stack([person_embedding(*c) for c in people[:6]]), SEARCH_LIMIT + 5)
+        assert D.shape == I.shape == (6, SEARCH_LIMIT + 5)
+        held = int(np.count_nonzero(I[0] >= 0))
+        assert held == len(searching.index_template_ids("g")) + 1 == 122  # the orphan row is in Milvus too
+        assert (I[:, :held] >= 0).all() and (I[:, held:] == -1).all() and np.isinf(D[:, held:]).all()
+        assert (np.diff(D[:, :held], axis=1) >= 0).all()
     finally:
         memory.close()
         searching.close()
